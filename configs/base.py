@@ -1,0 +1,92 @@
+"""Every config key seqmix knows, with its default and one comment each.
+
+Experiment configs start from `get_config()` here and change what they need. Unknown
+keys are rejected (with the nearest valid key suggested), so this file is the list.
+
+    python -m trainer.train --config=configs/base.py --workdir=runs/base
+
+trains the default text task with these defaults (a few minutes on a laptop CPU).
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds params, data order and dropout; same seed + same mesh = same run
+  c.total_steps = 600  # optimizer steps of the whole run (resume continues up to here)
+  c.batch_size = 32  # global batch (examples per step, summed over all devices and hosts)
+  c.log_every = 20  # steps between train-metric lines in metrics.jsonl
+  c.eval_every = 200  # steps between held-out evaluations (0: only at the end)
+  c.eval_examples = 256  # held-out examples per evaluation (the same ones every time)
+  c.eval_split = "validation"  # held-out split used during training; `trainer.evaluate` also reports "test"
+  c.checkpoint_every = 200  # steps between checkpoints (0: only at the end / on preemption)
+  c.keep_checkpoints = 2  # most recent checkpoints kept in DIR/checkpoints
+  c.keep_best = True  # also keep the best checkpoint by held-out metric in DIR/best_checkpoint
+  c.async_checkpointing = True  # write checkpoints in the background while training goes on
+  c.on_nonfinite = "stop"  # non-finite loss: "stop" with the step number, or "skip" the update
+  c.progress_bar = True  # one-line progress bar on stderr (step, loss, tokens/s, ETA)
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "text"  # which task generator; see trainer/data/tasks.py
+  c.task.seq_len = 128  # tokens per example (T)
+  c.task.text = ml_collections.ConfigDict()  # byte-level LM on CPython's own documentation text
+  c.task.listops = ml_collections.ConfigDict()
+  c.task.listops.min_len = 500  # keep trees whose token length is > min_len (LRA: 500)
+  c.task.listops.max_len = 2000  # ... and < max_len (LRA: 2000); must fit in seq_len
+  c.task.listops.max_depth = 10  # maximum nesting of operators
+  c.task.listops.max_args = 10  # maximum arguments per operator (minimum is 2)
+  c.task.mqar = ml_collections.ConfigDict()
+  c.task.mqar.vocab_size = 8192  # keys from the lower half, values from the upper half
+  c.task.mqar.num_pairs = 16  # key-value pairs shown (and queried) per example
+  c.task.mqar.power_a = 0.01  # power-law exponent of the query gap distribution (Zoology)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.mixer = "attention"  # token mixer of every layer; see layers/mixers.py
+  c.model.mixer_schedule = ""  # comma-separated per-layer mixers, cycled (overrides mixer)
+  c.model.num_layers = 4  # MetaFormer blocks
+  c.model.d_model = 128  # residual width (D)
+  c.model.num_heads = 4  # query heads (N); head dim H = d_model / num_heads
+  c.model.num_kv_heads = 0  # key/value heads (K) for grouped-query attention; 0 = num_heads
+  c.model.mlp_ratio = 4  # MLP hidden F = mlp_ratio * d_model
+  c.model.mlp = "gelu"  # "gelu" (two matrices) or "swiglu" (three, gated)
+  c.model.norm = "rmsnorm"  # pre-norm type: "rmsnorm" or "layernorm"
+  c.model.positions = "rope"  # "rope" (rotary in attention), "learned" (added embedding) or "none"
+  c.model.dropout = 0.0  # dropout on residual branches during training
+  c.model.pooling = "mean"  # classifier pooling: "mean" over real tokens or "cls" (first token)
+  c.model.tie_embeddings = True  # LM head reuses the token embedding matrix
+  c.model.dtype = "float32"  # activation/compute dtype ("bfloat16" on accelerators); params stay fp32
+  c.model.attention_impl = "xla"  # how softmax attention is computed; "xla" = exact dense reference
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 3e-3  # peak learning rate after warmup
+  c.optimizer.schedule = "cosine"  # after warmup: "cosine" to end_lr_ratio, "rsqrt" or "constant"
+  c.optimizer.warmup_steps = 50  # linear warmup from 0
+  c.optimizer.end_lr_ratio = 0.1  # cosine ends at learning_rate * end_lr_ratio
+  c.optimizer.weight_decay = 0.05  # AdamW decoupled decay, applied to matrices only (not norms/biases)
+  c.optimizer.b1 = 0.9  # Adam beta1
+  c.optimizer.b2 = 0.98  # Adam beta2
+  c.optimizer.eps = 1e-8  # Adam epsilon
+  c.optimizer.grad_clip = 1.0  # global-norm gradient clipping (0: off)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel replicas (-1: all devices not used by the other axes)
+  c.mesh.fsdp = 1  # parameter/optimizer sharding (ZeRO-3 style); also splits the batch
+  c.mesh.tensor = 1  # Megatron tensor parallelism over heads and MLP hidden
+  c.mesh.sequence = 1  # sequence (context) parallelism over the length axis
+  # Logical axis -> mesh axes, as data (layers name logical axes only). A logical axis
+  # whose size is not divisible by its mesh axes is replicated instead.
+  c.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("length", "sequence"),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("mlp", "tensor"),
+      ("vocab", "tensor"),
+      ("head_dim", None),
+      ("state", None),
+      ("classes", None),
+  )
+  return c

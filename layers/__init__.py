@@ -1,0 +1,1 @@
+"""Flax NNX layers: token mixers (by name, through `layers.mixers`), blocks and task heads."""

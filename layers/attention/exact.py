@@ -1,0 +1,111 @@
+"""Exact softmax attention: the reference every other attention path is tested against.
+
+Multi-head or grouped-query (`num_kv_heads` < `num_heads`, K/V shared by groups of
+query heads without copying), causal or bidirectional, padding and packed segments
+through segment ids, rotary positions, and a KV cache for incremental decoding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers import axes
+from layers.core import Dense
+from layers.mixer_base import MixContext, Mixer, MixerSpec
+
+# Finite rather than -inf so rows with no visible key give zeros, not NaNs.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def make_mask(q_segment_ids_bq, kv_segment_ids_bk, q_index_bq, kv_index_bk, causal: bool) -> jax.Array:
+  """Boolean [B, Tq, Tk]: query i sees key j iff same nonzero segment (and j <= i if causal).
+
+  Indices are absolute positions in the row (or in the KV cache), not per-segment
+  positions, so causality is by storage order.
+  """
+  mask = (q_segment_ids_bq[:, :, None] == kv_segment_ids_bk[:, None, :]) & (q_segment_ids_bq[:, :, None] != 0)
+  if causal:
+    mask &= kv_index_bk[:, None, :] <= q_index_bq[:, :, None]
+  return mask
+
+
+def reference_attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jax.Array:
+  """Dense softmax(q k^T / sqrt(H)) v in fp32, materialising the [B, N, T, S] scores.
+
+  Grouped-query: query head n uses kv head n // (N / K). Query rows that see no key
+  produce zeros.
+  """
+  b, t, n, h = q_btnh.shape
+  kv = k_bskh.shape[2]
+  q = q_btnh.astype(jnp.float32).reshape(b, t, kv, n // kv, h) / math.sqrt(h)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh.astype(jnp.float32))
+  scores = jnp.where(mask_bts[:, None, None], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = jnp.where(mask_bts[:, None, None], probs, 0.0)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh.astype(jnp.float32))
+  return out.reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+def rope(x_btnh: jax.Array, positions_bt: jax.Array, base: float = 10000.0) -> jax.Array:
+  """Rotary embedding (rotate-half form) at the given per-token positions."""
+  h = x_btnh.shape[-1]
+  freq = base ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2.0 / h)
+  angle = positions_bt.astype(jnp.float32)[:, :, None, None] * freq
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
+
+
+class Attention(Mixer):
+  """Multi-head / grouped-query exact softmax attention."""
+
+  def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
+    d, n, kv, h = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    if spec.positions == "rope" and h % 2:
+      raise ValueError(f"rotary positions need an even head dim, got {h}")
+    self.spec = spec
+    e = (axes.EMBED,)
+    self.query = Dense((d,), (n, h), in_axes=e, out_axes=(axes.HEADS, axes.HEAD_DIM), rngs=rngs)
+    self.key = Dense((d,), (kv, h), in_axes=e, out_axes=(axes.KV_HEADS, axes.HEAD_DIM), rngs=rngs)
+    self.value = Dense((d,), (kv, h), in_axes=e, out_axes=(axes.KV_HEADS, axes.HEAD_DIM), rngs=rngs)
+    self.out = Dense((n, h), (d,), in_axes=(axes.HEADS, axes.HEAD_DIM), out_axes=e, rngs=rngs,
+                     init_scale=1.0 / math.sqrt(2 * spec.num_layers))
+    # Decode-state attributes (nnx.Cache) appear only after init_cache().
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    kv, h = self.spec.num_kv_heads, self.spec.head_dim
+    self.cached_key = nnx.Cache(jnp.zeros((batch, max_len, kv, h), dtype))
+    self.cached_value = nnx.Cache(jnp.zeros((batch, max_len, kv, h), dtype))
+    self.cached_segment_ids = nnx.Cache(jnp.zeros((batch, max_len), jnp.int32))
+    self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+
+  def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
+    b, t, _ = x_btd.shape
+    q, k, v = self.query(x_btd), self.key(x_btd), self.value(x_btd)
+    if self.spec.positions == "rope":
+      q, k = rope(q, ctx.positions), rope(k, ctx.positions)
+    q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if ctx.decode:
+      if getattr(self, "cache_index", None) is None:
+        raise ValueError("decode=True needs init_cache(batch, max_len, dtype) first")
+      start = self.cache_index[...]
+      self.cached_key[...] = jax.lax.dynamic_update_slice(self.cached_key[...], k.astype(self.cached_key.dtype),
+                                                          (0, start, 0, 0))
+      self.cached_value[...] = jax.lax.dynamic_update_slice(self.cached_value[...],
+                                                            v.astype(self.cached_value.dtype), (0, start, 0, 0))
+      self.cached_segment_ids[...] = jax.lax.dynamic_update_slice(self.cached_segment_ids[...],
+                                                                  ctx.segment_ids.astype(jnp.int32), (0, start))
+      self.cache_index[...] = start + t
+      k, v, kv_segments = self.cached_key[...], self.cached_value[...], self.cached_segment_ids[...]
+      q_index = q_index + start
+      kv_index = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))
+      # Slots past the write position hold zeros: segment id 0 already hides them.
+    else:
+      kv_segments, kv_index = ctx.segment_ids, q_index
+    mask = make_mask(ctx.segment_ids, kv_segments, q_index, kv_index, self.spec.causal)
+    y = reference_attention(q, k, v, mask)
+    return self.out(y)

@@ -1,0 +1,48 @@
+"""The contract every token mixer implements (see `layers.mixers` for the registry)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerSpec:
+  """Everything a mixer's constructor may need; built once per layer from the config."""
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  causal: bool
+  positions: str  # "rope" | "learned" | "none"; rope is applied inside attention mixers
+  layer_index: int
+  num_layers: int
+  max_len: int
+  attention_impl: str = "xla"
+  options: Any = None  # mixer-specific settings (a ConfigDict or dict), may be None
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class MixContext:
+  """Per-call inputs besides the activations. Arrays are [B, T]."""
+  segment_ids: jax.Array  # 0 = padding; tokens attend only within equal nonzero ids
+  positions: jax.Array  # position of each token within its own segment
+  dropout_rng: jax.Array | None = None  # None: no dropout
+  training: bool = False  # True inside the train step (e.g. BatchNorm uses batch statistics)
+  decode: bool = False  # True: use and advance the decode state in nnx.Cache variables
+
+
+class Mixer(nnx.Module):
+  """Base class (documentation of the contract; subclasses override both methods)."""
+
+  def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
+    raise NotImplementedError
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding")

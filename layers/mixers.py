@@ -1,0 +1,39 @@
+"""The mixer registry and the interface every token mixer implements.
+
+A mixer maps `x_btd -> y_btd` given a `MixContext`. The interface covers the whole
+family in PAPERS.md:
+
+* attention that needs positions (RoPE) or segment ids (packing, padding) reads them
+  from the context;
+* recurrent mixers and attention with a KV cache keep their decode state in
+  `nnx.Cache` variables created by `init_cache(batch, max_len, dtype)`; a call with
+  `ctx.decode=True` consumes and advances that state (prefill then one token at a time);
+* mixers with auxiliary losses `self.sow(nnx.Intermediate, "aux_loss", value)`: the
+  model adds every sown `aux_loss` to the training loss;
+* mixers with running statistics (e.g. BatchNorm) keep them in `nnx.BatchStat`
+  variables, which the train state carries and checkpoints beside the params.
+
+Adding a mixer: one new module defining a class with this constructor signature, plus
+one line in `MIXERS` below.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from layers.mixer_base import MixContext, Mixer, MixerSpec
+
+__all__ = ["MIXERS", "MixContext", "Mixer", "MixerSpec", "make_mixer"]
+
+
+from layers.attention.exact import Attention  # noqa: E402  (mixer modules import the base above)
+
+MIXERS: dict[str, type[Mixer]] = {
+    "attention": Attention,
+}
+
+
+def make_mixer(name: str, spec: MixerSpec, *, rngs: nnx.Rngs) -> Mixer:
+  if name not in MIXERS:
+    raise KeyError(f"model.mixer={name!r} is not a known mixer; valid mixers: {', '.join(sorted(MIXERS))}")
+  return MIXERS[name](spec, rngs=rngs)

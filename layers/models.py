@@ -1,0 +1,167 @@
+"""Models = shared encoder (embedding + blocks + final norm) + a task head.
+
+Heads: causal LM (next token), sequence classification (mean or CLS pooling), and a
+dual encoder for two-sequence matching (LRA Retrieval: [u, v, u*v, u-v] -> MLP).
+Every model maps a batch dict to logits and names its targets and weights, so the
+trainer computes one weighted cross-entropy for all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers import axes
+from layers.blocks import Block
+from layers.core import Dense, Embed, Norm, dropout, param
+from layers.mixers import MixContext, MixerSpec
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """The model settings, as plain hashable values (from `config.model` + the task)."""
+  kind: str  # "lm" | "classify" | "match"
+  vocab_size: int
+  num_classes: int
+  max_len: int
+  mixers: tuple[str, ...]  # one per layer
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  mlp_ratio: int
+  mlp: str
+  norm: str
+  positions: str
+  dropout: float
+  pooling: str
+  tie_embeddings: bool
+  dtype: str
+  attention_impl: str = "xla"
+
+
+class Encoder(nnx.Module):
+  """Token embedding (+ learned positions) -> blocks -> final norm."""
+
+  def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+    self.spec = spec
+    self.embed = Embed(spec.vocab_size, spec.d_model, rngs=rngs)
+    self.pos_embed = (param(rngs, jax.nn.initializers.normal(0.02), (spec.max_len, spec.d_model),
+                            (None, axes.EMBED)) if spec.positions == "learned" else None)
+    causal = spec.kind == "lm"
+    self.blocks = nnx.List([
+        Block(name, MixerSpec(d_model=spec.d_model, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
+                              causal=causal, positions=spec.positions, layer_index=i,
+                              num_layers=len(spec.mixers), max_len=spec.max_len,
+                              attention_impl=spec.attention_impl),
+              norm=spec.norm, mlp=spec.mlp, mlp_ratio=spec.mlp_ratio, dropout_rate=spec.dropout, rngs=rngs)
+        for i, name in enumerate(spec.mixers)
+    ])
+    self.final_norm = Norm(spec.d_model, spec.norm, rngs=rngs)
+
+  def __call__(self, ids_bt, segment_ids_bt, positions_bt, *, dropout_rng=None, training=False,
+               decode=False) -> jax.Array:
+    dtype = DTYPES[self.spec.dtype]
+    x = self.embed(ids_bt, dtype)
+    if self.pos_embed is not None:
+      x = x + jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dtype)
+    x = axes.constrain(x, axes.ACT_BTD)
+    for i, block in enumerate(self.blocks):
+      rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+      x = block(x, MixContext(segment_ids=segment_ids_bt, positions=positions_bt, dropout_rng=rng, training=training,
+                              decode=decode))
+    return self.final_norm(x)
+
+  def init_cache(self, batch: int, max_len: int) -> None:
+    for block in self.blocks:
+      block.mixer.init_cache(batch, max_len, DTYPES[self.spec.dtype])
+
+
+class LanguageModel(nnx.Module):
+  """Causal LM: logits[b, t] predict targets[b, t] (the next token)."""
+
+  def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+    self.encoder = Encoder(spec, rngs=rngs)
+    self.head = None if spec.tie_embeddings else Dense((spec.d_model,), (spec.vocab_size,), in_axes=(axes.EMBED,),
+                                                        out_axes=(axes.VOCAB,), rngs=rngs)
+
+  def __call__(self, batch, *, dropout_rng=None, training=False, decode=False) -> jax.Array:
+    x = self.encoder(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_rng=dropout_rng,
+                     training=training, decode=decode)
+    logits = self.encoder.embed.attend(x) if self.head is None else self.head(x)
+    return logits.astype(jnp.float32)
+
+  @staticmethod
+  def targets_and_weights(batch):
+    return batch["targets"], batch["weights"]
+
+
+def _pool(x_btd, segment_ids_bt, pooling: str):
+  if pooling == "cls":
+    return x_btd[:, 0]
+  w = (segment_ids_bt != 0).astype(x_btd.dtype)[..., None]
+  return jnp.sum(x_btd * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+
+
+class Classifier(nnx.Module):
+  """Bidirectional encoder, pooled, -> Dense -> class logits."""
+
+  def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+    self.spec = spec
+    self.encoder = Encoder(spec, rngs=rngs)
+    self.hidden = Dense((spec.d_model,), (spec.d_model,), in_axes=(axes.EMBED,), out_axes=(axes.MLP,), rngs=rngs,
+                        use_bias=True)
+    self.head = Dense((spec.d_model,), (spec.num_classes,), in_axes=(axes.MLP,), out_axes=(axes.CLASSES,),
+                      rngs=rngs, use_bias=True)
+
+  def __call__(self, batch, *, dropout_rng=None, training=False, decode=False) -> jax.Array:
+    del decode
+    x = self.encoder(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_rng=dropout_rng,
+                     training=training)
+    pooled = _pool(x, batch["segment_ids"], self.spec.pooling)
+    return self.head(jax.nn.gelu(self.hidden(pooled))).astype(jnp.float32)
+
+  @staticmethod
+  def targets_and_weights(batch):
+    return batch["label"], jnp.ones(batch["label"].shape, jnp.float32)
+
+
+class DualEncoder(nnx.Module):
+  """Two sequences through one shared encoder; [u, v, u*v, u-v] -> MLP -> class logits."""
+
+  def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+    self.spec = spec
+    d = spec.d_model
+    self.encoder = Encoder(spec, rngs=rngs)
+    self.hidden = Dense((4 * d,), (d,), in_axes=(axes.EMBED,), out_axes=(axes.MLP,), rngs=rngs, use_bias=True)
+    self.head = Dense((d,), (spec.num_classes,), in_axes=(axes.MLP,), out_axes=(axes.CLASSES,), rngs=rngs,
+                      use_bias=True)
+
+  def __call__(self, batch, *, dropout_rng=None, training=False, decode=False) -> jax.Array:
+    del decode
+    r1 = r2 = None
+    if dropout_rng is not None:
+      r1, r2 = jax.random.split(dropout_rng)
+    u = _pool(self.encoder(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_rng=r1,
+                           training=training),
+              batch["segment_ids"], self.spec.pooling)
+    v = _pool(self.encoder(batch["inputs2"], batch["segment_ids2"], batch["positions2"], dropout_rng=r2,
+                           training=training),
+              batch["segment_ids2"], self.spec.pooling)
+    feats = jnp.concatenate([u, v, u * v, u - v], axis=-1)
+    return self.head(jax.nn.gelu(self.hidden(feats))).astype(jnp.float32)
+
+  @staticmethod
+  def targets_and_weights(batch):
+    return batch["label"], jnp.ones(batch["label"].shape, jnp.float32)
+
+
+HEADS = {"lm": LanguageModel, "classify": Classifier, "match": DualEncoder}
+
+
+def build_model(spec: ModelSpec, seed: int) -> nnx.Module:
+  return HEADS[spec.kind](spec, rngs=nnx.Rngs(params=seed))

@@ -1,0 +1,27 @@
+"""The `seqmix` console script: a thin alias for the module entry points.
+
+    seqmix train --config=configs/default.py --workdir=runs/default
+    seqmix eval  --config=configs/default.py --workdir=runs/default
+    seqmix inspect --config=configs/listops.py --split=test --num=3
+"""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"train": "trainer.train", "eval": "trainer.evaluate", "evaluate": "trainer.evaluate",
+            "inspect": "trainer.data.inspect"}
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] not in COMMANDS:
+    got = repr(argv[0]) if argv else "nothing"
+    print(f"error: seqmix takes a command ({', '.join(COMMANDS)}), got {got}", file=sys.stderr)
+    return 2
+  import importlib
+  return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tasks: locally generated train and held-out splits, deterministic from the seed."""

@@ -1,0 +1,27 @@
+"""The task registry: `task.name` -> Task class (the one place task names resolve)."""
+
+from __future__ import annotations
+
+from trainer.data.base import DataError, Task
+from trainer.data.listops import ListOps
+from trainer.data.mqar import MQAR
+from trainer.data.text import PydocText
+
+TASKS: dict[str, type[Task]] = {
+    "text": PydocText,
+    "listops": ListOps,
+    "mqar": MQAR,
+}
+
+
+def make_task(task_cfg, seed: int) -> Task:
+  """Builds the task named by `task_cfg.name` from its settings sub-dict.
+
+  `task_cfg` has `name`, `seq_len` and one sub-dict per task (e.g. `task_cfg.listops`)
+  holding that task's own settings.
+  """
+  name = task_cfg.name
+  if name not in TASKS:
+    raise DataError(f"task.name={name!r} is not a known task; valid names: {', '.join(sorted(TASKS))}")
+  own = task_cfg.get(name, None)
+  return TASKS[name](seq_len=int(task_cfg.seq_len), seed=int(seed), **(dict(own) if own else {}))

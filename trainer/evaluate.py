@@ -1,0 +1,78 @@
+"""Evaluate a saved checkpoint on the held-out splits:
+`python -m trainer.evaluate --config=configs/NAME.py[:ARG] --workdir=DIR [--step=N]`.
+
+Writes DIR/eval_results.json with validation and test loss/accuracy, the step, and the
+task's chance level. Never writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import jax
+
+from trainer import launch
+from trainer.config import UserError, load_config, split_override_args
+
+
+def run(argv) -> int:
+  from trainer.experiment import Experiment, check_workdir
+  from trainer.train import write_json
+
+  parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="configs/default.py", help="configs/NAME.py[:ARG]")
+  parser.add_argument("--workdir", default="runs/default", help="the training run's directory")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest readable)")
+  parser.add_argument("--splits", default="validation,test", help="comma-separated held-out splits")
+  launch.add_flags(parser)
+  rest, overrides = split_override_args(list(argv))
+  args = parser.parse_args(rest)
+  launch.initialize(args)
+  cfg = load_config(args.config, overrides)
+  if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
+    raise UserError(f"--workdir={args.workdir!r} holds no checkpoints; train first with python -m trainer.train "
+                    f"--config={args.config} --workdir={args.workdir}")
+  check_workdir(args.workdir)
+  exp = Experiment(cfg, args.workdir, read_only=True)
+  restored = exp.checkpointer.restore(exp.abstract_state, args.step)
+  if restored is None:
+    raise UserError(f"no readable checkpoint in {exp.checkpointer.root}")
+  state, meta = restored
+  step = int(jax.device_get(state["step"]))
+  results = {"step": step, "task": cfg.task.name, "chance_accuracy": exp.task.spec.chance,
+             "chance_note": exp.task.spec.chance_note}
+  for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
+    if split not in ("validation", "test"):
+      raise UserError(f"--splits entry {split!r} is not a held-out split; use validation and/or test")
+    results.update(exp.evaluate(state, split))
+  if jax.process_index() == 0:
+    path = os.path.join(args.workdir, "eval_results.json")
+    write_json(path, results)
+    for k, v in results.items():
+      print(f"{k}: {v}")
+    print(f"-> {path}")
+  exp.checkpointer.close()
+  return 0
+
+
+def main(argv=None) -> int:
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  try:
+    return run(sys.argv[1:] if argv is None else argv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  except Exception as e:
+    from parallel.mesh import MeshError
+    from trainer.data.base import DataError
+    if isinstance(e, (MeshError, DataError)):
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      return 2
+    raise
+
+
+if __name__ == "__main__":
+  sys.exit(main())

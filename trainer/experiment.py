@@ -1,0 +1,188 @@
+"""Everything a run needs, built once from a validated config: task, mesh, model,
+optimizer, shardings, the compiled steps and the checkpointer. Shared by train,
+evaluate and generate, so all three see the same model and the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from layers.functional import FunctionalModel
+from layers.models import ModelSpec, build_model
+from parallel import mesh as mesh_lib
+from trainer import config as config_lib
+from trainer import optim, steps
+from trainer.checkpoint import Checkpointer
+from trainer.config import UserError
+from trainer.data import pipeline
+from trainer.data.base import DataError
+from trainer.data.tasks import make_task
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails (touching nothing there) unless `workdir` can be created and written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+      pass
+  except OSError as e:
+    raise UserError(f"--workdir={workdir!r} is not writable ({e.strerror or type(e).__name__}); "
+                    f"choose a directory you can write to") from None
+
+
+def model_spec(cfg, task_spec) -> ModelSpec:
+  m = cfg.model
+  return ModelSpec(
+      kind=task_spec.kind, vocab_size=task_spec.vocab_size, num_classes=task_spec.num_classes,
+      max_len=task_spec.seq_len, mixers=tuple(config_lib.mixer_schedule(cfg)), d_model=m.d_model,
+      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads, mlp_ratio=m.mlp_ratio, mlp=m.mlp,
+      norm=m.norm, positions=m.positions, dropout=m.dropout, pooling=m.pooling, tie_embeddings=m.tie_embeddings,
+      dtype=m.dtype, attention_impl=m.attention_impl)
+
+
+class Experiment:
+
+  def __init__(self, cfg, workdir: str, *, read_only: bool = False):
+    self.cfg, self.workdir = cfg, workdir
+    try:
+      self.task = make_task(cfg.task, cfg.seed)
+    except DataError as e:
+      raise UserError(str(e)) from None
+    self.mesh = mesh_lib.make_mesh(cfg.mesh)
+    self.rules = tuple(cfg.mesh.rules)
+    dp = mesh_lib.batch_parallel_size(self.mesh, self.rules)
+    if cfg.batch_size % dp:
+      raise UserError(f"batch_size={cfg.batch_size} is not divisible by the data-parallel size {dp} "
+                      f"(mesh.data x mesh.fsdp); use a multiple of {dp}")
+    seq = self.mesh.shape["sequence"]
+    if cfg.task.seq_len % seq:
+      raise UserError(f"task.seq_len={cfg.task.seq_len} is not divisible by mesh.sequence={seq}; "
+                      f"use a multiple of {seq}")
+    self.spec = model_spec(cfg, self.task.spec)
+    # The abstract model gives structure, names and logical axes without allocating;
+    # real parameters are created inside a jit, directly in their shardings.
+    self.fm = FunctionalModel(nnx.eval_shape(lambda: build_model(self.spec, cfg.seed)))
+    self.lr_schedule = optim.schedule(cfg.optimizer, cfg.total_steps)
+    abstract_params = self.fm.init_params()
+    self.tx = optim.make_optimizer(cfg.optimizer, cfg.total_steps, abstract_params, cfg.on_nonfinite == "skip")
+    self.num_params = int(sum(np.prod(v.shape) for v in abstract_params.values()))
+
+    # Shapes and shardings of the whole train state, derived without allocating it.
+    abstract = jax.eval_shape(self._fresh_state_fn())
+    self.state_shardings = self._state_shardings(abstract)
+    self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                       abstract, self.state_shardings)
+    self.batch_shapes, self.batch_shardings = pipeline.batch_shardings(self.task, cfg.batch_size, self.mesh,
+                                                                       self.rules)
+    self.checkpointer = Checkpointer(workdir, cfg.keep_checkpoints, cfg.keep_best, cfg.async_checkpointing,
+                                     read_only=read_only)
+    self._train_step = self._eval_step = None
+
+  # -- state ---------------------------------------------------------------------------
+
+  def _fresh_state_fn(self):
+    spec, tx, seed = self.spec, self.tx, self.cfg.seed
+
+    def fresh():
+      fm = FunctionalModel(build_model(spec, seed))
+      p = fm.init_params()
+      return {"params": p, "extra": fm.init_extra(), "opt_state": tx.init(p),
+              "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed + 1))}
+    return fresh
+
+  def _state_shardings(self, abstract):
+    mesh, rules = self.mesh, self.rules
+    replicated = NamedSharding(mesh, P())
+    params = mesh_lib.tree_shardings(abstract["params"], self.fm.logical_axes, mesh, rules)
+    extra = mesh_lib.tree_shardings(abstract["extra"], self.fm.extra_logical_axes, mesh, rules)
+
+    # Optimizer moments mirror the params they belong to (found by their flat names).
+    def opt_sharding(path, leaf):
+      name = getattr(path[-1], "key", None) if path else None
+      if isinstance(name, str) and name in params and tuple(leaf.shape) == tuple(abstract["params"][name].shape):
+        return params[name]
+      return replicated
+
+    opt = jax.tree_util.tree_map_with_path(opt_sharding, abstract["opt_state"])
+    return {"params": params, "extra": extra, "opt_state": opt, "step": replicated, "rng": replicated}
+
+  def fresh_state(self) -> dict:
+    with mesh_lib.activation_sharding(self.mesh, self.rules):
+      return jax.jit(self._fresh_state_fn(), out_shardings=self.state_shardings)()
+
+  def restore_or_init(self, step: int | None = None) -> tuple[dict, dict | None]:
+    restored = self.checkpointer.restore(self.abstract_state, step)
+    if restored is None:
+      return self.fresh_state(), None
+    return restored
+
+  # -- steps ---------------------------------------------------------------------------
+
+  def compiled_train_step(self):
+    if self._train_step is None:
+      fn = steps.make_train_step(self.fm, self.tx, self.lr_schedule)
+      metric_sharding = NamedSharding(self.mesh, P())
+      jitted = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_shardings),
+                       out_shardings=(self.state_shardings, metric_sharding), donate_argnums=0)
+      with mesh_lib.activation_sharding(self.mesh, self.rules):
+        self._train_step = jitted.lower(self.abstract_state, self.batch_shapes).compile()
+    return self._train_step
+
+  def compiled_eval_step(self):
+    if self._eval_step is None:
+      fn = steps.make_eval_step(self.fm)
+      jitted = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_shardings),
+                       out_shardings=NamedSharding(self.mesh, P()))
+      with mesh_lib.activation_sharding(self.mesh, self.rules):
+        self._eval_step = jitted.lower(self.abstract_state, self.batch_shapes).compile()
+    return self._eval_step
+
+  def compile_stats(self) -> dict:
+    """Per-device memory of the compiled train step and its FLOPs per step."""
+    compiled = self.compiled_train_step()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else {}
+    arg, out, tmp = (int(getattr(mem, f"{k}_size_in_bytes", 0)) for k in ("argument", "output", "temp"))
+    alias = int(getattr(mem, "alias_size_in_bytes", 0))
+    return {"argument_bytes": arg, "output_bytes": out, "temp_bytes": tmp, "alias_bytes": alias,
+            "total_bytes": arg + out + tmp - alias, "flops_per_step": float((cost or {}).get("flops", 0.0)),
+            "num_devices": int(self.mesh.size), "num_params": self.num_params}
+
+  # -- data ----------------------------------------------------------------------------
+
+  def train_batch(self, step: int) -> dict:
+    ids = pipeline.train_example_ids(step, self.cfg.batch_size)
+    return pipeline.global_batch(self.task, "train", ids, self.batch_shapes, self.batch_shardings)
+
+  def evaluate(self, state: dict, split: str) -> dict:
+    """Held-out loss and accuracy over `eval_examples` examples of `split`."""
+    step_fn = self.compiled_eval_step()
+    totals = {"nll_sum": 0.0, "correct": 0.0, "count": 0.0}
+    id_batches = pipeline.eval_example_ids(self.cfg.eval_examples, self.cfg.batch_size)
+    for ids in id_batches:
+      out = step_fn(state, pipeline.global_batch(self.task, split, ids, self.batch_shapes, self.batch_shardings))
+      for k in totals:
+        totals[k] += float(out[k])
+    count = max(totals["count"], 1.0)
+    loss = totals["nll_sum"] / count
+    result = {f"{split}/loss": loss, f"{split}/accuracy": totals["correct"] / count,
+              f"{split}/examples": len(id_batches) * self.cfg.batch_size}
+    if self.task.spec.kind == "lm":
+      result[f"{split}/bits_per_token"] = loss / math.log(2)
+    return result
+
+  def meta(self, step: int, extra: dict | None = None) -> dict:
+    return {"step": int(step), "data_position": int(step) * int(self.cfg.batch_size),
+            "config": json.loads(self.cfg.to_json()), **(extra or {})}
+

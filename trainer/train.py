@@ -1,0 +1,251 @@
+"""Train a config: `python -m trainer.train --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]`.
+
+Resumes from the newest readable checkpoint in DIR; if training is already complete it
+only evaluates. `--dry_run` compiles the train step and reports per-device memory and
+FLOPs (DIR/compile.json) without training. SIGTERM/SIGINT finish the current step, save
+a checkpoint and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+
+from trainer import launch
+from trainer.config import UserError, load_config, split_override_args
+
+log = logging.getLogger("seqmix")
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="configs/default.py", help="configs/NAME.py[:ARG]")
+  parser.add_argument("--workdir", default="runs/default", help="where checkpoints and metrics go")
+  parser.add_argument("--dry_run", action="store_true", help="compile the train step only; write DIR/compile.json")
+  launch.add_flags(parser)
+  rest, overrides = split_override_args(list(argv))
+  args = parser.parse_args(rest)
+  return args, overrides
+
+
+class _Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+      raise KeyboardInterrupt
+    self.signal = signal.Signals(signum).name
+
+  def requested(self) -> bool:
+    flag = self.signal is not None
+    if jax.process_count() > 1:  # every process must stop at the same step
+      from jax.experimental import multihost_utils
+      flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+    return flag
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _print(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)  # atomic: never a half-written file
+
+
+def run(args, overrides) -> int:
+  # Heavy imports after argument parsing so `--help` and config errors are instant.
+  from trainer.experiment import Experiment, check_workdir
+  from trainer.metrics import MetricsWriter, ProgressBar, format_duration
+
+  launch.initialize(args)
+  cfg = load_config(args.config, overrides)
+  check_workdir(args.workdir)
+  exp = Experiment(cfg, args.workdir)
+  main = jax.process_index() == 0
+
+  if args.dry_run:
+    stats = exp.compile_stats()
+    if main:
+      write_json(os.path.join(args.workdir, "compile.json"), stats)
+      print(f"compiled train step on {stats['num_devices']} device(s), {exp.num_params:,} params; per device: "
+            f"arguments {_mib(stats['argument_bytes'])}, outputs {_mib(stats['output_bytes'])}, "
+            f"temporaries {_mib(stats['temp_bytes'])}, total {_mib(stats['total_bytes'])}; "
+            f"{stats['flops_per_step']:.3e} FLOPs per step -> {os.path.join(args.workdir, 'compile.json')}")
+    return 0
+
+  state, meta = exp.restore_or_init()
+  start = int(jax.device_get(state["step"]))
+  resumed = meta is not None
+  writer = MetricsWriter(args.workdir, main)
+  if main:
+    cfg_path = os.path.join(args.workdir, "config.json")
+    if not os.path.exists(cfg_path):
+      write_json(cfg_path, json.loads(cfg.to_json()))
+    elif resumed:
+      write_json(os.path.join(args.workdir, f"config_resumed_at_{start}.json"), json.loads(cfg.to_json()))
+  chance = exp.task.spec
+  _print(f"seqmix: task {cfg.task.name} ({chance.kind}), mixers {','.join(exp.spec.mixers)}, "
+         f"{exp.num_params:,} params, mesh {dict(exp.mesh.shape)}, {jax.process_count()} process(es)")
+
+  if start >= cfg.total_steps:
+    _print(f"training is already complete ({start}/{cfg.total_steps} steps in {args.workdir}); evaluating only")
+    result = exp.evaluate(state, cfg.eval_split)
+    writer.write(start, {f"eval/{k.split('/', 1)[1]}": v for k, v in result.items()})
+    _summary(exp, args, cfg, result, start, None)
+    exp.checkpointer.close()
+    return 0
+  if resumed:
+    _print(f"resuming from step {start} (checkpoint in {exp.checkpointer.root})")
+
+  t_compile = time.time()
+  train_step = exp.compiled_train_step()
+  stats = exp.compile_stats()
+  writer.write(start, {f"compile/{k}": v for k, v in stats.items()} | {"compile/seconds": time.time() - t_compile})
+  peak = _peak_flops(jax.devices()[0])
+
+  tokens_per_step = cfg.batch_size * cfg.task.seq_len
+  bar = ProgressBar(cfg.total_steps, start, main and cfg.progress_bar)
+  t_start = time.time()
+  last_eval: dict | None = None
+  step = start
+  stopped_by = None
+  pending = None  # (step, metrics): fetched one step late so the host runs ahead of the device
+  t_window, steps_window = time.time(), 0
+  with _Preemption() as preempt:
+    while step < cfg.total_steps:
+      batch = exp.train_batch(step)
+      state, metrics = train_step(state, batch)
+      step += 1
+      steps_window += 1
+      if pending is not None:
+        _check_finite(pending, cfg)
+      pending = (step, metrics)
+      if step % max(cfg.log_every, 1) == 0 or step == cfg.total_steps:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        pending = None
+        _check_finite((step, values), cfg)
+        dt = time.time() - t_window
+        tps = tokens_per_step * steps_window / max(dt, 1e-9)
+        row = {f"train/{k}": v for k, v in values.items()} | {"train/tokens_per_sec": tps,
+                                                                "train/steps_per_sec": steps_window / max(dt, 1e-9)}
+        if peak and stats["flops_per_step"]:
+          row["train/mfu"] = stats["flops_per_step"] * steps_window / max(dt, 1e-9) / peak
+        writer.write(step, row)
+        bar.update(step, values["loss"], tps)
+        t_window, steps_window = time.time(), 0
+      do_eval = step == cfg.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)
+      if do_eval:
+        result = exp.evaluate(state, cfg.eval_split)
+        last_eval = result
+        writer.write(step, {f"eval/{k.split('/', 1)[1]}": v for k, v in result.items()})
+        exp.checkpointer.save_best(step, state, exp.meta(step, result), result[f"{cfg.eval_split}/accuracy"])
+      if step == cfg.total_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        exp.checkpointer.save(step, state, exp.meta(step, last_eval))
+      if preempt.requested():
+        stopped_by = preempt.signal or "a signal on another process"
+        if not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+          exp.checkpointer.save(step, state, exp.meta(step, last_eval))
+        break
+  if pending is not None:
+    _check_finite(pending, cfg)
+  bar.close()
+  exp.checkpointer.wait()
+  wall = time.time() - t_start
+  if stopped_by:
+    _print(f"stopped by {stopped_by} after step {step}; checkpoint saved in {exp.checkpointer.root}; "
+           f"run the same command again to resume")
+    exp.checkpointer.close()
+    writer.close()
+    return 0
+  _summary(exp, args, cfg, last_eval, step, wall)
+  exp.checkpointer.close()
+  writer.close()
+  _ = format_duration
+  return 0
+
+
+def _check_finite(pending, cfg) -> None:
+  step, metrics = pending
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss) and cfg.on_nonfinite == "stop":
+    raise UserError(f"the training loss became {loss} at step {step}; lower optimizer.learning_rate, or set "
+                    f"on_nonfinite=skip to skip such steps")
+
+
+def _mib(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB"
+
+
+def _peak_flops(device) -> float | None:
+  """Dense bf16 peak per device, for the MFU estimate (None where unknown, e.g. CPU)."""
+  kind = getattr(device, "device_kind", "").lower()
+  table = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v5e": 197e12, "v5p": 459e12, "v4": 275e12,
+           "v6": 918e12}
+  return next((v for k, v in table.items() if k in kind), None)
+
+
+def _summary(exp, args, cfg, result, step, wall) -> None:
+  from trainer.metrics import format_duration
+  spec = exp.task.spec
+  split = cfg.eval_split
+  lines = ["", f"== seqmix summary: {cfg.task.name}, {step} steps" + (f" in {format_duration(wall)}" if wall else "")]
+  if result:
+    lines.append(f"held-out ({split}, {result[f'{split}/examples']} examples): accuracy "
+                 f"{result[f'{split}/accuracy']:.4f}, loss {result[f'{split}/loss']:.4f}"
+                 + (f", {result[f'{split}/bits_per_token']:.3f} bits/token" if f"{split}/bits_per_token" in result
+                    else ""))
+    lines.append(f"chance: accuracy {spec.chance:.4f} ({spec.chance_note})")
+  lines.append(f"checkpoints: {exp.checkpointer.root}   logs: {os.path.join(args.workdir, 'metrics.jsonl')}")
+  cmd_cfg = args.config
+  lines.append(f"resume:   python -m trainer.train --config={cmd_cfg} --workdir={args.workdir} --config.total_steps=N")
+  lines.append(f"evaluate: python -m trainer.evaluate --config={cmd_cfg} --workdir={args.workdir}")
+  _print("\n".join(lines))
+
+
+def main(argv=None) -> int:
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    args, overrides = parse_args(argv)
+    return run(args, overrides)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  except Exception as e:  # user mistakes raised as these types by lower layers
+    from parallel.mesh import MeshError
+    from trainer.data.base import DataError
+    if isinstance(e, (MeshError, DataError)):
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      return 2
+    raise
+
+
+if __name__ == "__main__":
+  sys.exit(main())
