@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -84,43 +85,59 @@ class Checkpointer:
                         f"{name!r} {what}; use the config it was trained with or a fresh --workdir")
 
   def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, dict] | None:
-    """Restores `step`, or the newest readable checkpoint; None when there is none."""
+    """Restores `step`, or the newest readable checkpoint; None when there is none.
+
+    Unreadable checkpoints skipped on the way are moved to DIR/unreadable_checkpoints/
+    (kept for inspection, never deleted) so training can save that step again.
+    """
     if self.manager is None:
       return None
-    candidates = [step] if step is not None else list(reversed(self.steps()))
     if step is not None and step not in self.steps():
       raise UserError(f"--step={step} has no checkpoint in {self.root}; saved steps: {self.steps() or 'none'}")
-    for i, s in enumerate(candidates):
+    candidates = [step] if step is not None else list(reversed(self.steps()))
+    unreadable, result = [], None
+    for s in candidates:
       try:
         self.check_compatible(s, abstract_state)
-      except UserError:
-        raise
-      except Exception as e:  # unreadable metadata: treat like an unreadable checkpoint
-        if step is not None:
-          raise UserError(f"checkpoint {s} in {self.root} cannot be read ({type(e).__name__})") from None
-        log.warning("checkpoint %d in %s is unreadable (%s: %s); trying the previous one", s, self.root,
-                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-        continue
-      try:
         restored = self.manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-      except Exception as e:
+      except UserError:
+        raise
+      except Exception as e:  # damaged files, truncated arrays, missing metadata, ...
         if step is not None:
           raise UserError(f"checkpoint {s} in {self.root} cannot be read ({type(e).__name__})") from None
+        first = str(e).splitlines()[0][:200] if str(e) else ""
         log.warning("checkpoint %d in %s is unreadable (%s: %s); trying the previous one", s, self.root,
-                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                    type(e).__name__, first)
+        unreadable.append(s)
         continue
-      return restored["state"], dict(restored["meta"])
-    if candidates:
+      result = restored["state"], dict(restored["meta"])
+      break
+    if unreadable and not self.read_only:
+      self._set_aside(unreadable)
+    if result is None and candidates:
       log.warning("no readable checkpoint in %s; starting from scratch", self.root)
-    return None
+    return result
+
+  def _set_aside(self, steps: list[int]) -> None:
+    if jax.process_index() == 0:
+      dest = os.path.join(os.path.dirname(self.root), "unreadable_checkpoints")
+      os.makedirs(dest, exist_ok=True)
+      for s in steps:
+        target = os.path.join(dest, f"{s}-{int(time.time())}")
+        os.replace(os.path.join(self.root, str(s)), target)
+        log.warning("moved unreadable checkpoint %d to %s", s, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("seqmix_set_aside_checkpoints")
+    self.manager.reload()
 
   def save(self, step: int, state: dict, meta: dict[str, Any]) -> None:
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                       force=True)
 
   def save_best(self, step: int, state: dict, meta: dict[str, Any], score: float) -> None:
-    if self.best is None:
+    if self.best is None or step in self.best.all_steps():  # a step redone after a fallback: already kept
       return
     self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                    metrics={"score": float(score)}, force=True)

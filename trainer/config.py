@@ -95,7 +95,10 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
   mod_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise UserError(f"config file {path!r} has no get_config(arg=None) function")
-  cfg = module.get_config(arg or None)
+  try:
+    cfg = module.get_config(arg or None)
+  except ValueError as e:  # configs reject a bad `:ARG` with a ValueError naming it
+    raise UserError(f"{path}: {e}") from None
   for item in overrides:
     if "=" not in item:
       raise UserError(f"override {item!r} must look like KEY=VALUE")

@@ -38,7 +38,7 @@ def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, lr_sc
     grads, (new_extra, metrics) = jax.grad(loss_fn, has_aux=True)(state["params"], state["extra"], batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
     metrics["learning_rate"] = lr_schedule(state["step"])
     new_state = dict(state, params=params, extra=new_extra, opt_state=opt_state, step=state["step"] + 1)
     return new_state, metrics

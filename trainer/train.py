@@ -87,7 +87,7 @@ def run(args, overrides) -> int:
   launch.initialize(args)
   cfg = load_config(args.config, overrides)
   check_workdir(args.workdir)
-  exp = Experiment(cfg, args.workdir)
+  exp = Experiment(cfg, args.workdir, read_only=args.dry_run)
   main = jax.process_index() == 0
 
   if args.dry_run:

@@ -1,0 +1,52 @@
+"""Config loading, overrides and validation: every user mistake is one clear sentence."""
+
+import pytest
+
+from trainer.config import UserError, load_config, split_override_args
+
+
+def test_defaults_load_and_overrides_apply_with_types():
+  cfg = load_config("configs/default.py", ["model.d_model=64", "optimizer.learning_rate=1e-3", "keep_best=false",
+                                           "mesh.rules=(('batch', 'data'),)"])
+  assert cfg.model.d_model == 64 and isinstance(cfg.model.d_model, int)
+  assert cfg.optimizer.learning_rate == 1e-3
+  assert cfg.keep_best is False
+  assert cfg.mesh.rules == (("batch", "data"),)
+
+
+def test_split_override_args_accepts_both_forms():
+  rest, ov = split_override_args(["--workdir=x", "--config.seed=3", "--config.model.mixer", "attention"])
+  assert rest == ["--workdir=x"] and ov == ["seed=3", "model.mixer=attention"]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.d_modle=3", "did you mean 'model.d_model'"),
+    ("optimizer.lr=3", "optimizer.lr"),
+    ("totl_steps=3", "did you mean 'total_steps'"),
+])
+def test_unknown_key_names_it_and_suggests(override, needle):
+  with pytest.raises(UserError) as e:
+    load_config("configs/default.py", [override])
+  assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.mixer=attenton", "'attenton' is not a known mixer; valid mixers: attention"),
+    ("task.name=lisops", "task.name='lisops' is not valid; choose one of: listops, mqar, text"),
+    ("model.num_heads=3", "model.d_model=128 is not divisible by model.num_heads=3"),
+    ("total_steps=abc", "takes an integer, not 'abc'"),
+    ("model.positions=alibi", "model.positions='alibi' is not valid"),
+    ("mesh.data=0", "mesh.data=0 must be a positive integer or -1"),
+    ("model.mixer_schedule=attention,nope", "model.mixer_schedule[1]='nope' is not a known mixer"),
+])
+def test_bad_values_are_named(override, needle):
+  with pytest.raises(UserError) as e:
+    load_config("configs/default.py", [override])
+  assert needle in str(e.value)
+
+
+def test_missing_config_file_and_bad_arg():
+  with pytest.raises(UserError, match="does not exist"):
+    load_config("configs/nope.py")
+  with pytest.raises(UserError, match="'bogus'"):
+    load_config("configs/default.py:bogus")

@@ -1,0 +1,88 @@
+"""End-to-end training: resume, evaluation, dry run, mesh changes, damaged checkpoints."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.helpers import evaluate, metrics, train, train_losses
+
+
+def _params(workdir, step):
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  tree = ocp.StandardCheckpointer().restore(path)
+  return {k: np.asarray(v) for k, v in tree["params"].items()}
+
+
+def test_train_evaluate_and_rerun_when_complete(tmp_path, capsys):
+  wd = str(tmp_path / "run")
+  assert train(wd) == 0
+  out = capsys.readouterr().out
+  assert "held-out (validation" in out and "chance: accuracy" in out
+  ms = metrics(wd)
+  assert any("compile/temp_bytes" in m for m in ms) and any("eval/accuracy" in m for m in ms)
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
+  assert os.listdir(os.path.join(wd, "best_checkpoint"))
+  assert train(wd) == 0
+  assert "already complete (6/6 steps" in capsys.readouterr().out
+  assert evaluate(wd) == 0
+  res = json.load(open(os.path.join(wd, "eval_results.json")))
+  assert res["step"] == 6 and 0.0 <= res["test/accuracy"] <= 1.0 and res["validation/examples"] == 16
+  assert evaluate(wd, "--step=3") == 0
+  assert json.load(open(os.path.join(wd, "eval_results.json")))["step"] == 3
+
+
+def test_resume_is_bit_exact(tmp_path):
+  """2k steps straight == k steps, stop, resume k more: same params and same losses."""
+  common = ["--config.total_steps=8", "--config.checkpoint_every=4", "--config.eval_every=0", "--config.log_every=1",
+            "--config.model.dropout=0.1"]
+  straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+  assert train(straight, *common) == 0
+  assert train(split, *common[1:], "--config.total_steps=4") == 0
+  assert train(split, *common) == 0
+  a, b = _params(straight, 8), _params(split, 8)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  la, lb = train_losses(straight), train_losses(split)
+  assert [la[s] for s in range(5, 9)] == [lb[s] for s in range(5, 9)]
+
+
+def test_dry_run_reports_compiled_memory(tmp_path, capsys):
+  wd = str(tmp_path / "dry")
+  assert train(wd, "--dry_run") == 0
+  stats = json.load(open(os.path.join(wd, "compile.json")))
+  for key in ("argument_bytes", "output_bytes", "temp_bytes", "total_bytes", "flops_per_step"):
+    assert stats[key] > 0, key
+  assert stats["total_bytes"] >= stats["temp_bytes"]
+  assert "FLOPs per step" in capsys.readouterr().out
+  assert not os.path.exists(os.path.join(wd, "checkpoints"))
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+  """Saved on data=4 x tensor=2, continued on fsdp=2 x sequence=4: same losses as one mesh."""
+  common = ["--config.total_steps=6", "--config.checkpoint_every=3", "--config.eval_every=0", "--config.log_every=1"]
+  ref, moved = str(tmp_path / "ref"), str(tmp_path / "moved")
+  assert train(ref, *common) == 0
+  mesh_a = ["--config.mesh.data=4", "--config.mesh.tensor=2"]
+  mesh_b = ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.sequence=4"]
+  assert train(moved, *common, "--config.total_steps=3", *mesh_a) == 0
+  assert train(moved, *common, *mesh_b) == 0
+  lr, lm = train_losses(ref), train_losses(moved)
+  np.testing.assert_allclose([lm[s] for s in range(1, 7)], [lr[s] for s in range(1, 7)], rtol=1e-5)
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+  wd = str(tmp_path / "run")
+  assert train(wd, "--config.eval_every=0") == 0
+  state_dir = os.path.join(wd, "checkpoints", "6", "state")
+  for root, _, files in os.walk(state_dir):  # garble every file of the newest save
+    for f in files:
+      with open(os.path.join(root, f), "wb") as fh:
+        fh.write(b"\x00garbage")
+  assert train(wd, "--config.eval_every=0", "--config.log_every=1") == 0
+  assert "checkpoint 6" in caplog.text and "unreadable" in caplog.text
+  assert max(train_losses(wd)) == 6 and 4 in train_losses(wd)  # steps 4..6 were redone from step 3
