@@ -3,6 +3,9 @@
 `parallel/` maps them to mesh axes through the rules in the config (`mesh.rules`).
 """
 
+import contextlib
+import contextvars
+
 BATCH = "batch"
 LENGTH = "length"
 EMBED = "embed"
@@ -24,9 +27,6 @@ ACT_BTNH = (BATCH, LENGTH, HEADS, HEAD_DIM)
 # The activation-sharding hook. `parallel.mesh.activation_sharding(...)` installs a
 # function mapping logical axes to a sharding constraint; without one (single device,
 # tests of layers alone) `constrain` is the identity.
-import contextlib
-import contextvars
-
 _CONSTRAIN = contextvars.ContextVar("seqmix_constrain", default=None)
 
 

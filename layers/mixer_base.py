@@ -46,3 +46,12 @@ class Mixer(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
     raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding")
+
+
+def add_aux_loss(module: nnx.Module, value: jax.Array) -> None:
+  """Adds `value` to the training loss (collected by `layers.functional.FunctionalModel.apply`).
+
+  The one place the mechanism lives: today `sow` into nnx.Intermediate, which newer flax
+  wants wrapped in `nnx.capture`; when that is the only way, only this function changes.
+  """
+  module.sow(nnx.Intermediate, "aux_loss", value)

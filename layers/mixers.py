@@ -8,8 +8,8 @@ family in PAPERS.md:
 * recurrent mixers and attention with a KV cache keep their decode state in
   `nnx.Cache` variables created by `init_cache(batch, max_len, dtype)`; a call with
   `ctx.decode=True` consumes and advances that state (prefill then one token at a time);
-* mixers with auxiliary losses `self.sow(nnx.Intermediate, "aux_loss", value)`: the
-  model adds every sown `aux_loss` to the training loss;
+* mixers with auxiliary losses call `add_aux_loss(self, value)`: the trainer adds every
+  such value to the training loss;
 * mixers with running statistics (e.g. BatchNorm) keep them in `nnx.BatchStat`
   variables, which the train state carries and checkpoints beside the params.
 

@@ -71,7 +71,7 @@ class Checkpointer:
     """Raises UserError naming the first parameter whose saved shape differs from the config's."""
     saved = self.manager.item_metadata(step)["state"]
     saved_tree = getattr(saved, "tree", saved)
-    want = _flat_shapes(jax.tree.map(lambda x: x, abstract_state["params"]))
+    want = _flat_shapes(abstract_state["params"])
     have = _flat_shapes(saved_tree["params"])
     for name in sorted(set(want) | set(have)):
       if want.get(name) != have.get(name):

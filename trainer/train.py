@@ -82,7 +82,7 @@ def write_json(path: str, obj) -> None:
 def run(args, overrides) -> int:
   # Heavy imports after argument parsing so `--help` and config errors are instant.
   from trainer.experiment import Experiment, check_workdir
-  from trainer.metrics import MetricsWriter, ProgressBar, format_duration
+  from trainer.metrics import MetricsWriter, ProgressBar
 
   launch.initialize(args)
   cfg = load_config(args.config, overrides)
@@ -118,7 +118,7 @@ def run(args, overrides) -> int:
     _print(f"training is already complete ({start}/{cfg.total_steps} steps in {args.workdir}); evaluating only")
     result = exp.evaluate(state, cfg.eval_split)
     writer.write(start, {f"eval/{k.split('/', 1)[1]}": v for k, v in result.items()})
-    _summary(exp, args, cfg, result, start, None)
+    _summary(exp, args, overrides, cfg, result, start, None)
     exp.checkpointer.close()
     return 0
   if resumed:
@@ -184,10 +184,9 @@ def run(args, overrides) -> int:
     exp.checkpointer.close()
     writer.close()
     return 0
-  _summary(exp, args, cfg, last_eval, step, wall)
+  _summary(exp, args, overrides, cfg, last_eval, step, wall)
   exp.checkpointer.close()
   writer.close()
-  _ = format_duration
   return 0
 
 
@@ -211,7 +210,7 @@ def _peak_flops(device) -> float | None:
   return next((v for k, v in table.items() if k in kind), None)
 
 
-def _summary(exp, args, cfg, result, step, wall) -> None:
+def _summary(exp, args, overrides, cfg, result, step, wall) -> None:
   from trainer.metrics import format_duration
   spec = exp.task.spec
   split = cfg.eval_split
@@ -223,9 +222,10 @@ def _summary(exp, args, cfg, result, step, wall) -> None:
                     else ""))
     lines.append(f"chance: accuracy {spec.chance:.4f} ({spec.chance_note})")
   lines.append(f"checkpoints: {exp.checkpointer.root}   logs: {os.path.join(args.workdir, 'metrics.jsonl')}")
-  cmd_cfg = args.config
-  lines.append(f"resume:   python -m trainer.train --config={cmd_cfg} --workdir={args.workdir} --config.total_steps=N")
-  lines.append(f"evaluate: python -m trainer.evaluate --config={cmd_cfg} --workdir={args.workdir}")
+  kept = " ".join(f"--config.{o}" for o in overrides if not o.startswith("total_steps="))
+  base = f"--config={args.config} --workdir={args.workdir}" + (f" {kept}" if kept else "")
+  lines.append(f"resume:   python -m trainer.train {base} --config.total_steps=N  (N > {step})")
+  lines.append(f"evaluate: python -m trainer.evaluate {base}")
   _print("\n".join(lines))
 
 

@@ -1,0 +1,92 @@
+"""Heads and the mixer interface: padding invariance, aux losses, extra state."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from layers import mixers
+from layers.functional import FunctionalModel
+from layers.mixer_base import add_aux_loss
+from layers.models import ModelSpec, build_model
+
+
+def _spec(kind, **kw):
+  base = dict(kind=kind, vocab_size=20, num_classes=3, max_len=24, mixers=("attention",) * 2, d_model=16,
+              num_heads=2, num_kv_heads=2, mlp_ratio=2, mlp="gelu", norm="layernorm", positions="rope", dropout=0.0,
+              pooling="mean", tie_embeddings=True, dtype="float32")
+  base.update(kw)
+  return ModelSpec(**base)
+
+
+def _row(ids, t):
+  n = len(ids)
+  pad = t - n
+  return (np.array([ids + [0] * pad], np.int32), np.array([[1] * n + [0] * pad], np.int32),
+          np.array([list(range(n)) + [0] * pad], np.int32))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_classifier_ignores_padding(pooling, positions):
+  model = build_model(_spec("classify", pooling=pooling, positions=positions), seed=0)
+  ids = [3, 7, 1, 9, 4]
+  outs = []
+  for t in (5, 9, 24):
+    x, seg, pos = _row(ids, t)
+    outs.append(np.asarray(model({"inputs": x, "segment_ids": seg, "positions": pos})))
+  np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+  np.testing.assert_allclose(outs[0], outs[2], atol=1e-5)
+
+
+def test_dual_encoder_ignores_padding_and_depends_on_both_inputs():
+  model = build_model(_spec("match"), seed=0)
+
+  def run(a, b, t):
+    x, s, p = _row(a, t)
+    x2, s2, p2 = _row(b, t)
+    return np.asarray(model({"inputs": x, "segment_ids": s, "positions": p, "inputs2": x2, "segment_ids2": s2,
+                             "positions2": p2}))
+  base = run([1, 2, 3], [4, 5, 6, 7], 8)
+  np.testing.assert_allclose(base, run([1, 2, 3], [4, 5, 6, 7], 16), atol=1e-5)
+  assert np.abs(base - run([1, 2, 3], [4, 5, 6, 8], 8)).max() > 1e-4
+  assert np.abs(base - run([1, 2, 9], [4, 5, 6, 7], 8)).max() > 1e-4
+
+
+class _SowingAttention(mixers.MIXERS["attention"]):
+  """Exact attention that also sows an auxiliary loss and counts calls in a BatchStat."""
+
+  def __init__(self, spec, *, rngs):
+    super().__init__(spec, rngs=rngs)
+    self.calls = nnx.BatchStat(jnp.zeros((), jnp.float32))
+
+  def __call__(self, x, ctx):
+    y = super().__call__(x, ctx)
+    add_aux_loss(self, 0.25 * jnp.mean(jnp.square(y)))
+    if ctx.training:
+      self.calls[...] = self.calls[...] + 1.0
+    return y
+
+
+def test_aux_losses_and_extra_state_flow_through_apply(monkeypatch):
+  monkeypatch.setitem(mixers.MIXERS, "sowing", _SowingAttention)
+  fm = FunctionalModel(build_model(_spec("lm", mixers=("sowing", "attention", "sowing")), seed=0))
+  params, extra = fm.init_params(), fm.init_extra()
+  assert sorted(extra) == ["encoder/blocks/0/mixer/calls", "encoder/blocks/2/mixer/calls"]
+  x, seg, pos = _row([1, 2, 3, 4], 6)
+  batch = {"inputs": x, "segment_ids": seg, "positions": pos}
+  _, aux, new_extra = fm.apply(params, extra, batch, training=True)
+  # The sown value is recomputed independently from the two sowing layers' outputs.
+  model = fm.module(params, extra)
+  hs = model.encoder.embed(x, jnp.float32)
+  want = 0.0
+  for i, block in enumerate(model.encoder.blocks):
+    from layers.mixers import MixContext
+    y = block.mixer(block.norm_mixer(hs), MixContext(segment_ids=seg, positions=pos))
+    if i in (0, 2):
+      want += 0.25 * float(jnp.mean(jnp.square(y)))
+    hs = block(hs, MixContext(segment_ids=seg, positions=pos))
+  assert float(aux) == pytest.approx(want, rel=1e-5)
+  assert all(float(v) == 1.0 for v in new_extra.values())
+  _, _, eval_extra = fm.apply(params, extra, batch, training=False)
+  assert all(float(v) == 0.0 for v in eval_extra.values())
