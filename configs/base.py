@@ -57,7 +57,7 @@ def get_config(arg=None):
   c.model.pooling = "mean"  # classifier pooling: "mean" over real tokens or "cls" (first token)
   c.model.tie_embeddings = True  # LM head reuses the token embedding matrix
   c.model.dtype = "float32"  # activation/compute dtype ("bfloat16" on accelerators); params stay fp32
-  c.model.attention_impl = "xla"  # how softmax attention is computed; "xla" = exact dense reference
+  c.model.attention_impl = "xla"  # `attention` mixer: "xla" (dense reference) or "flash" (blockwise, O(T) memory)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-3  # peak learning rate after warmup

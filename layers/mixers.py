@@ -26,10 +26,11 @@ from layers.mixer_base import MixContext, Mixer, MixerSpec
 __all__ = ["MIXERS", "MixContext", "Mixer", "MixerSpec", "make_mixer"]
 
 
-from layers.attention.exact import Attention  # noqa: E402  (mixer modules import the base above)
+from layers.attention.exact import Attention, FlashAttention  # noqa: E402
 
 MIXERS: dict[str, type[Mixer]] = {
     "attention": Attention,
+    "flash": FlashAttention,
 }
 
 

@@ -163,6 +163,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice("model.pooling", cfg.model.pooling, ("mean", "cls"))
   _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
   _choice("on_nonfinite", cfg.on_nonfinite, ("stop", "skip"))
+  _choice("model.attention_impl", cfg.model.attention_impl, ("xla", "flash"))
   if cfg.model.d_model % cfg.model.num_heads:
     raise UserError(f"model.d_model={cfg.model.d_model} is not divisible by model.num_heads={cfg.model.num_heads}")
   kv = cfg.model.num_kv_heads or cfg.model.num_heads

@@ -7,6 +7,7 @@ through segment ids, rotary positions, and a KV cache for incremental decoding.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -14,11 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import axes
+from layers.attention.flash import MASK_VALUE, flash_attention
 from layers.core import Dense
 from layers.mixer_base import MixContext, Mixer, MixerSpec
 
-# Finite rather than -inf so rows with no visible key give zeros, not NaNs.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def make_mask(q_segment_ids_bq, kv_segment_ids_bk, q_index_bq, kv_index_bk, causal: bool) -> jax.Array:
@@ -84,28 +84,45 @@ class Attention(Mixer):
     self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
 
   def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
-    b, t, _ = x_btd.shape
     q, k, v = self.query(x_btd), self.key(x_btd), self.value(x_btd)
     if self.spec.positions == "rope":
       q, k = rope(q, ctx.positions), rope(k, ctx.positions)
-    q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if ctx.decode:
-      if getattr(self, "cache_index", None) is None:
-        raise ValueError("decode=True needs init_cache(batch, max_len, dtype) first")
-      start = self.cache_index[...]
-      self.cached_key[...] = jax.lax.dynamic_update_slice(self.cached_key[...], k.astype(self.cached_key.dtype),
-                                                          (0, start, 0, 0))
-      self.cached_value[...] = jax.lax.dynamic_update_slice(self.cached_value[...],
-                                                            v.astype(self.cached_value.dtype), (0, start, 0, 0))
-      self.cached_segment_ids[...] = jax.lax.dynamic_update_slice(self.cached_segment_ids[...],
-                                                                  ctx.segment_ids.astype(jnp.int32), (0, start))
-      self.cache_index[...] = start + t
-      k, v, kv_segments = self.cached_key[...], self.cached_value[...], self.cached_segment_ids[...]
-      q_index = q_index + start
-      kv_index = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))
-      # Slots past the write position hold zeros: segment id 0 already hides them.
-    else:
-      kv_segments, kv_index = ctx.segment_ids, q_index
+    if not ctx.decode:
+      return self.out(self.attend(q, k, v, ctx))
+    return self.out(self.attend_cached(q, k, v, ctx))
+
+  def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
+    """Full-sequence attention (training, evaluation)."""
+    if self.spec.attention_impl == "flash":
+      return flash_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, ctx.segment_ids, causal=self.spec.causal)
+    b, t = ctx.segment_ids.shape
+    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = make_mask(ctx.segment_ids, ctx.segment_ids, index, index, self.spec.causal)
+    return reference_attention(q_btnh, k_btkh, v_btkh, mask)
+
+  def attend_cached(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
+    """Appends this call's K/V to the cache and attends over everything cached so far."""
+    if getattr(self, "cache_index", None) is None:
+      raise ValueError("decode=True needs init_cache(batch, max_len, dtype) first")
+    b, t = ctx.segment_ids.shape
+    start = self.cache_index[...]
+    self.cached_key[...] = jax.lax.dynamic_update_slice(self.cached_key[...], k_btkh.astype(self.cached_key.dtype),
+                                                        (0, start, 0, 0))
+    self.cached_value[...] = jax.lax.dynamic_update_slice(self.cached_value[...],
+                                                          v_btkh.astype(self.cached_value.dtype), (0, start, 0, 0))
+    self.cached_segment_ids[...] = jax.lax.dynamic_update_slice(self.cached_segment_ids[...],
+                                                                ctx.segment_ids.astype(jnp.int32), (0, start))
+    self.cache_index[...] = start + t
+    keys, values, kv_segments = self.cached_key[...], self.cached_value[...], self.cached_segment_ids[...]
+    q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) + start
+    kv_index = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), (b, keys.shape[1]))
+    # Slots past the write position hold segment id 0, which the mask already hides.
     mask = make_mask(ctx.segment_ids, kv_segments, q_index, kv_index, self.spec.causal)
-    y = reference_attention(q, k, v, mask)
-    return self.out(y)
+    return reference_attention(q_btnh, keys, values, mask)
+
+
+class FlashAttention(Attention):
+  """`attention` computed blockwise (layers/attention/flash.py): O(T) memory."""
+
+  def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
+    super().__init__(dataclasses.replace(spec, attention_impl="flash"), rngs=rngs)

@@ -1,0 +1,248 @@
+"""Blockwise exact attention in pure JAX (FlashAttention's algorithm, no Pallas).
+
+Queries are cut into blocks of `block_q` rows and keys/values into blocks of
+`block_k`; each query block streams the key blocks with the online-softmax recurrence
+(running max m, running sum l, rescaled accumulator o) and keeps only
+`lse = m + log l` for the backward pass, which recomputes the probabilities block by
+block. Nothing of size T x T is ever materialised, so memory is O(T).
+
+Masks come from per-token segment ids (0 = padding) and absolute indices (causal:
+key index <= query index), built inside each block. A (query block, key block) pair
+whose mask is empty by the blocks' index and segment ranges is skipped with
+`lax.cond`, which covers causal's upper triangle, padding blocks and packed segments
+that do not meet, for any index layout (contiguous, zigzag, a visiting ring chunk).
+
+Exported for reuse (ring attention, split-KV decode, the Pallas kernels' tests):
+`flash_attention_lse` (output and lse of one query set against one key set) and
+`merge_partials` (the associative combination of partial results on disjoint keys).
+
+Cost: forward 4*B*N*Tq*Tk*H FLOPs (about half when causal), backward 2.5x that
+(two recomputations of S and P: one pass for dQ, one for dK/dV).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+# Finite rather than -inf so rows with no visible key give zeros, not NaNs.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def merge_partials(o1, lse1, o2, lse2):
+  """Combines normalised partial outputs over disjoint key sets.
+
+  o: arrays broadcastable with lse[..., None]; lse = -inf marks an empty partial (no
+  visible key), which contributes nothing. Written with "safe" branches throughout so
+  gradients stay finite for empty partials (where lse is -inf).
+  """
+  fin1, fin2 = jnp.isfinite(lse1), jnp.isfinite(lse2)
+  m = jnp.maximum(jnp.where(fin1, lse1, -1e30), jnp.where(fin2, lse2, -1e30))
+  e1 = jnp.where(fin1, jnp.exp(jnp.where(fin1, lse1, 0.0) - m), 0.0)
+  e2 = jnp.where(fin2, jnp.exp(jnp.where(fin2, lse2, 0.0) - m), 0.0)
+  total = e1 + e2
+  nonempty = total > 0
+  denom = jnp.where(nonempty, total, 1.0)
+  lse = jnp.where(nonempty, m + jnp.log(denom), NEG_INF)
+  return (e1 / denom)[..., None] * o1 + (e2 / denom)[..., None] * o2, lse
+
+
+def _blocks(x, size, axis=1):
+  """[B, T, ...] -> [T/size, B, size, ...] (T already a multiple of size)."""
+  shape = x.shape
+  x = x.reshape(shape[:axis] + (shape[axis] // size, size) + shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
+
+
+def _unblocks(x, axis=1):
+  """Inverse of `_blocks`."""
+  x = jnp.moveaxis(x, 0, axis)
+  return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _pad(x, length, value=0):
+  extra = length - x.shape[1]
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _maybe_visible(qseg, qidx, kseg, kidx, causal):
+  """False only if no (query, key) pair of the two blocks can be visible."""
+  q_lo, q_hi = jnp.min(jnp.where(qseg > 0, qseg, jnp.iinfo(jnp.int32).max)), jnp.max(qseg)
+  k_lo, k_hi = jnp.min(jnp.where(kseg > 0, kseg, jnp.iinfo(jnp.int32).max)), jnp.max(kseg)
+  ok = (q_hi > 0) & (k_hi > 0) & (q_lo <= k_hi) & (k_lo <= q_hi)
+  if causal:
+    ok &= jnp.min(kidx) <= jnp.max(qidx)
+  return ok
+
+
+def _block_mask(qseg, qidx, kseg, kidx, causal):
+  """[B, bq, bk] visibility inside one block pair."""
+  mask = (qseg[:, :, None] == kseg[:, None, :]) & (qseg[:, :, None] > 0)
+  if causal:
+    mask &= kidx[:, None, :] <= qidx[:, :, None]
+  return mask
+
+
+def _scores(q_blk, k_blk, scale):
+  """q [B, bq, K, G, H], k [B, bk, K, H] -> s [B, K, G, bq, bk] in fp32."""
+  return jnp.einsum("bqkgh,bskh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+
+
+def _forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk):
+  """q [B, Tq, K, G, H] (padded), k/v [B, Tk, K, H] -> out [B, Tq, K, G, H], lse [B, K, G, Tq]."""
+  b, tq, kvh, g, h = q.shape
+  scale = 1.0 / math.sqrt(h)
+  kb, vb, ksb, kib = _blocks(k, bk), _blocks(v, bk), _blocks(kseg, bk), _blocks(kidx, bk)
+  nk = kb.shape[0]
+
+  def per_q_block(args):
+    q_blk, qs, qi = args
+
+    def body(j, carry):
+      def visit(carry):
+        o, m, l = carry
+        s = _scores(q_blk, kb[j], scale)
+        mask = _block_mask(qs, qi, ksb[j], kib[j], causal)[:, None, None]
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        l = corr * l + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("bkgqs,bskh->bqkgh", p.astype(v.dtype), vb[j], preferred_element_type=jnp.float32)
+        o = jnp.moveaxis(corr, -1, 1)[..., None] * o + pv
+        return o, m_new, l
+
+      return jax.lax.cond(_maybe_visible(qs, qi, ksb[j], kib[j], causal), visit, lambda c: c, carry)
+
+    o0 = jnp.zeros((b, bq, kvh, g, h), jnp.float32)
+    m0 = jnp.full((b, kvh, g, bq), MASK_VALUE, jnp.float32)
+    l0 = jnp.zeros((b, kvh, g, bq), jnp.float32)
+    o, m, l = jax.lax.fori_loop(0, nk, body, (o0, m0, l0))
+    empty = l == 0.0
+    o = o / jnp.moveaxis(jnp.where(empty, 1.0, l), -1, 1)[..., None]
+    lse = jnp.where(empty, NEG_INF, m + jnp.log(jnp.where(empty, 1.0, l)))
+    return o, lse
+
+  o, lse = jax.lax.map(per_q_block, (_blocks(q, bq), _blocks(qseg, bq), _blocks(qidx, bq)))
+  return _unblocks(o), _unblocks(lse, axis=3)
+
+
+def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk, d_lse=None):
+  b, tq, kvh, g, h = q.shape
+  scale = 1.0 / math.sqrt(h)
+  # delta_i = rowsum(dO * O): the softmax Jacobian's correction term, [B, K, G, Tq].
+  delta = jnp.moveaxis(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), 1, -1)
+  if d_lse is not None:  # d(lse)/dS = P, so an lse cotangent enters dS = P * (dP - delta + d_lse)
+    delta = delta - d_lse.astype(jnp.float32)
+  lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+  def probs(q_blk, k_blk, qs, qi, ks, ki, lse_blk):
+    s = _scores(q_blk, k_blk, scale)
+    mask = _block_mask(qs, qi, ks, ki, causal)[:, None, None]
+    return jnp.where(mask, jnp.exp(s - lse_blk[..., None]), 0.0)
+
+  qb, qsb, qib = _blocks(q, bq), _blocks(qseg, bq), _blocks(qidx, bq)
+  dob, lseb, deltab = _blocks(d_out, bq), _blocks(lse_safe, bq, axis=3), _blocks(delta, bq, axis=3)
+  kb, vb, ksb, kib = _blocks(k, bk), _blocks(v, bk), _blocks(kseg, bk), _blocks(kidx, bk)
+  nq, nk = qb.shape[0], kb.shape[0]
+
+  def dq_block(args):  # pass 1: dQ, query block by query block
+    q_blk, qs, qi, do_blk, lse_blk, dl_blk = args
+
+    def body(j, dq):
+      def visit(dq):
+        p = probs(q_blk, kb[j], qs, qi, ksb[j], kib[j], lse_blk)
+        dp = jnp.einsum("bqkgh,bskh->bkgqs", do_blk, vb[j], preferred_element_type=jnp.float32)
+        ds = p * (dp - dl_blk[..., None])
+        return dq + jnp.einsum("bkgqs,bskh->bqkgh", ds.astype(k.dtype), kb[j],
+                               preferred_element_type=jnp.float32) * scale
+      return jax.lax.cond(_maybe_visible(qs, qi, ksb[j], kib[j], causal), visit, lambda x: x, dq)
+
+    return jax.lax.fori_loop(0, nk, body, jnp.zeros(q_blk.shape, jnp.float32))
+
+  def dkv_block(args):  # pass 2: dK and dV, key block by key block
+    k_blk, v_blk, ks, ki = args
+
+    def body(i, carry):
+      def visit(carry):
+        dk, dv = carry
+        p = probs(qb[i], k_blk, qsb[i], qib[i], ks, ki, lseb[i])
+        dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(dob.dtype), dob[i], preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bqkgh,bskh->bkgqs", dob[i], v_blk, preferred_element_type=jnp.float32)
+        ds = p * (dp - deltab[i][..., None])
+        dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds.astype(q.dtype), qb[i], preferred_element_type=jnp.float32) * scale
+        return dk, dv
+      return jax.lax.cond(_maybe_visible(qsb[i], qib[i], ks, ki, causal), visit, lambda c: c, carry)
+
+    zeros = jnp.zeros(k_blk.shape, jnp.float32)
+    return jax.lax.fori_loop(0, nq, body, (zeros, zeros))
+
+  dq = _unblocks(jax.lax.map(dq_block, (qb, qsb, qib, dob, lseb, deltab)))
+  dk, dv = jax.lax.map(dkv_block, (kb, vb, ksb, kib))
+  return dq, _unblocks(dk), _unblocks(dv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _flash(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk):
+  out, lse = _forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk)
+  return out.astype(q.dtype), lse
+
+
+def _flash_fwd(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk):
+  out, lse = _forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk)
+  out = out.astype(q.dtype)
+  return (out, lse), (q, k, v, qseg, kseg, qidx, kidx, out, lse)
+
+
+def _flash_bwd(causal, bq, bk, res, grads):
+  q, k, v, qseg, kseg, qidx, kidx, out, lse = res
+  d_out, d_lse = grads
+  dq, dk, dv = _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk, d_lse=d_lse)
+  none = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), none(qseg), none(kseg), none(qidx),
+          none(kidx))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, *,
+                        causal: bool, block_q: int = 128, block_k: int = 128):
+  """Attention of one query set against one key set: (out [B, T, N, H], lse [B, T, N]).
+
+  Rows that see no key give out = 0 and lse = -inf (so `merge_partials` ignores them).
+  Lengths need not be multiples of the blocks (padded internally with segment id 0).
+  """
+  b, t, n, h = q_btnh.shape
+  s, kvh = k_bskh.shape[1], k_bskh.shape[2]
+  if n % kvh:
+    raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
+  bq, bk = min(block_q, t), min(block_k, s)
+  tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
+  q = _pad(q_btnh, tp).reshape(b, tp, kvh, n // kvh, h)
+  k, v = _pad(k_bskh, sp), _pad(v_bskh, sp)
+  qseg, kseg = _pad(q_segment_ids.astype(jnp.int32), tp), _pad(kv_segment_ids.astype(jnp.int32), sp)
+  qidx, kidx = _pad(q_index.astype(jnp.int32), tp), _pad(kv_index.astype(jnp.int32), sp)
+  out, lse = _flash(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk)
+  out = out.reshape(b, tp, n, h)[:, :t]
+  lse = jnp.moveaxis(lse, -1, 1).reshape(b, tp, n)[:, :t]
+  return out, lse
+
+
+def flash_attention(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, *, causal: bool, block_q: int = 128,
+                    block_k: int = 128):
+  """Blockwise exact attention over one sequence (indices 0..T-1 on both sides)."""
+  b, t = q_segment_ids.shape
+  s = kv_segment_ids.shape[1]
+  qidx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  kidx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  return flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, qidx, kidx, causal=causal,
+                             block_q=block_q, block_k=block_k)[0]
