@@ -57,6 +57,10 @@ def get_config(arg=None):
   c.model.pooling = "mean"  # classifier pooling: "mean" over real tokens or "cls" (first token)
   c.model.tie_embeddings = True  # LM head reuses the token embedding matrix
   c.model.dtype = "float32"  # activation/compute dtype ("bfloat16" on accelerators); params stay fp32
+  # Per-mixer settings live in `model.<mixer name>` groups, passed to that mixer only.
+  c.model.flash = ml_collections.ConfigDict()
+  c.model.flash.block_q = 128  # query rows per block
+  c.model.flash.block_k = 128  # key/value rows per block streamed past each query block
   c.model.attention_impl = "xla"  # `attention` mixer: "xla" (dense reference) or "flash" (blockwise, O(T) memory)
 
   c.optimizer = ml_collections.ConfigDict()

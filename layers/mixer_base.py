@@ -21,11 +21,16 @@ class MixerSpec:
   num_layers: int
   max_len: int
   attention_impl: str = "xla"
-  options: Any = None  # mixer-specific settings (a ConfigDict or dict), may be None
+  # This mixer's own settings (config `model.<mixer name>.*`) as sorted (key, value) pairs:
+  # hashable, because NNX keeps the spec as static module data.
+  options: tuple = ()
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  def option(self, key: str, default: Any = None) -> Any:
+    return dict(self.options).get(key, default)
 
 
 @dataclasses.dataclass(frozen=True)

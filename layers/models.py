@@ -42,6 +42,8 @@ class ModelSpec:
   tie_embeddings: bool
   dtype: str
   attention_impl: str = "xla"
+  # Per-mixer settings: ((mixer name, ((key, value), ...)), ...), from config `model.<mixer>.*`.
+  mixer_options: tuple = ()
 
 
 class Encoder(nnx.Module):
@@ -57,7 +59,8 @@ class Encoder(nnx.Module):
         Block(name, MixerSpec(d_model=spec.d_model, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
                               causal=causal, positions=spec.positions, layer_index=i,
                               num_layers=len(spec.mixers), max_len=spec.max_len,
-                              attention_impl=spec.attention_impl),
+                              attention_impl=spec.attention_impl,
+                              options=dict(spec.mixer_options).get(name, ())),
               norm=spec.norm, mlp=spec.mlp, mlp_ratio=spec.mlp_ratio, dropout_rate=spec.dropout, rngs=rngs)
         for i, name in enumerate(spec.mixers)
     ])

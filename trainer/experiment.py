@@ -46,7 +46,21 @@ def model_spec(cfg, task_spec) -> ModelSpec:
       max_len=task_spec.seq_len, mixers=tuple(config_lib.mixer_schedule(cfg)), d_model=m.d_model,
       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads, mlp_ratio=m.mlp_ratio, mlp=m.mlp,
       norm=m.norm, positions=m.positions, dropout=m.dropout, pooling=m.pooling, tie_embeddings=m.tie_embeddings,
-      dtype=m.dtype, attention_impl=m.attention_impl)
+      dtype=m.dtype, attention_impl=m.attention_impl, mixer_options=mixer_options(cfg))
+
+
+def mixer_options(cfg) -> tuple:
+  """`model.<mixer>` sub-dicts of the mixers in use, as hashable sorted pairs."""
+  out = []
+  for name in sorted(set(config_lib.mixer_schedule(cfg))):
+    group = cfg.model.get(name, None)
+    if group is not None:
+      out.append((name, tuple(sorted((k, _freeze(v)) for k, v in group.items()))))
+  return tuple(out)
+
+
+def _freeze(value):
+  return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 class Experiment:

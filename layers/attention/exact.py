@@ -94,7 +94,8 @@ class Attention(Mixer):
   def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
     """Full-sequence attention (training, evaluation)."""
     if self.spec.attention_impl == "flash":
-      return flash_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, ctx.segment_ids, causal=self.spec.causal)
+      return flash_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, ctx.segment_ids, causal=self.spec.causal,
+                             block_q=self.spec.option("block_q", 128), block_k=self.spec.option("block_k", 128))
     b, t = ctx.segment_ids.shape
     index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = make_mask(ctx.segment_ids, ctx.segment_ids, index, index, self.spec.causal)
