@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any
 
@@ -40,6 +42,15 @@ class MixContext:
   positions: jax.Array  # position of each token within its own segment
   dropout_rng: jax.Array | None = None  # None: no dropout
   training: bool = False  # True inside the train step (e.g. BatchNorm uses batch statistics)
+  # True position of each stored token, for causal masks; None = storage order (0..T-1).
+  # Differs from storage order when rows are stored permuted (zigzag load balancing).
+  index: jax.Array | None = None
+
+  def token_index(self) -> jax.Array:
+    if self.index is not None:
+      return self.index
+    b, t = self.segment_ids.shape
+    return jax.numpy.broadcast_to(jax.numpy.arange(t, dtype=jax.numpy.int32), (b, t))
   decode: bool = False  # True: use and advance the decode state in nnx.Cache variables
 
 
@@ -51,6 +62,25 @@ class Mixer(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
     raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding")
+
+
+# The sequence-parallel strategy in force while the model is traced (installed by
+# `parallel.sequence.use_sequence_parallel`); None on one device or without one.
+_SEQUENCE_PARALLEL = contextvars.ContextVar("seqmix_sequence_parallel", default=None)
+
+
+def sequence_parallel():
+  """The active `parallel.sequence.SequenceParallel`, or None."""
+  return _SEQUENCE_PARALLEL.get()
+
+
+@contextlib.contextmanager
+def use_sequence_parallel(sp):
+  token = _SEQUENCE_PARALLEL.set(sp)
+  try:
+    yield
+  finally:
+    _SEQUENCE_PARALLEL.reset(token)
 
 
 def add_aux_loss(module: nnx.Module, value: jax.Array) -> None:

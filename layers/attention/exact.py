@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import axes
-from layers.attention.flash import MASK_VALUE, flash_attention
+from layers.attention.flash import MASK_VALUE, flash_attention_lse
 from layers.core import Dense
-from layers.mixer_base import MixContext, Mixer, MixerSpec
+from layers.mixer_base import MixContext, Mixer, MixerSpec, sequence_parallel
 
 
 
@@ -92,14 +92,23 @@ class Attention(Mixer):
     return self.out(self.attend_cached(q, k, v, ctx))
 
   def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
-    """Full-sequence attention (training, evaluation)."""
+    """Full-sequence attention (training, evaluation); sequence-parallel when a strategy is active."""
+    index = ctx.token_index()
+    sp = sequence_parallel()
+    if sp is not None:
+      return sp.attention(self.local_attention, q_btnh, k_btkh, v_btkh, ctx.segment_ids, index,
+                          causal=self.spec.causal, block_q=self.spec.option("block_q", 128),
+                          block_k=self.spec.option("block_k", 128))
+    return self.local_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, ctx.segment_ids, index, index)
+
+  def local_attention(self, q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index):
+    """Single-device attention of queries against keys (possibly a different set of tokens)."""
     if self.spec.attention_impl == "flash":
-      return flash_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, ctx.segment_ids, causal=self.spec.causal,
-                             block_q=self.spec.option("block_q", 128), block_k=self.spec.option("block_k", 128))
-    b, t = ctx.segment_ids.shape
-    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = make_mask(ctx.segment_ids, ctx.segment_ids, index, index, self.spec.causal)
-    return reference_attention(q_btnh, k_btkh, v_btkh, mask)
+      return flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index,
+                                 causal=self.spec.causal, block_q=self.spec.option("block_q", 128),
+                                 block_k=self.spec.option("block_k", 128))[0]
+    mask = make_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, self.spec.causal)
+    return reference_attention(q_btnh, k_bskh, v_bskh, mask)
 
   def attend_cached(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
     """Appends this call's K/V to the cache and attends over everything cached so far."""

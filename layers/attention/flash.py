@@ -222,15 +222,8 @@ def flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q
   Lengths need not be multiples of the blocks (padded internally with segment id 0).
   """
   b, t, n, h = q_btnh.shape
-  s, kvh = k_bskh.shape[1], k_bskh.shape[2]
-  if n % kvh:
-    raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
-  bq, bk = min(block_q, t), min(block_k, s)
-  tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
-  q = _pad(q_btnh, tp).reshape(b, tp, kvh, n // kvh, h)
-  k, v = _pad(k_bskh, sp), _pad(v_bskh, sp)
-  qseg, kseg = _pad(q_segment_ids.astype(jnp.int32), tp), _pad(kv_segment_ids.astype(jnp.int32), sp)
-  qidx, kidx = _pad(q_index.astype(jnp.int32), tp), _pad(kv_index.astype(jnp.int32), sp)
+  (q, k, v, qseg, kseg, qidx, kidx), (bq, bk, tp) = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids,
+                                                             kv_segment_ids, q_index, kv_index, block_q, block_k)
   out, lse = _flash(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk)
   out = out.reshape(b, tp, n, h)[:, :t]
   lse = jnp.moveaxis(lse, -1, 1).reshape(b, tp, n)[:, :t]
@@ -246,3 +239,38 @@ def flash_attention(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, *, ca
   kidx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   return flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, qidx, kidx, causal=causal,
                              block_q=block_q, block_k=block_k)[0]
+
+
+def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, block_q, block_k):
+  """Pads to whole blocks (segment id 0) and groups query heads by kv head."""
+  b, t, n, h = q_btnh.shape
+  s, kvh = k_bskh.shape[1], k_bskh.shape[2]
+  if n % kvh:
+    raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
+  bq, bk = min(block_q, t), min(block_k, s)
+  tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
+  q = _pad(q_btnh, tp).reshape(b, tp, kvh, n // kvh, h)
+  k, v = _pad(k_bskh, sp), _pad(v_bskh, sp)
+  qseg, kseg = _pad(q_segment_ids.astype(jnp.int32), tp), _pad(kv_segment_ids.astype(jnp.int32), sp)
+  qidx, kidx = _pad(q_index.astype(jnp.int32), tp), _pad(kv_index.astype(jnp.int32), sp)
+  return (q, k, v, qseg, kseg, qidx, kidx), (bq, bk, tp)
+
+
+def flash_chunk_grads(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, out_btnh, lse_btn,
+                      d_out_btnh, *, causal: bool, block_q: int = 128, block_k: int = 128):
+  """Gradient contributions (dq, dk, dv) of ONE key chunk, given the final (merged) out and lse.
+
+  With P = exp(S - lse_final) the softmax gradient splits exactly over disjoint key
+  chunks, so ring attention's backward sums these over the chunks that visit a device
+  (dq) and carries dk/dv around the ring back to the chunk's owner.
+  """
+  (q, k, v, qseg, kseg, qidx, kidx), (bq, bk, tp) = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids,
+                                                             kv_segment_ids, q_index, kv_index, block_q, block_k)
+  b, t, n, h = q_btnh.shape
+  kvh = k_bskh.shape[2]
+  out = _pad(out_btnh, tp).reshape(q.shape)
+  d_out = _pad(d_out_btnh, tp).reshape(q.shape)
+  lse = jnp.moveaxis(_pad(lse_btn, tp, value=-jnp.inf).reshape(b, tp, kvh, n // kvh), 1, -1)
+  dq, dk, dv = _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk)
+  s = k_bskh.shape[1]
+  return dq.reshape(b, tp, n, h)[:, :t], dk[:, :s], dv[:, :s]

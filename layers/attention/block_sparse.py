@@ -1,0 +1,578 @@
+"""Block-sparse softmax attention: each query block attends to a listed set of key blocks.
+
+The engine, `block_sparse_attention`, takes a block table: for every query block of
+`block` rows, the M key blocks it attends to (`kv_blocks`) and which of those M entries
+are real (`kv_valid`, so rows may keep different numbers of blocks). It gathers only
+the listed K/V blocks and runs the online softmax of FlashAttention over them (step m
+visits the m-th listed block of every query block at once), so it costs
+O(T * M * block * H) FLOPs and O(T * block) working memory per step, never T x T.
+Inside a visited block pair the token mask comes from segment ids (0 = padding),
+absolute indices (causal) and an optional band (sliding windows).
+
+Backward: a custom VJP in FlashAttention's style (recompute P from the saved lse,
+one pass over the M entries, dK/dV scatter-added into their key blocks). Autodiff of
+the online-softmax loop would also be O(T * M * block), because it stores every step's
+probabilities; the custom VJP keeps only O(T * H) residuals and has no T * M * block
+term at all (measured in tests/test_block_sparse.py and the README).
+
+On top of the engine:
+* `BlockSparseAttention` (`block_sparse`): a fixed table from a config pattern
+  ("local", "strided", "random", "full") or any table given programmatically.
+* `XAttention` (`xattention`, PAPERS.md D1): a per-input table chosen by strided
+  antidiagonal scoring and a cumulative-probability threshold.
+`layers/attention/local.py` builds `local` (sliding window) and `bigbird` on it too.
+
+Reference twins: `reference_block_sparse_attention` (the table expanded to an explicit
+[B, N, T, T] mask, then `exact.reference_attention` head by head) and
+`reference_xattention_block_mask` (XAttention's selection as plain numpy loops).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from layers.attention.exact import Attention, make_mask, reference_attention
+from layers.attention.flash import MASK_VALUE, NEG_INF
+from layers.mixer_base import MixContext, MixerSpec
+
+Band = tuple[int, int] | None  # (before, after): key j visible from query i only if i-before <= j <= i+after
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _pad_len(x, length, value=0):
+  extra = length - x.shape[1]
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _table(kv_blocks, kv_valid, b, n, kvh, nb):
+  """[B or 1, N|K|1, C, M] -> idx, valid [B, K, G', C, M] with G' = G (per query head) or 1 (shared).
+
+  Invalid entries point at block 0 (masked everywhere, so they read and write nothing).
+  """
+  kv_blocks, kv_valid = jnp.asarray(kv_blocks, jnp.int32), jnp.asarray(kv_valid, bool)
+  if kv_blocks.ndim != 4 or kv_blocks.shape != kv_valid.shape:
+    raise ValueError(f"kv_blocks {kv_blocks.shape} and kv_valid {kv_valid.shape} must both be [B or 1, heads, "
+                     f"{nb} query blocks, M]")
+  tb, tn, tc, m = kv_blocks.shape
+  if tb not in (1, b) or tn not in (1, kvh, n) or tc != nb:
+    raise ValueError(f"block table of shape {kv_blocks.shape} does not fit batch {b}, {n} query heads / {kvh} kv "
+                     f"heads and {nb} blocks; expected [{b} or 1, {n}, {kvh} or 1, {nb}, M]")
+  g = n // kvh
+  if tn == n and g > 1:
+    shape = (tb, kvh, g, nb, m)
+  elif tn == 1:
+    shape = (tb, 1, 1, nb, m)
+  else:  # one table per kv head, shared by its group of query heads
+    shape = (tb, kvh, 1, nb, m)
+  idx = kv_blocks.reshape(shape)
+  valid = kv_valid.reshape(shape) & (idx >= 0) & (idx < nb)
+  full = (b, kvh, shape[2], nb, m)
+  idx = jnp.broadcast_to(jnp.where(valid, idx, 0), full)
+  return idx, jnp.broadcast_to(valid, full)
+
+
+def _gather_index(idx):
+  """Batch and kv-head index arrays that broadcast against `idx` [B, K, ...]."""
+  b, kvh = idx.shape[:2]
+  rest = (1,) * (idx.ndim - 2)
+  return jnp.arange(b).reshape((b, 1) + rest), jnp.arange(kvh).reshape((1, kvh) + rest)
+
+
+def _step_mask(qsb, ksb, im, vm, block, causal, band):
+  """Visibility [B, K, G', C, bq, bk] of step m's block pairs.
+
+  qsb [B, C, bq] query segments; ksb [B, C, bk] key segments (by key block);
+  im/vm [B, K, G', C] the step's key block per query block and its validity.
+  """
+  nb = qsb.shape[1]
+  bi = jnp.arange(im.shape[0]).reshape(-1, 1, 1, 1)
+  kseg = ksb[bi, im]  # [B, K, G', C, bk]
+  qseg = qsb[:, None, None, :, :, None]  # [B, 1, 1, C, bq, 1]
+  mask = (qseg == kseg[..., None, :]) & (qseg > 0) & vm[..., None, None]
+  if causal or band is not None:
+    qpos = (jnp.arange(nb)[:, None] * block + jnp.arange(block))[:, :, None]  # [C, bq, 1]
+    kpos = (im[..., None] * block + jnp.arange(block))[..., None, :]  # [B, K, G', C, 1, bk]
+    if causal:
+      mask &= kpos <= qpos
+    if band is not None:
+      mask &= (kpos >= qpos - band[0]) & (kpos <= qpos + band[1])
+  return mask
+
+
+def _specs(shared: bool):
+  k = "bkcsh" if shared else "bkgcsh"
+  return dict(s=f"bkgcqh,{k}->bkgcqs", pv=f"bkgcqs,{k}->bkgcqh", dv=f"bkgcqs,bkgcqh->{k}")
+
+
+def _forward(q, kb, vb, qsb, ksb, idx, valid, block, causal, band):
+  """q [B, K, G, C, bq, H], kb/vb [B, K, C, bk, H] -> out (fp32) like q, lse [B, K, G, C, bq]."""
+  shared = idx.shape[2] == 1 and q.shape[2] > 1
+  sp = _specs(shared)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+
+  def body(m, carry):
+    im, vm = idx[..., m], valid[..., m]
+    im_k = im[:, :, 0] if shared else im
+
+    def visit(carry):
+      o, mx, l = carry
+      bi, ki = _gather_index(im_k)
+      k_g, v_g = kb[bi, ki, im_k], vb[bi, ki, im_k]  # only the listed blocks: [B, K, (G), C, bk, H]
+      s = jnp.einsum(sp["s"], q, k_g, preferred_element_type=jnp.float32) * scale
+      mask = _step_mask(qsb, ksb, im, vm, block, causal, band)
+      s = jnp.where(mask, s, MASK_VALUE)
+      mx_new = jnp.maximum(mx, jnp.max(s, axis=-1))
+      p = jnp.where(mask, jnp.exp(s - mx_new[..., None]), 0.0)
+      corr = jnp.exp(mx - mx_new)
+      l = corr * l + jnp.sum(p, axis=-1)
+      o = corr[..., None] * o + jnp.einsum(sp["pv"], p.astype(vb.dtype), v_g, preferred_element_type=jnp.float32)
+      return o, mx_new, l
+
+    # A step no query block uses (rows with fewer entries than M) is skipped outright.
+    return jax.lax.cond(jnp.any(vm), visit, lambda c: c, carry)
+
+  stats = q.shape[:-1]
+  o0 = jnp.zeros(q.shape, jnp.float32)
+  o, mx, l = jax.lax.fori_loop(0, idx.shape[-1], body,
+                               (o0, jnp.full(stats, MASK_VALUE, jnp.float32), jnp.zeros(stats, jnp.float32)))
+  empty = l == 0.0
+  out = o / jnp.where(empty, 1.0, l)[..., None]
+  lse = jnp.where(empty, NEG_INF, mx + jnp.log(jnp.where(empty, 1.0, l)))
+  return out, lse
+
+
+def _backward(q, kb, vb, qsb, ksb, idx, valid, out, lse, d_out, block, causal, band):
+  shared = idx.shape[2] == 1 and q.shape[2] > 1
+  sp = _specs(shared)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # rowsum(dO * O)
+  lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  f32 = dict(preferred_element_type=jnp.float32)
+
+  def body(m, carry):
+    im, vm = idx[..., m], valid[..., m]
+    im_k = im[:, :, 0] if shared else im
+
+    def visit(carry):
+      dq, dk, dv = carry
+      bi, ki = _gather_index(im_k)
+      k_g, v_g = kb[bi, ki, im_k], vb[bi, ki, im_k]
+      s = jnp.einsum(sp["s"], q, k_g, **f32) * scale
+      mask = _step_mask(qsb, ksb, im, vm, block, causal, band)
+      p = jnp.where(mask, jnp.exp(s - lse_safe[..., None]), 0.0)
+      dp = jnp.einsum(sp["s"], d_out, v_g, **f32)
+      ds = p * (dp - delta[..., None])
+      dq = dq + jnp.einsum(sp["pv"], ds.astype(kb.dtype), k_g, **f32) * scale
+      # Several query blocks (and, per-head tables, several query heads) may list one key block: scatter-ADD.
+      dk = dk.at[bi, ki, im_k].add(jnp.einsum(sp["dv"], ds.astype(q.dtype), q, **f32) * scale)
+      dv = dv.at[bi, ki, im_k].add(jnp.einsum(sp["dv"], p.astype(d_out.dtype), d_out, **f32))
+      return dq, dk, dv
+
+    return jax.lax.cond(jnp.any(vm), visit, lambda c: c, carry)
+
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  return jax.lax.fori_loop(0, idx.shape[-1], body, (zeros(q), zeros(kb), zeros(vb)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _engine(q, kb, vb, qsb, ksb, idx, valid, block, causal, band):
+  out, _ = _forward(q, kb, vb, qsb, ksb, idx, valid, block, causal, band)
+  return out.astype(q.dtype)
+
+
+def _engine_fwd(q, kb, vb, qsb, ksb, idx, valid, block, causal, band):
+  out, lse = _forward(q, kb, vb, qsb, ksb, idx, valid, block, causal, band)
+  out = out.astype(q.dtype)
+  return out, (q, kb, vb, qsb, ksb, idx, valid, out, lse)
+
+
+def _engine_bwd(block, causal, band, res, d_out):
+  q, kb, vb, qsb, ksb, idx, valid, out, lse = res
+  dq, dk, dv = _backward(q, kb, vb, qsb, ksb, idx, valid, out, lse, d_out, block, causal, band)
+  none = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+  return dq.astype(q.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), none(qsb), none(ksb), none(idx), none(valid)
+
+
+_engine.defvjp(_engine_fwd, _engine_bwd)
+
+
+def num_blocks(length: int, block: int) -> int:
+  return -(-length // block)
+
+
+def block_sparse_attention(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_valid, *, block: int, causal: bool,
+                           band: Band = None) -> jax.Array:
+  """Softmax attention of each query block over only the key blocks its table row lists.
+
+  q [B, T, N, H]; k, v [B, T, K, H] with N a multiple of K (grouped-query: query head n
+  reads kv head n // (N/K) straight from k/v, no copies of K/V per query head).
+  segment_ids [B, T] (0 = padding; tokens see only their own segment).
+  kv_blocks int [B or 1, N or K or 1, ceil(T/block), M]: for every query block, the key
+  blocks it attends to; kv_valid bool, same shape, marks the real entries. The valid
+  entries of a row must be distinct (a repeated block would be counted twice).
+  causal: key index <= query index inside the visited blocks; band (before, after):
+  additionally i - before <= j <= i + after. Queries that see no key give zeros.
+  Lengths need not be multiples of `block` (padded internally with segment id 0).
+  """
+  b, t, n, h = q_btnh.shape
+  kvh = k_bskh.shape[2]
+  if n % kvh:
+    raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
+  if k_bskh.shape[1] != t:
+    raise ValueError(f"block-sparse attention is self-attention: {t} queries but {k_bskh.shape[1]} keys")
+  g, nb = n // kvh, num_blocks(t, block)
+  tp = nb * block
+  idx, valid = _table(kv_blocks, kv_valid, b, n, kvh, nb)
+  seg = _pad_len(jnp.asarray(segment_ids, jnp.int32), tp)
+  # [B, T, N, H] -> [B, K, G, C, bq, H]; keys [B, T, K, H] -> [B, K, C, bk, H] (C = number of blocks).
+  q = _pad_len(q_btnh, tp).reshape(b, nb, block, kvh, g, h).transpose(0, 3, 4, 1, 2, 5)
+  kb = _pad_len(k_bskh, tp).reshape(b, nb, block, kvh, h).transpose(0, 3, 1, 2, 4)
+  vb = _pad_len(v_bskh, tp).reshape(b, nb, block, kvh, h).transpose(0, 3, 1, 2, 4)
+  sb = seg.reshape(b, nb, block)
+  out = _engine(q, kb, vb, sb, sb, idx, valid, block, causal, None if band is None else tuple(band))
+  return out.transpose(0, 3, 4, 1, 2, 5).reshape(b, tp, n, h)[:, :t]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dense reference twin
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def block_table_mask(kv_blocks, kv_valid, num_blocks_: int) -> jax.Array:
+  """The set a table describes, as a boolean block mask [B or 1, heads, C, C]."""
+  kv_blocks = jnp.asarray(kv_blocks)
+  hit = (kv_blocks[..., None] == jnp.arange(num_blocks_)) & jnp.asarray(kv_valid, bool)[..., None]
+  return jnp.any(hit, axis=-2)
+
+
+def band_mask(t: int, band: Band) -> np.ndarray:
+  """[T, T] boolean: i - before <= j <= i + after."""
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  return (j >= i - band[0]) & (j <= i + band[1])
+
+
+def reference_block_sparse_attention(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_valid, *, block: int,
+                                     causal: bool, band: Band = None) -> jax.Array:
+  """`block_sparse_attention` as an explicit [B, N, T, T] mask and `exact.reference_attention` per head."""
+  b, t, n, h = q_btnh.shape
+  kvh = k_bskh.shape[2]
+  g, nb = n // kvh, num_blocks(t, block)
+  blocks = block_table_mask(kv_blocks, kv_valid, nb)  # [B?, N?, C, C]
+  tokens = jnp.repeat(jnp.repeat(blocks, block, axis=-2), block, axis=-1)[..., :t, :t]
+  tokens = jnp.broadcast_to(tokens, (b,) + tokens.shape[1:])
+  index = jnp.broadcast_to(jnp.arange(t), (b, t))
+  base = make_mask(segment_ids, segment_ids, index, index, causal)
+  if band is not None:
+    base &= band_mask(t, band)[None]
+  heads = tokens.shape[1]
+  outs = []
+  for i in range(n):
+    table_head = i if heads == n else (i // g if heads == kvh else 0)
+    kv = slice(i // g, i // g + 1)
+    outs.append(reference_attention(q_btnh[:, :, i:i + 1], k_bskh[:, :, kv], v_bskh[:, :, kv],
+                                    base & tokens[:, table_head]))
+  return jnp.concatenate(outs, axis=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fixed block tables (numpy, built at trace time: shapes depend only on the length)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pack_rows(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """Ragged rows of distinct block indices -> (kv_blocks [C, M], kv_valid [C, M])."""
+  m = max(1, max(len(r) for r in rows))
+  blocks = np.zeros((len(rows), m), np.int32)
+  valid = np.zeros((len(rows), m), bool)
+  for i, row in enumerate(rows):
+    if len(set(row)) != len(row):
+      raise ValueError(f"block table row {i} lists a block twice: {row}")
+    blocks[i, :len(row)] = row
+    valid[i, :len(row)] = True
+  return blocks, valid
+
+
+def stack_heads(tables: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+  """Per-head (kv_blocks [C, M_h], kv_valid) -> [1, heads, C, max M_h] with padding entries invalid."""
+  m = max(t[0].shape[1] for t in tables)
+  pad = lambda x: np.pad(x, ((0, 0), (0, m - x.shape[1])))
+  return (np.stack([pad(t[0]) for t in tables])[None], np.stack([pad(t[1]) for t in tables])[None])
+
+
+def local_rows(nb: int, causal: bool, before: int, after: int) -> list[list[int]]:
+  """Query block i -> key blocks i-before .. i (+after unless causal), inside [0, nb)."""
+  hi = 0 if causal else after
+  return [[j for j in range(i - before, i + hi + 1) if 0 <= j < nb] for i in range(nb)]
+
+
+def strided_rows(nb: int, causal: bool, radius: int, stride: int) -> list[list[int]]:
+  """Block-level Sparse Transformer "strided": the neighbours within `radius` plus every
+  `stride`-th block counted from the query block ((i - j) mod stride == 0)."""
+  rows = []
+  for i in range(nb):
+    js = [j for j in range(nb) if abs(i - j) <= radius or (i - j) % stride == 0]
+    rows.append([j for j in js if not causal or j <= i])
+  return rows
+
+
+def random_rows(nb: int, causal: bool, num_random: int, rng: np.random.Generator) -> list[list[int]]:
+  """The diagonal block plus `num_random` distinct other blocks (causal: earlier ones) drawn from `rng`."""
+  rows = []
+  for i in range(nb):
+    others = [j for j in range(nb) if j != i and (not causal or j < i)]
+    pick = rng.choice(others, size=min(num_random, len(others)), replace=False) if others else []
+    rows.append([i] + sorted(int(j) for j in pick))
+  return rows
+
+
+PATTERNS = ("local", "strided", "random", "full")
+TableFn = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+
+def _check_not_permuted(ctx: MixContext, name: str) -> None:
+  if getattr(ctx, "index", None) is not None:
+    raise NotImplementedError(f"{name} needs tokens in storage order (its blocks are contiguous runs of tokens); "
+                              f"a permuted layout (ctx.index, e.g. zigzag sequence parallelism) is not supported")
+
+
+class BlockSparseAttention(Attention):
+  """Attention restricted to a fixed block table (config group `model.block_sparse`).
+
+  Options: `block` (rows per block, default 64); `pattern`:
+    "local"   - each query block sees its `radius` neighbouring blocks on each side (causal: earlier side only);
+    "strided" - "local" plus every `stride`-th block counted back (and, bidirectional, forward) from the query
+                block: block-level Sparse Transformer strided, O(T * (radius + T/(stride*block)) * block);
+    "random"  - the diagonal block plus `num_random` random blocks per query block and head (causal: earlier
+                blocks), fixed per layer from (`seed`, layer index);
+    "full"    - every block (dense attention through the engine; for tests and ablations).
+  A table can also be given programmatically: `table=fn` with fn(num_blocks) -> (kv_blocks, kv_valid) in the
+  engine's layout (numpy, [1, heads, num_blocks, M]).
+  Incremental decoding is not supported (init_cache raises).
+  """
+
+  def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs, table: TableFn | None = None):
+    super().__init__(spec, rngs=rngs)
+    self.block = int(spec.option("block", 64))
+    self.pattern = spec.option("pattern", "local")
+    self.radius = int(spec.option("radius", 1))
+    self.stride = int(spec.option("stride", 4))
+    self.num_random = int(spec.option("num_random", 2))
+    self.seed = int(spec.option("seed", 0))
+    if self.block < 1:
+      raise ValueError(f"model.block_sparse.block={self.block} must be a positive number of tokens")
+    if table is None and self.pattern not in PATTERNS:
+      raise ValueError(f"model.block_sparse.pattern={self.pattern!r} is not one of {', '.join(PATTERNS)}")
+    if self.radius < 0 or self.stride < 1 or self.num_random < 0:
+      raise ValueError(f"model.block_sparse needs radius >= 0, stride >= 1 and num_random >= 0; got radius="
+                       f"{self.radius}, stride={self.stride}, num_random={self.num_random}")
+    self.table_fn = table
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding")
+
+  def block_table(self, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kv_blocks, kv_valid) [1, heads, nb, M] for a sequence of `nb` blocks."""
+    if self.table_fn is not None:
+      return self.table_fn(nb)
+    causal = self.spec.causal
+    if self.pattern == "local":
+      return stack_heads([pack_rows(local_rows(nb, causal, self.radius, self.radius))])
+    if self.pattern == "strided":
+      return stack_heads([pack_rows(strided_rows(nb, causal, self.radius, self.stride))])
+    if self.pattern == "full":
+      return stack_heads([pack_rows(local_rows(nb, causal, nb, nb))])
+    rng = np.random.default_rng((self.seed, self.spec.layer_index))
+    return stack_heads([pack_rows(random_rows(nb, causal, self.num_random, rng)) for _ in range(self.spec.num_heads)])
+
+  def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
+    _check_not_permuted(ctx, "block_sparse")
+    blocks, valid = self.block_table(num_blocks(q_btnh.shape[1], self.block))
+    return block_sparse_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, blocks, valid, block=self.block,
+                                  causal=self.spec.causal)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# XAttention (PAPERS.md D1)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tile_visible(segment_ids, tile: int, causal: bool) -> jax.Array:
+  """[B, R, R]: may any (query, key) token pair of tile pair (r, s) be visible?
+
+  By each tile's range of nonzero segment ids (exact for contiguous segments, a superset
+  otherwise) and, if causal, s <= r.
+  """
+  b, t = segment_ids.shape
+  seg = segment_ids.reshape(b, t // tile, tile)
+  big = jnp.iinfo(jnp.int32).max
+  lo, hi = jnp.min(jnp.where(seg > 0, seg, big), axis=-1), jnp.max(seg, axis=-1)
+  vis = (hi[:, :, None] > 0) & (hi[:, None, :] > 0) & (lo[:, :, None] <= hi[:, None, :]) & (
+      lo[:, None, :] <= hi[:, :, None])
+  if causal:
+    r = jnp.arange(t // tile)
+    vis &= r[None, :] <= r[:, None]
+  return vis
+
+
+def xattention_block_mass(q_btnh, k_btkh, segment_ids, *, block: int, stride: int, causal: bool) -> jax.Array:
+  """XAttention's block scores s_IJ [B, N, C, C] (fp32, no gradient).
+
+  Coarse scores A[i, j] = (1/S) sum_t q[iS+S-1-t] . k[jS+t] / sqrt(H): the mean of the
+  antidiagonal of each S x S tile (queries concatenated in reverse order), softmax over
+  the visible coarse keys of each coarse query, summed over the (B/S)^2 tiles of a block.
+  Padding tokens are zeroed (like the official zero padding) and invisible tiles masked.
+  """
+  q_btnh, k_btkh = jax.lax.stop_gradient(q_btnh), jax.lax.stop_gradient(k_btkh)
+  b, t, n, h = q_btnh.shape
+  kvh = k_btkh.shape[2]
+  nb = num_blocks(t, block)
+  tp, r = nb * block, nb * block // stride
+  seg = _pad_len(jnp.asarray(segment_ids, jnp.int32), tp)
+  real = (seg > 0)[:, :, None, None]
+  q = jnp.where(real, _pad_len(q_btnh, tp), 0).astype(jnp.float32)
+  k = jnp.where(real, _pad_len(k_btkh, tp), 0).astype(jnp.float32)
+  q_coarse = q.reshape(b, r, stride, n, h)[:, :, ::-1].transpose(0, 1, 3, 2, 4).reshape(b, r, kvh, n // kvh,
+                                                                                        stride * h)
+  k_coarse = k.reshape(b, r, stride, kvh, h).transpose(0, 1, 3, 2, 4).reshape(b, r, kvh, stride * h)
+  scores = jnp.einsum("brkgx,bskx->bkgrs", q_coarse, k_coarse) / (math.sqrt(h) * stride)
+  scores = scores.reshape(b, n, r, r)
+  vis = tile_visible(seg, stride, causal)[:, None]
+  probs = jnp.where(vis, jax.nn.softmax(jnp.where(vis, scores, MASK_VALUE), axis=-1), 0.0)
+  per = block // stride
+  return probs.reshape(b, n, nb, per, nb, per).sum(axis=(3, 5))
+
+
+def xattention_select(mass_bncc, visible_bcc, *, threshold: float, max_blocks: int | None = None):
+  """Per query block, the forced blocks (first and diagonal) plus the smallest greedy set of
+  the others, by descending mass, whose cumulative mass (forced included) reaches
+  `threshold` x the row's total. Returns (kv_blocks, kv_valid) [B, N, C, M], kept entries
+  first. `threshold >= 1` keeps every visible block (the greedy rule would too, up to
+  rounding of the cumulative sum and probabilities that underflow to 0).
+  """
+  b, n, nb, _ = mass_bncc.shape
+  i, j = jnp.arange(nb)[:, None], jnp.arange(nb)[None, :]
+  forced = jnp.broadcast_to((j == 0) | (j == i), mass_bncc.shape)
+  visible = visible_bcc[:, None]
+  # Forced blocks sort first (stable, in block order), then the others by descending mass.
+  order = jnp.argsort(jnp.where(forced, -jnp.inf, -mass_bncc), axis=-1, stable=True)
+  mass_sorted = jnp.take_along_axis(mass_bncc, order, axis=-1)
+  forced_sorted = jnp.take_along_axis(forced, order, axis=-1)
+  other = jnp.where(forced_sorted, 0.0, mass_sorted)
+  before = jnp.sum(jnp.where(forced, mass_bncc, 0.0), axis=-1, keepdims=True) + jnp.cumsum(other, axis=-1) - other
+  if threshold >= 1.0:
+    keep = jnp.ones_like(forced_sorted)
+  else:
+    keep = forced_sorted | (before < threshold * jnp.sum(mass_bncc, axis=-1, keepdims=True))
+  keep &= jnp.take_along_axis(jnp.broadcast_to(visible, mass_bncc.shape), order, axis=-1) | forced_sorted
+  if max_blocks is not None:
+    order, keep = order[..., :max_blocks], keep[..., :max_blocks]
+  return order.astype(jnp.int32), keep
+
+
+def reference_xattention_block_mask(q, k, segment_ids, *, block: int, stride: int, threshold: float,
+                                    causal: bool) -> np.ndarray:
+  """XAttention's selection written out with numpy loops: bool [B, N, C, C] (the twin of
+  `xattention_block_mass` + `xattention_select`, same padding/segment conventions)."""
+  q, k, seg = np.asarray(q, np.float64), np.asarray(k, np.float64), np.asarray(segment_ids)
+  b, t, n, h = q.shape
+  g = n // k.shape[2]
+  nb = num_blocks(t, block)
+  tp, r = nb * block, nb * block // stride
+  pad = lambda x: np.concatenate([x, np.zeros((b, tp - t) + x.shape[2:], x.dtype)], axis=1)
+  q, k, seg = pad(q), pad(k), pad(seg)
+  q[seg == 0], k[seg == 0] = 0.0, 0.0
+
+  def tiles_see(s1, s2, size):
+    a, c = seg[bi, s1 * size:(s1 + 1) * size], seg[bi, s2 * size:(s2 + 1) * size]
+    a, c = a[a > 0], c[c > 0]
+    if not len(a) or not len(c) or (causal and s2 > s1):
+      return False
+    return a.min() <= c.max() and c.min() <= a.max()
+
+  out = np.zeros((b, n, nb, nb), bool)
+  for bi in range(b):
+    for ni in range(n):
+      coarse = np.full((r, r), -np.inf)
+      for ri in range(r):
+        for si in range(r):
+          if tiles_see(ri, si, stride):
+            coarse[ri, si] = sum(q[bi, ri * stride + stride - 1 - u, ni] @ k[bi, si * stride + u, ni // g]
+                                 for u in range(stride)) / (math.sqrt(h) * stride)
+      probs = np.zeros_like(coarse)
+      for ri in range(r):
+        if np.isfinite(coarse[ri]).any():
+          e = np.exp(coarse[ri] - coarse[ri].max())
+          probs[ri] = e / e.sum()
+      per = block // stride
+      for bq in range(nb):
+        mass = np.array([probs[bq * per:(bq + 1) * per, bk * per:(bk + 1) * per].sum() for bk in range(nb)])
+        vis = np.array([tiles_see(bq, bk, block) for bk in range(nb)])
+        chosen = {0, bq}
+        total = mass[0] + (mass[bq] if bq else 0.0)
+        for bk in sorted((x for x in range(nb) if x not in chosen), key=lambda x: -mass[x]):
+          if threshold >= 1.0 or total < threshold * mass.sum():
+            chosen.add(bk)
+            total += mass[bk]
+        out[bi, ni, bq] = [x in chosen and (vis[x] or x in (0, bq)) for x in range(nb)]
+  return out
+
+
+class XAttention(Attention):
+  """XAttention (PAPERS.md D1): a block table chosen per input by antidiagonal scoring.
+
+  Options (config group `model.xattention`): `block` (B, default 128 as in the paper's
+  kernel), `stride` (S, default 8; B must be a multiple of S), `threshold` (tau, default
+  0.9, the official estimator's), `max_blocks` (0 = no cap; else at most this many
+  blocks per query block, cutting the tail of the greedy set). Key block 0 and the
+  diagonal block are always kept (the official causal code forces both; its
+  bidirectional code keeps block 0 as a side effect, and we keep the diagonal there too
+  so every token sees itself). The selection is not differentiated.
+  Cost: estimation O(T^2 H / S) (scores [B, N, T/S, T/S]), attention O(rho T^2 H) for
+  block density rho (steps beyond the longest kept row are skipped).
+  Incremental decoding is not supported (init_cache raises).
+  """
+
+  def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
+    super().__init__(spec, rngs=rngs)
+    self.block = int(spec.option("block", 128))
+    self.stride = int(spec.option("stride", 8))
+    self.threshold = float(spec.option("threshold", 0.9))
+    self.max_blocks = int(spec.option("max_blocks", 0)) or None
+    if self.block < 1 or self.stride < 1 or self.block % self.stride:
+      raise ValueError(f"model.xattention.block={self.block} must be a positive multiple of "
+                       f"model.xattention.stride={self.stride}")
+    if not 0.0 < self.threshold:
+      raise ValueError(f"model.xattention.threshold={self.threshold} must be > 0 (1.0 = every block)")
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding")
+
+  def block_table(self, q_btnh, k_btkh, segment_ids):
+    """(kv_blocks, kv_valid) [B, N, C, M] for this input."""
+    mass = xattention_block_mass(q_btnh, k_btkh, segment_ids, block=self.block, stride=self.stride,
+                                 causal=self.spec.causal)
+    nb = mass.shape[-1]
+    seg = _pad_len(jnp.asarray(segment_ids, jnp.int32), nb * self.block)
+    return xattention_select(mass, tile_visible(seg, self.block, self.spec.causal), threshold=self.threshold,
+                             max_blocks=self.max_blocks)
+
+  def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
+    _check_not_permuted(ctx, "xattention")
+    blocks, valid = self.block_table(q_btnh, k_btkh, ctx.segment_ids)
+    return block_sparse_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, blocks, valid, block=self.block,
+                                  causal=self.spec.causal)

@@ -1,0 +1,192 @@
+"""Sequence (context) parallelism for attention: ring, all-to-all (Ulysses) and all-gather.
+
+Activations arrive sharded along the length over the `sequence` mesh axis. Each
+strategy is a `shard_map` over the whole mesh; per-device shapes below use
+n = mesh.shape["sequence"], t = T / n, b = B / (data x fsdp), h_n = N / tensor.
+
+* ring: each device keeps its queries [b, t, h_n, H] and passes its key/value chunk
+  around the ring with `ppermute`, merging partial (out, lse) results with the online-
+  softmax rule; no device ever holds more than one visiting K/V chunk, so memory is
+  O(T/n). The backward pass is a custom VJP: K/V travel the ring again together with
+  their dK/dV accumulators, which arrive back at their owner after n hops. The inner
+  computation is `layers.attention.flash` (same block kernel, same block skipping).
+  Causal load balance comes from the data layout, not from here: with
+  `parallel.load_balance=true` the pipeline stores each row in zigzag order (chunk i
+  and 2n-1-i on device i) and passes the true token positions as `index`, which every
+  attention path uses for causal masking.
+* all_to_all: [b, t, N/tensor, H] -> all-to-all -> [b, T, N/(tensor n), H], any
+  single-device attention on full-length heads, and back. Needs heads divisible by n.
+* all_gather: keys/values (and their segment ids and positions) all-gathered along the
+  sequence, [b, t, K, H] -> [b, T, K, H]; queries stay local. Simple, O(T) K/V per device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from layers import axes
+from layers.attention.flash import flash_attention_lse, flash_chunk_grads, merge_partials
+from parallel import mesh as mesh_lib
+
+STRATEGIES = ("auto", "ring", "all_to_all", "all_gather")
+AXIS = "sequence"
+
+
+class SequenceParallelError(ValueError):
+  """A mixer/strategy/mesh combination that cannot work (a user mistake)."""
+
+
+# -- ring -----------------------------------------------------------------------------------
+
+
+def _ring_perm(n):
+  return [(i, (i + 1) % n) for i in range(n)]
+
+
+def _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n):
+  o, lse = flash_attention_lse(q, k, v, qseg, kseg, qidx, kidx, causal=causal, block_q=bq, block_k=bk)
+  if n == 1:
+    return o, lse
+
+  def step(carry, _):
+    o, lse, kv = carry
+    # [b, t, K, H] x2 and [b, t] x2: the visiting chunk moves one device along the ring.
+    kv = tuple(jax.lax.ppermute(x, AXIS, _ring_perm(n)) for x in kv)
+    o2, lse2 = flash_attention_lse(q, kv[0], kv[1], qseg, kv[2], qidx, kv[3], causal=causal, block_q=bq, block_k=bk)
+    o, lse = merge_partials(o, lse, o2, lse2)
+    return (o, lse, kv), None
+
+  (o, lse, _), _ = jax.lax.scan(step, (o, lse, (k, v, kseg, kidx)), None, length=n - 1)
+  return o, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _ring(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n):
+  return _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n)[0].astype(q.dtype)
+
+
+def _ring_fwd(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n):
+  o, lse = _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n)
+  o = o.astype(q.dtype)
+  return o, (q, k, v, qseg, kseg, qidx, kidx, o, lse)
+
+
+def _ring_bwd(causal, bq, bk, n, res, d_out):
+  q, k, v, qseg, kseg, qidx, kidx, o, lse = res
+  grads = functools.partial(flash_chunk_grads, q, causal=causal, block_q=bq, block_k=bk)
+
+  def contribution(kv):
+    return grads(kv[0], kv[1], qseg, kv[2], qidx, kv[3], o, lse, d_out)
+
+  dq, dk, dv = contribution((k, v, kseg, kidx))
+  dq = dq.astype(jnp.float32)
+  acc = (dk.astype(jnp.float32), dv.astype(jnp.float32))
+
+  def step(carry, _):
+    dq, kv, acc = carry
+    # The chunk and its gradient accumulators travel together: [b, t, K, H] each.
+    kv = tuple(jax.lax.ppermute(x, AXIS, _ring_perm(n)) for x in kv)
+    acc = tuple(jax.lax.ppermute(x, AXIS, _ring_perm(n)) for x in acc)
+    dq_j, dk_j, dv_j = contribution(kv)
+    return (dq + dq_j, kv, (acc[0] + dk_j, acc[1] + dv_j)), None
+
+  if n > 1:
+    (dq, _, acc), _ = jax.lax.scan(step, (dq, (k, v, kseg, kidx), acc), None, length=n - 1)
+    acc = tuple(jax.lax.ppermute(x, AXIS, _ring_perm(n)) for x in acc)  # last hop: back to the owner
+  zero = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
+  return (dq.astype(q.dtype), acc[0].astype(k.dtype), acc[1].astype(v.dtype), zero(qseg), zero(kseg), zero(qidx),
+          zero(kidx))
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+# -- the strategy object installed while tracing the model -----------------------------------
+
+
+class SequenceParallel:
+  """Runs an attention mixer's computation under one sequence-parallel strategy."""
+
+  def __init__(self, mesh: Mesh, rules, strategy: str):
+    if strategy not in STRATEGIES:
+      raise SequenceParallelError(f"parallel.sequence_strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
+    self.mesh, self.rules, self.strategy = mesh, rules, strategy
+    self.n = mesh.shape[AXIS]
+
+  def _specs(self, q, k):
+    spec = lambda logical, shape: mesh_lib.logical_to_spec(logical, shape, self.mesh, self.rules)
+    q_spec = spec((axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM), q.shape)
+    kv_spec = spec((axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.HEAD_DIM), k.shape)
+    tok_spec = P(q_spec[0], q_spec[1])
+    if q_spec[1] != AXIS:
+      raise SequenceParallelError(f"sequence parallelism needs the length axis sharded over 'sequence' "
+                                  f"(mesh.rules maps length to {q_spec[1]!r}, T={q.shape[1]}, n={self.n})")
+    return q_spec, kv_spec, tok_spec
+
+  def attention(self, local_fn, q_btnh, k_btkh, v_btkh, segment_ids, index, *, causal: bool, block_q: int = 128,
+                block_k: int = 128):
+    """`local_fn(q, k, v, q_seg, kv_seg, q_idx, kv_idx) -> out` is the mixer's single-device
+    computation (used by all_to_all and all_gather; ring always uses the flash blocks)."""
+    n_heads, kv_heads = q_btnh.shape[2], k_btkh.shape[2]
+    q_spec, kv_spec, tok_spec = self._specs(q_btnh, k_btkh)
+    tp = lambda spec, heads: heads // (self.mesh.shape[spec[2]] if spec[2] else 1)  # heads per device
+    if self.strategy == "all_to_all" and tp(q_spec, n_heads) % self.n:
+      raise SequenceParallelError(
+          f"all_to_all sequence parallelism splits heads over mesh.sequence={self.n}, but each device has "
+          f"{tp(q_spec, n_heads)} query heads; use model.num_heads divisible by {self.n} x mesh.tensor or "
+          f"parallel.sequence_strategy=ring")
+    # K/V heads that cannot be split like the query heads: give each query head its own
+    # copy of its kv head (memory of MHA, same math).
+    if kv_spec[2] != q_spec[2] or (self.strategy == "all_to_all" and tp(kv_spec, kv_heads) % self.n):
+      k_btkh = jnp.repeat(k_btkh, n_heads // kv_heads, axis=2)
+      v_btkh = jnp.repeat(v_btkh, n_heads // kv_heads, axis=2)
+      kv_spec = q_spec
+    if self.strategy == "ring":
+      body = functools.partial(self._ring_body, causal=causal, bq=block_q, bk=block_k)
+    elif self.strategy == "all_to_all":
+      body = functools.partial(self._all_to_all_body, local_fn=local_fn)
+    elif self.strategy == "all_gather":
+      body = functools.partial(self._all_gather_body, local_fn=local_fn)
+    else:
+      raise SequenceParallelError(f"strategy {self.strategy!r} has no explicit attention path")
+    fn = jax.shard_map(body, mesh=self.mesh, in_specs=(q_spec, kv_spec, kv_spec, tok_spec, tok_spec),
+                       out_specs=q_spec, check_vma=False)
+    return fn(q_btnh, k_btkh, v_btkh, segment_ids.astype(jnp.int32), index.astype(jnp.int32))
+
+  def _ring_body(self, q, k, v, seg, idx, *, causal, bq, bk):
+    return _ring(q, k, v, seg, seg, idx, idx, causal, bq, bk, self.n)
+
+  def _all_to_all_body(self, q, k, v, seg, idx, *, local_fn):
+    # [b, t, h, H] -> [b, T, h/n, H]: split heads across the sequence group, gather length.
+    to_heads = lambda x: jax.lax.all_to_all(x, AXIS, split_axis=2, concat_axis=1, tiled=True)
+    # [b, t] -> [b, T]: every device needs the whole row's segment ids and positions.
+    full = lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
+    seg_all, idx_all = full(seg), full(idx)
+    out = local_fn(to_heads(q), to_heads(k), to_heads(v), seg_all, seg_all, idx_all, idx_all)
+    # [b, T, h/n, H] -> [b, t, h, H]
+    return jax.lax.all_to_all(out, AXIS, split_axis=1, concat_axis=2, tiled=True)
+
+  def _all_gather_body(self, q, k, v, seg, idx, *, local_fn):
+    # [b, t, K, H] -> [b, T, K, H] for keys and values; queries stay [b, t, h, H].
+    full = lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
+    return local_fn(q, full(k), full(v), seg, full(seg), idx, full(idx))
+
+
+def zigzag_permutation(length: int, n: int):
+  """Storage order for causal load balance: device i holds chunks i and 2n-1-i of 2n.
+
+  Returns `perm` with stored[j] = original[perm[j]] (so `perm` is also the true position
+  of each stored token, the `index` attention masks by).
+  """
+  import numpy as np
+  if length % (2 * n):
+    raise SequenceParallelError(f"load-balanced (zigzag) sequence parallelism needs task.seq_len={length} "
+                                f"divisible by 2 x mesh.sequence = {2 * n}")
+  c = length // (2 * n)
+  chunks = np.arange(length).reshape(2 * n, c)
+  order = [j for i in range(n) for j in (i, 2 * n - 1 - i)]
+  return chunks[order].reshape(-1)
