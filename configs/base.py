@@ -74,6 +74,12 @@ def get_config(arg=None):
   c.optimizer.eps = 1e-8  # Adam epsilon
   c.optimizer.grad_clip = 1.0  # global-norm gradient clipping (0: off)
 
+  c.parallel = ml_collections.ConfigDict()
+  # How attention handles a length split over mesh.sequence > 1: "auto" (the compiler's
+  # sharding propagation, which gathers K/V), "ring", "all_to_all" (Ulysses) or "all_gather".
+  c.parallel.sequence_strategy = "auto"
+  c.parallel.load_balance = True  # causal + ring: store rows in zigzag order so every device does equal work
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel replicas (-1: all devices not used by the other axes)
   c.mesh.fsdp = 1  # parameter/optimizer sharding (ZeRO-3 style); also splits the batch

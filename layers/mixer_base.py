@@ -57,6 +57,10 @@ class MixContext:
 class Mixer(nnx.Module):
   """Base class (documentation of the contract; subclasses override both methods)."""
 
+  # Sequence-parallel strategies this mixer implements (see parallel/sequence.py);
+  # "auto" (compiler-propagated shardings) works for every mixer.
+  SEQUENCE_STRATEGIES: tuple[str, ...] = ("auto",)
+
   def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
     raise NotImplementedError
 

@@ -11,23 +11,31 @@ from trainer.experiment import Experiment
 
 MESHES = [(8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 2, 1), (1, 1, 2, 4), (2, 1, 1, 4), (1, 1, 1, 8)]
 TASKS = {
-    # causal LM with a loss mask (queries only)
-    "mqar": ["task.seq_len=64", "model.num_heads=4", "model.num_kv_heads=2", "model.d_model=32", "batch_size=8"],
+    # causal LM with a loss mask (queries only); ring runs store rows in zigzag order
+    "mqar": ["task.seq_len=64", "model.num_heads=4", "model.num_kv_heads=2", "model.d_model=32", "batch_size=8",
+             "model.flash.block_q=4", "model.flash.block_k=4"],
     # bidirectional classifier on right-padded sequences
     "listops": ["model.num_heads=4", "model.d_model=32", "batch_size=8", "model.mlp=swiglu"],
 }
 
 
-def _experiment(task, mesh, tmp_path):
+def _experiment(task, mesh, tmp_path, strategy="auto"):
   sizes = dict(zip(("data", "fsdp", "tensor", "sequence"), mesh))
-  cfg = load_config(f"configs/{task}.py:smoke", TASKS[task] + [f"mesh.{k}={v}" for k, v in sizes.items()])
+  cfg = load_config(f"configs/{task}.py:smoke", TASKS[task] + [f"mesh.{k}={v}" for k, v in sizes.items()]
+                    + [f"parallel.sequence_strategy={strategy}"])
   return Experiment(cfg, str(tmp_path / "none"), read_only=True)
 
 
+SP_CASES = [("ring", (1, 1, 1, 8)), ("ring", (2, 1, 1, 4)), ("all_to_all", (1, 1, 1, 4)), ("all_gather", (1, 1, 2, 4))]
+
+
 @pytest.mark.parametrize("task", sorted(TASKS))
-@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
-def test_sharded_step_equals_single_device(task, mesh, tmp_path):
-  exp = _experiment(task, mesh, tmp_path)
+@pytest.mark.parametrize("mesh,strategy", [(m, "auto") for m in MESHES] + [(m, s) for s, m in SP_CASES],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+def test_sharded_step_equals_single_device(task, mesh, strategy, tmp_path):
+  if strategy == "all_to_all":
+    mesh = (2,) + mesh[1:]  # 8 devices: data 2 x sequence 4
+  exp = _experiment(task, mesh, tmp_path, strategy)
   state, batch = exp.fresh_state(), exp.train_batch(0)
   host_state, host_batch = jax.device_get(state), jax.device_get(batch)
   new_state, metrics = exp.compiled_train_step()(state, batch)

@@ -164,6 +164,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
   _choice("on_nonfinite", cfg.on_nonfinite, ("stop", "skip"))
   _choice("model.attention_impl", cfg.model.attention_impl, ("xla", "flash"))
+  _choice("parallel.sequence_strategy", cfg.parallel.sequence_strategy, ("auto", "ring", "all_to_all", "all_gather"))
+  strategy = cfg.parallel.sequence_strategy
+  for name in sorted(set(mixer_schedule(cfg))):
+    supported = mixers.MIXERS[name].SEQUENCE_STRATEGIES
+    if strategy not in supported:
+      raise UserError(f"parallel.sequence_strategy={strategy!r} is not available for mixer {name!r}; "
+                      f"it supports: {', '.join(supported)}")
   if cfg.model.d_model % cfg.model.num_heads:
     raise UserError(f"model.d_model={cfg.model.d_model} is not divisible by model.num_heads={cfg.model.num_heads}")
   kv = cfg.model.num_kv_heads or cfg.model.num_heads

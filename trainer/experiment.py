@@ -5,6 +5,7 @@ evaluate and generate, so all three see the same model and the same data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,8 +18,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from layers.functional import FunctionalModel
+from layers.mixer_base import use_sequence_parallel
 from layers.models import ModelSpec, build_model
 from parallel import mesh as mesh_lib
+from parallel.sequence import SequenceParallel, SequenceParallelError, zigzag_permutation
 from trainer import config as config_lib
 from trainer import optim, steps
 from trainer.checkpoint import Checkpointer
@@ -95,8 +98,17 @@ class Experiment:
     self.state_shardings = self._state_shardings(abstract)
     self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                        abstract, self.state_shardings)
+    self.sequence_parallel = None
+    self.layout_perm = None  # zigzag storage order of each row (causal ring load balance)
+    if seq > 1 and cfg.parallel.sequence_strategy != "auto":
+      try:
+        self.sequence_parallel = SequenceParallel(self.mesh, self.rules, cfg.parallel.sequence_strategy)
+        if cfg.parallel.sequence_strategy == "ring" and cfg.parallel.load_balance and self.spec.kind == "lm":
+          self.layout_perm = zigzag_permutation(cfg.task.seq_len, seq)
+      except SequenceParallelError as e:
+        raise UserError(str(e)) from None
     self.batch_shapes, self.batch_shardings = pipeline.batch_shardings(self.task, cfg.batch_size, self.mesh,
-                                                                       self.rules)
+                                                                       self.rules, self.layout_perm)
     self.checkpointer = Checkpointer(workdir, cfg.keep_checkpoints, cfg.keep_best, cfg.async_checkpointing,
                                      read_only=read_only)
     self._train_step = self._eval_step = None
@@ -130,7 +142,7 @@ class Experiment:
     return {"params": params, "extra": extra, "opt_state": opt, "step": replicated, "rng": replicated}
 
   def fresh_state(self) -> dict:
-    with mesh_lib.activation_sharding(self.mesh, self.rules):
+    with self.tracing():
       return jax.jit(self._fresh_state_fn(), out_shardings=self.state_shardings)()
 
   def restore_or_init(self, step: int | None = None) -> tuple[dict, dict | None]:
@@ -141,14 +153,26 @@ class Experiment:
 
   # -- steps ---------------------------------------------------------------------------
 
+  @contextlib.contextmanager
+  def tracing(self):
+    """Context for tracing the model: activation constraints and the sequence-parallel strategy."""
+    with mesh_lib.activation_sharding(self.mesh, self.rules), use_sequence_parallel(self.sequence_parallel):
+      yield
+
+  def _lower(self, jitted):
+    try:
+      return jitted.lower(self.abstract_state, self.batch_shapes)
+    except SequenceParallelError as e:
+      raise UserError(str(e)) from None
+
   def compiled_train_step(self):
     if self._train_step is None:
       fn = steps.make_train_step(self.fm, self.tx, self.lr_schedule)
       metric_sharding = NamedSharding(self.mesh, P())
       jitted = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_shardings),
                        out_shardings=(self.state_shardings, metric_sharding), donate_argnums=0)
-      with mesh_lib.activation_sharding(self.mesh, self.rules):
-        self._train_step = jitted.lower(self.abstract_state, self.batch_shapes).compile()
+      with self.tracing():
+        self._train_step = self._lower(jitted).compile()
     return self._train_step
 
   def compiled_eval_step(self):
@@ -156,8 +180,8 @@ class Experiment:
       fn = steps.make_eval_step(self.fm)
       jitted = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_shardings),
                        out_shardings=NamedSharding(self.mesh, P()))
-      with mesh_lib.activation_sharding(self.mesh, self.rules):
-        self._eval_step = jitted.lower(self.abstract_state, self.batch_shapes).compile()
+      with self.tracing():
+        self._eval_step = self._lower(jitted).compile()
     return self._eval_step
 
   def compile_stats(self) -> dict:
@@ -177,7 +201,7 @@ class Experiment:
 
   def train_batch(self, step: int) -> dict:
     ids = pipeline.train_example_ids(step, self.cfg.batch_size)
-    return pipeline.global_batch(self.task, "train", ids, self.batch_shapes, self.batch_shardings)
+    return pipeline.global_batch(self.task, "train", ids, self.batch_shapes, self.batch_shardings, self.layout_perm)
 
   def evaluate(self, state: dict, split: str) -> dict:
     """Held-out loss and accuracy over `eval_examples` examples of `split`."""
@@ -185,7 +209,8 @@ class Experiment:
     totals = {"nll_sum": 0.0, "correct": 0.0, "count": 0.0}
     id_batches = pipeline.eval_example_ids(self.cfg.eval_examples, self.cfg.batch_size)
     for ids in id_batches:
-      out = step_fn(state, pipeline.global_batch(self.task, split, ids, self.batch_shapes, self.batch_shardings))
+      out = step_fn(state, pipeline.global_batch(self.task, split, ids, self.batch_shapes, self.batch_shardings,
+                                                 self.layout_perm))
       for k in totals:
         totals[k] += float(out[k])
     count = max(totals["count"], 1.0)

@@ -25,6 +25,8 @@ import sys
 
 import jax
 
+_initialized = False  # jax.distributed.initialize() was called by `initialize`
+
 
 def _env_says_multiprocess() -> bool:
   for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "JAX_NUM_PROCESSES"):
@@ -106,6 +108,20 @@ def _exit_on_uncaught_exception(process) -> None:
   sys.excepthook = hook
 
 
+def exit_on_error(code: int) -> int:
+  """For entry points' error returns: in a multi-process run, leave now with `code`.
+
+  A normal exit waits in `jax.distributed.shutdown()` for peers that may be blocked in
+  a collective waiting for this process (an error only one process hits), so the job
+  would hang until the shutdown timeout. Single-process: returns `code`.
+  """
+  if _initialized and code:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  return code
+
+
 def initialize(args) -> None:
   explicit = args.coordinator_address is not None or (args.num_processes or 1) > 1
   if not explicit and not _env_says_multiprocess():
@@ -128,6 +144,8 @@ def initialize(args) -> None:
     if device_ids is not None:
       kwargs["local_device_ids"] = device_ids
   jax.distributed.initialize(**_supported_kwargs(jax.distributed.initialize, kwargs))
+  global _initialized
+  _initialized = True
   process = args.process_id if explicit else next(
       (os.environ[v] for v in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if v in os.environ), "?")
   _exit_on_uncaught_exception(process)

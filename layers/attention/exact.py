@@ -63,6 +63,8 @@ def rope(x_btnh: jax.Array, positions_bt: jax.Array, base: float = 10000.0) -> j
 class Attention(Mixer):
   """Multi-head / grouped-query exact softmax attention."""
 
+  SEQUENCE_STRATEGIES = ("auto", "ring", "all_to_all", "all_gather")
+
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     d, n, kv, h = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim
     if spec.positions == "rope" and h % 2:

@@ -43,7 +43,7 @@ from layers.mixer_base import MixContext, MixerSpec
 # Shared pieces: padding, folding, a banded attention with lse.
 
 
-def _pad_to(x, length: int, value=0):
+def pad_to(x, length: int, value=0):
   extra = length - x.shape[1]
   if extra == 0:
     return x
@@ -69,7 +69,7 @@ def _unfold(x, batch: int):
   return x.reshape((batch, r * period) + x.shape[3:])
 
 
-def _row_index(b: int, t: int) -> jax.Array:
+def row_index(b: int, t: int) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
@@ -101,8 +101,8 @@ def band_attention_lse(q_btnh, k_btkh, v_btkh, q_segment_ids, kv_segment_ids, *,
     return jnp.concatenate([xb[:, before + o: before + o + nb] for o in offsets], axis=2)
 
   kw, vw, ksw = key_windows(k_btkh), key_windows(v_btkh), key_windows(kv_segment_ids.astype(jnp.int32))
-  qb = _pad_to(q_btnh, tp).reshape(b, nb, c, kvh, g, h)
-  qs = _pad_to(q_segment_ids.astype(jnp.int32), tp).reshape(b, nb, c)
+  qb = pad_to(q_btnh, tp).reshape(b, nb, c, kvh, g, h)
+  qs = pad_to(q_segment_ids.astype(jnp.int32), tp).reshape(b, nb, c)
   # i - j inside a (query block, key window) pair does not depend on the block: static.
   diff = np.arange(c)[:, None] - np.concatenate([o * c + np.arange(c) for o in offsets])[None, :]
   static = (diff >= lo) & (diff <= hi)
@@ -170,9 +170,9 @@ def _strided_columns(q, k, v, seg, l, causal):
   """(i - j) mod l = 0: attention along the columns of the [T/l, l] view."""
   b, t = seg.shape
   tp = -(-t // l) * l
-  idx = _row_index(b, tp)
-  segp = _pad_to(seg.astype(jnp.int32), tp)
-  fq, fk, fv = (_fold(_pad_to(x, tp), l) for x in (q, k, v))
+  idx = row_index(b, tp)
+  segp = pad_to(seg.astype(jnp.int32), tp)
+  fq, fk, fv = (_fold(pad_to(x, tp), l) for x in (q, k, v))
   fs, fi = _fold(segp, l), _fold(idx, l)
   out, lse = flash_attention_lse(fq, fk, fv, fs, fs, fi, fi, causal=causal)
   return _unfold(out, b)[:, :t], _unfold(lse, b)[:, :t]
@@ -183,10 +183,10 @@ def _fixed_block(q, k, v, seg, l, c, causal, exclude_summary=False):
   b, t = seg.shape
   tp = -(-t // l) * l
   nb = tp // l
-  segp = _pad_to(seg.astype(jnp.int32), tp)
+  segp = pad_to(seg.astype(jnp.int32), tp)
   kv_seg = jnp.where(jnp.arange(tp) % l >= l - c, 0, segp) if exclude_summary else segp  # those keys are in A2
-  rows = lambda x: _pad_to(x, tp).reshape((b * nb, l) + x.shape[2:])
-  idx = _row_index(b * nb, l)
+  rows = lambda x: pad_to(x, tp).reshape((b * nb, l) + x.shape[2:])
+  idx = row_index(b * nb, l)
   out, lse = flash_attention_lse(rows(q), rows(k), rows(v), segp.reshape(b * nb, l), kv_seg.reshape(b * nb, l),
                                  idx, idx, causal=causal)
   return out.reshape(b, tp, *out.shape[2:])[:, :t], lse.reshape(b, tp, -1)[:, :t]
@@ -196,7 +196,7 @@ def _fixed_summary(q, k, v, seg, l, c, causal):
   """j mod l >= l - c: the "summary" columns of every block, gathered (T*c/l keys)."""
   b, t = seg.shape
   cols = np.array([j for j in range(t) if j % l >= l - c], np.int32)
-  idx = _row_index(b, t)
+  idx = row_index(b, t)
   if cols.size == 0:
     return jnp.zeros(q.shape, q.dtype), jnp.full(q.shape[:3], NEG_INF, jnp.float32)
   return flash_attention_lse(q, k[:, cols], v[:, cols], seg, seg[:, cols], idx, idx[:, cols], causal=causal)
@@ -243,7 +243,7 @@ def sparse_transformer_masks(segment_ids, *, pattern: str, stride: int, c: int, 
   """Dense boolean [B, T, T] masks of A1 and A2 (the reference's definition)."""
   b, t = segment_ids.shape
   l, c = stride, min(c, stride)
-  idx = _row_index(b, t)
+  idx = row_index(b, t)
   base = make_mask(segment_ids, segment_ids, idx, idx, causal)
   i, j = np.arange(t)[:, None], np.arange(t)[None, :]
   if pattern == "strided":
@@ -267,7 +267,7 @@ def reference_sparse_transformer(q_btnh, k_btkh, v_btkh, segment_ids, *, pattern
   return jnp.concatenate([reference_attention(*g1, m1), reference_attention(*g2, m2)], axis=2)
 
 
-class _NoDecode:
+class NoDecodeMixin:
   """These mixers attend over whole sequences only; decoding would need a pattern-aware cache."""
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
@@ -283,7 +283,7 @@ def auto_period(option: int, t: int) -> int:
   return int(option) if option else max(1, math.isqrt(max(t - 1, 0)) + 1)
 
 
-class SparseTransformer(_NoDecode, Attention):
+class SparseTransformer(NoDecodeMixin, Attention):
   """Sparse Transformer factorised attention (config `model.sparse_transformer.*`):
   pattern "strided" | "fixed", stride l (0 = ceil(sqrt(T))), c (fixed: summary columns
   per block, clipped to l), head_mode "split" | "merged" | "alternate"."""
@@ -343,12 +343,12 @@ def longformer_attention(q_btnh, k_btkh, v_btkh, qg_btnh, kg_btkh, vg_btkh, segm
     out, lse = band_attention_lse(q_btnh, k_btkh, v_btkh, seg, kv_seg, lo=lo, hi=hi)
   else:  # dilated window = plain window inside each residue class mod d
     tp = -(-t // d) * d
-    fold = lambda x: _fold(_pad_to(x, tp), d)
+    fold = lambda x: _fold(pad_to(x, tp), d)
     out, lse = band_attention_lse(fold(q_btnh), fold(k_btkh), fold(v_btkh), fold(seg), fold(kv_seg), lo=lo, hi=hi)
     out, lse = _unfold(out, b)[:, :t], _unfold(lse, b)[:, :t]
   if gidx.size == 0:
     return out
-  idx = _row_index(b, t)
+  idx = row_index(b, t)
   o_g, lse_g = flash_attention_lse(q_btnh, k_btkh[:, gidx], v_btkh[:, gidx], seg, seg[:, gidx], idx, idx[:, gidx],
                                    causal=causal)
   out = merge_partials(out.astype(jnp.float32), lse, o_g.astype(jnp.float32), lse_g)[0].astype(q_btnh.dtype)
@@ -360,7 +360,7 @@ def longformer_attention(q_btnh, k_btkh, v_btkh, qg_btnh, kg_btkh, vg_btkh, segm
 def longformer_mask(segment_ids, *, window: int, global_positions=(), causal: bool, dilation: int = 1):
   """Dense [B, T, T] mask of the ordinary rows (window u global keys) and the global-row indicator [T]."""
   b, t = segment_ids.shape
-  idx = _row_index(b, t)
+  idx = row_index(b, t)
   base = make_mask(segment_ids, segment_ids, idx, idx, causal)
   i, j = np.arange(t)[:, None], np.arange(t)[None, :]
   off = i - j
@@ -382,7 +382,7 @@ def reference_longformer(q_btnh, k_btkh, v_btkh, qg_btnh, kg_btkh, vg_btkh, segm
   return jnp.where(jnp.asarray(is_global)[None, :, None, None], out_g, out)
 
 
-class Longformer(_NoDecode, Attention):
+class Longformer(NoDecodeMixin, Attention):
   """Longformer attention (config `model.longformer.*`): window w, dilation d, and
   global_positions (row indices, e.g. (0,) for a CLS token) with their own projections."""
 

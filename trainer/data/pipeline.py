@@ -17,23 +17,36 @@ from parallel import mesh as mesh_lib
 from trainer.data.base import Task
 
 
-def batch_shardings(task: Task, batch_size: int, mesh: Mesh, rules) -> tuple[dict, dict]:
+def batch_shardings(task: Task, batch_size: int, mesh: Mesh, rules, perm=None) -> tuple[dict, dict]:
   """(shapes, shardings) of a global batch, from one example's layout."""
   ex = task.example("validation", 0)
   shapes = {k: jax.ShapeDtypeStruct((batch_size,) + v.shape, v.dtype) for k, v in ex.items()}
+  if perm is not None:
+    shapes["index"] = jax.ShapeDtypeStruct((batch_size, len(perm)), np.int32)
   shard = {k: NamedSharding(mesh, mesh_lib.batch_spec(len(s.shape), mesh, rules)) for k, s in shapes.items()}
   return shapes, shard
 
 
-def global_batch(task: Task, split: str, example_ids: np.ndarray, shapes: dict, shardings: dict) -> dict:
+def permute_rows(batch: dict, perm: np.ndarray) -> dict:
+  """Stores every [rows, T, ...] array in the order `perm` and adds `index` (= true positions)."""
+  t = len(perm)
+  out = {k: (v[:, perm] if v.ndim >= 2 and v.shape[1] == t else v) for k, v in batch.items()}
+  out["index"] = np.broadcast_to(perm.astype(np.int32), (next(iter(batch.values())).shape[0], t)).copy()
+  return out
+
+
+def global_batch(task: Task, split: str, example_ids: np.ndarray, shapes: dict, shardings: dict,
+                 perm: np.ndarray | None = None) -> dict:
   """Builds each array with `make_array_from_callback`: a device's callback generates
-  only that device's rows (memoised, so replicas on one host generate them once)."""
+  only that device's rows (memoised, so replicas on one host generate them once).
+  With `perm`, rows are stored permuted along the length (zigzag load balancing)."""
   memo: dict[tuple[int, int], dict] = {}
 
   def rows(sl: slice) -> dict:
     start, stop, _ = sl.indices(len(example_ids))
     if (start, stop) not in memo:
-      memo[(start, stop)] = task.batch(split, example_ids[start:stop])
+      batch = task.batch(split, example_ids[start:stop])
+      memo[(start, stop)] = batch if perm is None else permute_rows(batch, perm)
     return memo[(start, stop)]
 
   out = {}

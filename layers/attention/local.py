@@ -1,0 +1,199 @@
+"""Sliding-window (`local`) and BigBird (`bigbird`) attention on the block-sparse engine (PAPERS.md A3).
+
+`local`: token i sees key j iff |i - j| <= w/2 (bidirectional) or 0 <= i - j < w
+(causal), within its own segment. Queries are cut into blocks of `block` rows; each
+block visits itself and the neighbouring blocks that the window can reach, and the
+band is applied token by token inside them: O(T * w) time and memory, never T x T.
+
+`bigbird` (ITC): blocks of `block` tokens. Each query block attends to 3 sliding
+blocks (itself and its two neighbours), the g global blocks (the first ceil(g/2) and
+the last floor(g/2)), and r random blocks, fixed per layer and head from (`seed`,
+layer index) and drawn among the blocks not already listed. Global blocks attend to
+every block (computed densely for those g * block query rows with
+`flash_attention_lse`). Causal: the same pattern intersected with j <= i (random
+blocks are then drawn among earlier blocks).
+
+Reference twins: `reference_local_attention` and `reference_bigbird_attention` build
+the explicit [T, T] masks from the rules above and call `exact.reference_attention`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from layers.attention.block_sparse import (_check_not_permuted, band_mask, block_sparse_attention, num_blocks,
+                                           pack_rows, stack_heads)
+from layers.attention.exact import Attention, make_mask, reference_attention
+from layers.attention.flash import flash_attention_lse
+from layers.mixer_base import MixContext, MixerSpec
+
+
+def window_band(window: int, causal: bool) -> tuple[int, int]:
+  """(before, after): causal 0 <= i-j < w; bidirectional |i-j| <= w // 2."""
+  return (window - 1, 0) if causal else (window // 2, window // 2)
+
+
+def local_block_table(nb: int, block: int, band: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """Each query block lists itself and the neighbour blocks the band can reach."""
+  before, after = -(-band[0] // block), -(-band[1] // block)
+  rows = [[j for j in range(i - before, i + after + 1) if 0 <= j < nb] for i in range(nb)]
+  return stack_heads([pack_rows(rows)])
+
+
+def reference_local_attention(q_btnh, k_btkh, v_btkh, segment_ids, *, window: int, causal: bool) -> jax.Array:
+  t = q_btnh.shape[1]
+  index = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+  mask = make_mask(segment_ids, segment_ids, index, index, causal) & band_mask(t, window_band(window, causal))[None]
+  return reference_attention(q_btnh, k_btkh, v_btkh, mask)
+
+
+class LocalAttention(Attention):
+  """Sliding-window attention (config group `model.local`).
+
+  Options: `window` (w, default 128): bidirectional |i-j| <= w/2, causal 0 <= i-j < w;
+  `block` (query/key block rows; 0 = w // 2, so each block visits 3 blocks: cost
+  about 1.5 * T * w scores). Incremental decoding is not supported (init_cache raises).
+  """
+
+  def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
+    super().__init__(spec, rngs=rngs)
+    self.window = int(spec.option("window", 128))
+    self.block = int(spec.option("block", 0)) or max(1, self.window // 2)
+    if self.window < 1 or self.block < 1:
+      raise ValueError(f"model.local.window={self.window} and model.local.block={self.block} must be positive")
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding")
+
+  def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
+    _check_not_permuted(ctx, "local")
+    band = window_band(self.window, self.spec.causal)
+    blocks, valid = local_block_table(num_blocks(q_btnh.shape[1], self.block), self.block, band)
+    return block_sparse_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, blocks, valid, block=self.block,
+                                  causal=self.spec.causal, band=band)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BigBird
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def global_blocks(nb: int, num_global: int) -> list[int]:
+  """The first ceil(g/2) and the last floor(g/2) blocks (BigBird ITC: first and last for g = 2)."""
+  first = list(range(min(nb, -(-num_global // 2))))
+  last = list(range(max(0, nb - num_global // 2), nb))
+  return sorted(set(first + last))
+
+
+def sliding_blocks(i: int, nb: int, causal: bool) -> list[int]:
+  return [j for j in (i - 1, i, i + 1) if 0 <= j < nb and (not causal or j <= i)]
+
+
+def bigbird_random_blocks(nb: int, num_heads: int, *, num_global: int, num_random: int, seed: int,
+                          layer_index: int, causal: bool) -> list[list[list[int]]]:
+  """[head][query block] -> its random key blocks: distinct, outside its sliding and global
+  blocks (causal: earlier blocks only), drawn from a generator seeded by (seed, layer)."""
+  rng = np.random.default_rng((seed, layer_index))
+  glob = set(global_blocks(nb, num_global))
+  out = []
+  for _ in range(num_heads):
+    rows = []
+    for i in range(nb):
+      taken = glob | set(sliding_blocks(i, nb, False))
+      cand = [j for j in range(nb) if j not in taken and (not causal or j < i)]
+      pick = rng.choice(cand, size=min(num_random, len(cand)), replace=False) if cand and i not in glob else []
+      rows.append(sorted(int(j) for j in pick))
+    out.append(rows)
+  return out
+
+
+def bigbird_block_table(nb: int, num_heads: int, *, num_global: int, num_random: int, seed: int, layer_index: int,
+                        causal: bool) -> tuple[np.ndarray, np.ndarray]:
+  """(kv_blocks, kv_valid) [1, N, nb, 3 + g + r] of the non-global query blocks (global
+  query rows list only their sliding and global blocks; their output is computed densely)."""
+  glob = global_blocks(nb, num_global)
+  rand = bigbird_random_blocks(nb, num_heads, num_global=num_global, num_random=num_random, seed=seed,
+                               layer_index=layer_index, causal=causal)
+  tables = []
+  for head in range(num_heads):
+    rows = []
+    for i in range(nb):
+      row = sliding_blocks(i, nb, causal) + [j for j in glob if (not causal or j <= i)] + rand[head][i]
+      rows.append(list(dict.fromkeys(row)))  # sliding and global blocks may coincide near the ends
+    tables.append(pack_rows(rows))
+  return stack_heads(tables)
+
+
+def reference_bigbird_attention(q_btnh, k_btkh, v_btkh, segment_ids, *, block: int, num_global: int,
+                                random_blocks: list[list[list[int]]], causal: bool) -> jax.Array:
+  """BigBird with the explicit [N, T, T] mask built from its rules, head by head."""
+  b, t, n, h = q_btnh.shape
+  g = n // k_btkh.shape[2]
+  nb = num_blocks(t, block)
+  glob = np.zeros(nb, bool)
+  glob[global_blocks(nb, num_global)] = True
+  bi, bj = np.arange(nb)[:, None], np.arange(nb)[None, :]
+  index = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+  base = make_mask(segment_ids, segment_ids, index, index, causal)
+  outs = []
+  for head in range(n):
+    blocks = (np.abs(bi - bj) <= 1) | glob[:, None] | glob[None, :]
+    for i, row in enumerate(random_blocks[head]):
+      blocks[i, row] = True
+    tokens = np.repeat(np.repeat(blocks, block, 0), block, 1)[:t, :t]
+    kv = slice(head // g, head // g + 1)
+    outs.append(reference_attention(q_btnh[:, :, head:head + 1], k_btkh[:, :, kv], v_btkh[:, :, kv],
+                                    base & tokens[None]))
+  return jnp.concatenate(outs, axis=2)
+
+
+class BigBirdAttention(Attention):
+  """BigBird ITC block-sparse attention (config group `model.bigbird`).
+
+  Options: `block` (b, default 64), `num_global` (g global blocks: first ceil(g/2), last
+  floor(g/2); default 2), `num_random` (r random blocks per query block and head,
+  default 3), `seed` (with the layer index, fixes the random blocks; default 0).
+  Cost: O(T * (3 + g + r) * b) for the ordinary rows plus O(g * b * T) for the global
+  rows. Incremental decoding is not supported (init_cache raises).
+  """
+
+  def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
+    super().__init__(spec, rngs=rngs)
+    self.block = int(spec.option("block", 64))
+    self.num_global = int(spec.option("num_global", 2))
+    self.num_random = int(spec.option("num_random", 3))
+    self.seed = int(spec.option("seed", 0))
+    if self.block < 1 or self.num_global < 0 or self.num_random < 0:
+      raise ValueError(f"model.bigbird needs block >= 1, num_global >= 0 and num_random >= 0; got block="
+                       f"{self.block}, num_global={self.num_global}, num_random={self.num_random}")
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding")
+
+  def random_blocks(self, nb: int) -> list[list[list[int]]]:
+    return bigbird_random_blocks(nb, self.spec.num_heads, num_global=self.num_global, num_random=self.num_random,
+                                 seed=self.seed, layer_index=self.spec.layer_index, causal=self.spec.causal)
+
+  def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
+    _check_not_permuted(ctx, "bigbird")
+    b, t = ctx.segment_ids.shape
+    nb = num_blocks(t, self.block)
+    blocks, valid = bigbird_block_table(nb, self.spec.num_heads, num_global=self.num_global,
+                                        num_random=self.num_random, seed=self.seed,
+                                        layer_index=self.spec.layer_index, causal=self.spec.causal)
+    out = block_sparse_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, blocks, valid, block=self.block,
+                                 causal=self.spec.causal)
+    rows = np.concatenate([np.arange(j * self.block, (j + 1) * self.block) for j in global_blocks(nb, self.num_global)]
+                          + [np.zeros(0, np.int64)])
+    rows = rows[rows < t]
+    if not len(rows):
+      return out
+    # Global query rows see every key: dense (blockwise) attention for just those rows.
+    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    seg = jnp.asarray(ctx.segment_ids)
+    out_glob, _ = flash_attention_lse(q_btnh[:, rows], k_btkh, v_btkh, seg[:, rows], seg, index[:, rows], index,
+                                      causal=self.spec.causal, block_q=self.block, block_k=self.block)
+    return out.at[:, rows].set(out_glob.astype(out.dtype))
