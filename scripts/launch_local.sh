@@ -97,8 +97,8 @@ while [ "$num_done" -lt "$n" ]; do
     done
   fi
   [ "$num_done" -lt "$n" ] && sleep 0.2
-done
-wait  # the tee of process 0's output
+done 2>/dev/null  # not bash's own "Killed"/"Aborted" job notices: the line below says what failed
+wait 2>/dev/null  # the tee of process 0's output
 
 if [ -n "$failed" ]; then
   rc="${done_rc[$failed]}"

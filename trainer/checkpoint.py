@@ -27,8 +27,12 @@ log = logging.getLogger("seqmix")
 
 
 def _manager(directory: str, keep: int, async_save: bool, best: bool = False, read_only: bool = False):
+  # Distinct barrier names: both managers may save the same step, and Orbax names its
+  # multi-process barriers by step alone.
   opts = dict(max_to_keep=max(keep, 1), enable_async_checkpointing=async_save, create=not read_only,
-              read_only=read_only)
+              read_only=read_only,
+              multiprocessing_options=ocp.options.MultiprocessingOptions(
+                  barrier_sync_key_prefix="best" if best else "latest"))
   if best:
     opts.update(best_fn=lambda m: m["score"], best_mode="max", keep_checkpoints_without_metrics=False)
   return ocp.CheckpointManager(

@@ -64,13 +64,13 @@ def main(argv=None) -> int:
     return run(sys.argv[1:] if argv is None else argv)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
+    return launch.exit_on_error(2)
   except Exception as e:
     from parallel.mesh import MeshError
     from trainer.data.base import DataError
     if isinstance(e, (MeshError, DataError)):
       print(f"error: {e}", file=sys.stderr, flush=True)
-      return 2
+      return launch.exit_on_error(2)
     raise
 
 

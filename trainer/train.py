@@ -237,13 +237,13 @@ def main(argv=None) -> int:
     return run(args, overrides)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
+    return launch.exit_on_error(2)
   except Exception as e:  # user mistakes raised as these types by lower layers
     from parallel.mesh import MeshError
     from trainer.data.base import DataError
     if isinstance(e, (MeshError, DataError)):
       print(f"error: {e}", file=sys.stderr, flush=True)
-      return 2
+      return launch.exit_on_error(2)
     raise
 
 
