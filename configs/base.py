@@ -61,7 +61,32 @@ def get_config(arg=None):
   c.model.flash = ml_collections.ConfigDict()
   c.model.flash.block_q = 128  # query rows per block
   c.model.flash.block_k = 128  # key/value rows per block streamed past each query block
-  c.model.attention_impl = "xla"  # `attention` mixer: "xla" (dense reference) or "flash" (blockwise, O(T) memory)
+  c.model.flash.decode_chunk = 256  # KV-cache slots per split in split-KV decode attention
+  c.model.attention = ml_collections.ConfigDict()
+  c.model.attention.decode_chunk = 256  # KV-cache slots per split in split-KV decode attention
+  c.model.local = ml_collections.ConfigDict()
+  c.model.local.window = 128  # w: bidirectional |i-j| <= w/2, causal 0 <= i-j < w
+  c.model.local.block = 0  # block rows for the blockwise computation (0 = w // 2)
+  c.model.bigbird = ml_collections.ConfigDict()
+  c.model.bigbird.block = 64  # b: tokens per block
+  c.model.bigbird.num_global = 2  # g global blocks: the first ceil(g/2) and the last floor(g/2)
+  c.model.bigbird.num_random = 3  # r random blocks per query block and head (fixed per layer)
+  c.model.bigbird.seed = 0  # with the layer index, fixes the random blocks
+  c.model.block_sparse = ml_collections.ConfigDict()
+  c.model.block_sparse.block = 64  # tokens per block (query and key)
+  c.model.block_sparse.pattern = "local"  # "local" | "strided" | "random" | "full" (dense, for ablations)
+  c.model.block_sparse.radius = 1  # local/strided: neighbouring blocks on each side (causal: earlier side only)
+  c.model.block_sparse.stride = 4  # strided: also every stride-th block counted from the query block
+  c.model.block_sparse.num_random = 2  # random: random blocks per query block and head, besides the diagonal
+  c.model.block_sparse.seed = 0  # random: with the layer index, fixes the random blocks
+  c.model.xattention = ml_collections.ConfigDict()
+  c.model.xattention.block = 128  # B: block size (the paper's kernel uses 128)
+  c.model.xattention.stride = 8  # S: antidiagonal stride for block scoring; block must be a multiple
+  c.model.xattention.threshold = 0.9  # tau: keep blocks until this share of each row's scored mass (1.0 = exact)
+  c.model.xattention.max_blocks = 0  # cap on kept blocks per query block (0 = no cap)
+  # How `attention` computes: "xla" (dense reference), "flash" (pure-JAX blockwise, O(T) memory),
+  # "pallas" (fused kernel; GPU, interpret mode elsewhere) or "auto" (pallas on GPU, else flash).
+  c.model.attention_impl = "xla"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-3  # peak learning rate after warmup

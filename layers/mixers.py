@@ -26,11 +26,17 @@ from layers.mixer_base import MixContext, Mixer, MixerSpec
 __all__ = ["MIXERS", "MixContext", "Mixer", "MixerSpec", "make_mixer"]
 
 
+from layers.attention.block_sparse import BlockSparseAttention, XAttention  # noqa: E402
 from layers.attention.exact import Attention, FlashAttention  # noqa: E402
+from layers.attention.local import BigBirdAttention, LocalAttention  # noqa: E402
 
 MIXERS: dict[str, type[Mixer]] = {
     "attention": Attention,
     "flash": FlashAttention,
+    "local": LocalAttention,
+    "bigbird": BigBirdAttention,
+    "block_sparse": BlockSparseAttention,
+    "xattention": XAttention,
 }
 
 

@@ -3,6 +3,7 @@
     seqmix train --config=configs/default.py --workdir=runs/default
     seqmix eval  --config=configs/default.py --workdir=runs/default
     seqmix inspect --config=configs/listops.py --split=test --num=3
+    seqmix generate --config=configs/default.py --workdir=runs/default --prompt="def "
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {"train": "trainer.train", "eval": "trainer.evaluate", "evaluate": "trainer.evaluate",
-            "inspect": "trainer.data.inspect"}
+            "inspect": "trainer.data.inspect", "generate": "trainer.generate"}
 
 
 def main(argv=None) -> int:

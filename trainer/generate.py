@@ -114,8 +114,8 @@ def make_sampler(model, prompt_len: int, max_new_tokens: int, *, temperature: fl
       nxt = sample(logits, jax.random.fold_in(rng, i + 1), temperature, top_k, banned)
       return (cache, nxt), nxt
 
-    _, rest_tb = jax.lax.scan(step, (cache, first_b), jnp.arange(max_new_tokens - 1, dtype=jnp.int32))
-    return jnp.concatenate([first_b[:, None], rest_tb.T], axis=1)
+    _, later_tb = jax.lax.scan(step, (cache, first_b), jnp.arange(max_new_tokens - 1, dtype=jnp.int32))
+    return jnp.concatenate([first_b[:, None], later_tb.T], axis=1)
 
   def generate(prompt_bp, rng):
     first, filled = prefill(rest, cache, jnp.asarray(prompt_bp, jnp.int32), jax.random.fold_in(rng, 0))

@@ -42,7 +42,7 @@ from flax import nnx
 
 from layers.attention.exact import Attention, make_mask
 from layers.attention.flash import MASK_VALUE, flash_attention_lse, merge_partials
-from layers.attention.patterns import NoDecodeMixin, pad_to, row_index, auto_period
+from layers.attention.patterns import WholeSequenceMixin, auto_period, pad_to, row_index
 from layers.mixer_base import MixContext, MixerSpec
 
 SUMMARIES = tuple(f"{a}-{p}" for a in ("identity", "relu") for p in ("max", "mean", "sum"))
@@ -182,7 +182,7 @@ def reference_combiner(q_btnh, k_btkh, v_btkh, segment_ids, *, span: int, causal
   return jnp.einsum("bnij,bjnh->binh", p, v).astype(q_btnh.dtype)
 
 
-class Combiner(NoDecodeMixin, Attention):
+class Combiner(WholeSequenceMixin, Attention):
   """Combiner-Fixed (config `model.combiner.*`): span s (0 = ceil(sqrt(T))) and summary
   (activation-pooling of the span's queries and keys, default identity-max)."""
 
@@ -195,7 +195,7 @@ class Combiner(NoDecodeMixin, Attention):
       raise ValueError(f"combiner.span={self.span} must be >= 0 (0 = ceil(sqrt(T)))")
 
   def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
-    self._check_not_decode(ctx)
+    self._check_context(ctx)
     return super().__call__(x_btd, ctx)
 
   def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:

@@ -33,6 +33,14 @@ merge. Memory beyond the cache: the queries repeated once per chunk (#chunks * B
 small while T is a few tokens) and the chunks' fp32 scores, B*N*T*S in all, which for
 decoding is a small fraction of the cache (N/(K*H) of it at T = 1); a long prefill's
 queries are tiled by `block_q` inside each chunk.
+
+Measured (one H200, jax 0.11.2, bf16, B=4, N=32, K=8, H=128, one new token, full caches of
+8k-128k): 0.18-1.9 ms, 0.7-1.15 TB/s of K/V read, level with XLA's dense path and ~9.5x
+faster than one `flash_attention_lse` call streaming the same cache block by block (one
+query row leaves that loop's parallel width at B*N). What the split buys over the dense
+path is memory on long prefills through the cache ([B, N, block_q, S] scores at a time,
+not [B, N, T, S]); for bandwidth-bound decoding the Pallas kernel (kernels/decode_pallas.py)
+is the fast path and this is its portable twin.
 """
 
 from __future__ import annotations
@@ -40,7 +48,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from layers.attention.exact import make_mask, reference_attention
 from layers.attention.flash import flash_attention_lse, merge_partials
 
 DEFAULT_CHUNK = 256  # cache slots per split when neither `chunk` nor `num_splits` is given
@@ -91,8 +98,7 @@ def tree_merge(o_pbtnh, lse_pbtn):
 def _fold_partials(q_btnh, k_bskh, v_bskh, q_seg, kv_seg, q_index, kv_index, chunk, causal, block_q):
   """Partials of every whole chunk of k/v (length a multiple of `chunk`): ([P,B,T,N,H], [P,B,T,N])."""
   b, t, n, h = q_btnh.shape
-  s, kvh = k_bskh.shape[1], k_bskh.shape[2]
-  p = s // chunk
+  p = k_bskh.shape[1] // chunk
   # Chunk j of row b becomes batch row b * P + j; only the (small) queries are repeated.
   fold = lambda x: x.reshape((b * p, chunk) + x.shape[2:])
   rep = lambda x: jnp.repeat(x, p, axis=0)
@@ -142,6 +148,8 @@ def split_kv_decode_attention(q_btnh, k_cache_bskh, v_cache_bskh, cache_lengths_
 def reference_decode_attention(q_btnh, k_cache_bskh, v_cache_bskh, cache_lengths_b, *, q_segment_ids=None,
                                kv_segment_ids=None, causal: bool = True):
   """Dense masked attention over the whole cache (exact.reference_attention) with the same masks."""
+  # Imported here so that exact.py can import this module at its top without a cycle.
+  from layers.attention.exact import make_mask, reference_attention
   b, t = q_btnh.shape[:2]
   lengths = jnp.broadcast_to(jnp.asarray(cache_lengths_b, jnp.int32), (b,))
   q_seg, kv_seg, q_index, kv_index = decode_masks(lengths, t, k_cache_bskh.shape[1], q_segment_ids, kv_segment_ids)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import axes
+from layers.attention.decode import split_kv_decode_attention
 from layers.attention.flash import MASK_VALUE, flash_attention_lse
 from layers.core import Dense
 from layers.mixer_base import MixContext, Mixer, MixerSpec, sequence_parallel
@@ -101,11 +102,22 @@ class Attention(Mixer):
       return sp.attention(self.local_attention, q_btnh, k_btkh, v_btkh, ctx.segment_ids, index,
                           causal=self.spec.causal, block_q=self.spec.option("block_q", 128),
                           block_k=self.spec.option("block_k", 128))
+    if self.impl() == "pallas" and ctx.index is None:  # the fused kernel masks by storage order
+      from kernels.flash_pallas import flash_attention_pallas
+      return flash_attention_pallas(q_btnh, k_btkh, v_btkh, ctx.segment_ids, ctx.segment_ids,
+                                    causal=self.spec.causal)
     return self.local_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, ctx.segment_ids, index, index)
+
+  def impl(self) -> str:
+    """`auto` -> the Pallas kernel on GPU, the pure-JAX blockwise path elsewhere."""
+    impl = self.spec.attention_impl
+    if impl == "auto":
+      impl = "pallas" if jax.default_backend() == "gpu" else "flash"
+    return impl
 
   def local_attention(self, q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index):
     """Single-device attention of queries against keys (possibly a different set of tokens)."""
-    if self.spec.attention_impl == "flash":
+    if self.impl() in ("flash", "pallas"):  # arbitrary index layouts: the pure-JAX blocks
       return flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index,
                                  causal=self.spec.causal, block_q=self.spec.option("block_q", 128),
                                  block_k=self.spec.option("block_k", 128))[0]
@@ -126,11 +138,10 @@ class Attention(Mixer):
                                                                 ctx.segment_ids.astype(jnp.int32), (0, start))
     self.cache_index[...] = start + t
     keys, values, kv_segments = self.cached_key[...], self.cached_value[...], self.cached_segment_ids[...]
-    q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) + start
-    kv_index = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), (b, keys.shape[1]))
     # Slots past the write position hold segment id 0, which the mask already hides.
-    mask = make_mask(ctx.segment_ids, kv_segments, q_index, kv_index, self.spec.causal)
-    return reference_attention(q_btnh, keys, values, mask)
+    return split_kv_decode_attention(q_btnh, keys, values, start + t, q_segment_ids=ctx.segment_ids,
+                                     kv_segment_ids=kv_segments, causal=self.spec.causal,
+                                     chunk=self.spec.option("decode_chunk", 256))
 
 
 class FlashAttention(Attention):

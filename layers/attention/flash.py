@@ -192,13 +192,11 @@ def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk, 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _flash(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk):
-  out, lse = _forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk)
-  return out.astype(q.dtype), lse
+  return _forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk)  # out in fp32: callers cast
 
 
 def _flash_fwd(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk):
   out, lse = _forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk)
-  out = out.astype(q.dtype)
   return (out, lse), (q, k, v, qseg, kseg, qidx, kidx, out, lse)
 
 
@@ -215,8 +213,11 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, *,
-                        causal: bool, block_q: int = 128, block_k: int = 128):
+                        causal: bool, block_q: int = 128, block_k: int = 128, out_dtype=None):
   """Attention of one query set against one key set: (out [B, T, N, H], lse [B, T, N]).
+
+  `out` has q's dtype unless `out_dtype` says otherwise (partial results that will be
+  merged, as in ring attention, should stay fp32).
 
   Rows that see no key give out = 0 and lse = -inf (so `merge_partials` ignores them).
   Lengths need not be multiples of the blocks (padded internally with segment id 0).
@@ -225,7 +226,7 @@ def flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q
   (q, k, v, qseg, kseg, qidx, kidx), (bq, bk, tp) = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids,
                                                              kv_segment_ids, q_index, kv_index, block_q, block_k)
   out, lse = _flash(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk)
-  out = out.reshape(b, tp, n, h)[:, :t]
+  out = out.reshape(b, tp, n, h)[:, :t].astype(out_dtype or q_btnh.dtype)
   lse = jnp.moveaxis(lse, -1, 1).reshape(b, tp, n)[:, :t]
   return out, lse
 

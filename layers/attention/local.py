@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layers.attention.block_sparse import (_check_not_permuted, band_mask, block_sparse_attention, num_blocks,
-                                           pack_rows, stack_heads)
+from layers.attention.block_sparse import (band_mask, block_sparse_attention, check_storage_order, num_blocks,
+                                           pack_rows, per_head_reference_attention, stack_heads)
 from layers.attention.exact import Attention, make_mask, reference_attention
 from layers.attention.flash import flash_attention_lse
 from layers.mixer_base import MixContext, MixerSpec
@@ -58,6 +58,10 @@ class LocalAttention(Attention):
   about 1.5 * T * w scores). Incremental decoding is not supported (init_cache raises).
   """
 
+  # Blocks are contiguous runs of stored tokens: only compiler-propagated sharding ("auto") of
+  # the length axis; Attention's explicit ring / all-to-all / all-gather paths do not apply.
+  SEQUENCE_STRATEGIES = ("auto",)
+
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
     self.window = int(spec.option("window", 128))
@@ -69,7 +73,7 @@ class LocalAttention(Attention):
     raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding")
 
   def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
-    _check_not_permuted(ctx, "local")
+    check_storage_order(ctx, "local")
     band = window_band(self.window, self.spec.causal)
     blocks, valid = local_block_table(num_blocks(q_btnh.shape[1], self.block), self.block, band)
     return block_sparse_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, blocks, valid, block=self.block,
@@ -138,16 +142,13 @@ def reference_bigbird_attention(q_btnh, k_btkh, v_btkh, segment_ids, *, block: i
   bi, bj = np.arange(nb)[:, None], np.arange(nb)[None, :]
   index = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
   base = make_mask(segment_ids, segment_ids, index, index, causal)
-  outs = []
+  masks = []
   for head in range(n):
     blocks = (np.abs(bi - bj) <= 1) | glob[:, None] | glob[None, :]
     for i, row in enumerate(random_blocks[head]):
       blocks[i, row] = True
-    tokens = np.repeat(np.repeat(blocks, block, 0), block, 1)[:t, :t]
-    kv = slice(head // g, head // g + 1)
-    outs.append(reference_attention(q_btnh[:, :, head:head + 1], k_btkh[:, :, kv], v_btkh[:, :, kv],
-                                    base & tokens[None]))
-  return jnp.concatenate(outs, axis=2)
+    masks.append(np.repeat(np.repeat(blocks, block, 0), block, 1)[:t, :t])
+  return per_head_reference_attention(q_btnh, k_btkh, v_btkh, base[:, None] & np.stack(masks)[None])
 
 
 class BigBirdAttention(Attention):
@@ -159,6 +160,10 @@ class BigBirdAttention(Attention):
   Cost: O(T * (3 + g + r) * b) for the ordinary rows plus O(g * b * T) for the global
   rows. Incremental decoding is not supported (init_cache raises).
   """
+
+  # Blocks are contiguous runs of stored tokens: only compiler-propagated sharding ("auto") of
+  # the length axis; Attention's explicit ring / all-to-all / all-gather paths do not apply.
+  SEQUENCE_STRATEGIES = ("auto",)
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
@@ -178,7 +183,7 @@ class BigBirdAttention(Attention):
                                  seed=self.seed, layer_index=self.spec.layer_index, causal=self.spec.causal)
 
   def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
-    _check_not_permuted(ctx, "bigbird")
+    check_storage_order(ctx, "bigbird")
     b, t = ctx.segment_ids.shape
     nb = num_blocks(t, self.block)
     blocks, valid = bigbird_block_table(nb, self.spec.num_heads, num_global=self.num_global,

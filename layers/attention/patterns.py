@@ -108,17 +108,29 @@ def band_attention_lse(q_btnh, k_btkh, v_btkh, q_segment_ids, kv_segment_ids, *,
   static = (diff >= lo) & (diff <= hi)
   if keep_offset is not None:
     static &= keep_offset(diff)
-  mask = jnp.asarray(static) & (qs[..., :, None] == ksw[..., None, :]) & (qs[..., :, None] > 0)
-  mask = mask[:, :, None, None]  # [B, nb, 1, 1, c, W]
-  s = jnp.einsum("bzqkgh,bzskh->bzkgqs", qb, kw, preferred_element_type=jnp.float32) / math.sqrt(h)
-  s = jnp.where(mask, s, MASK_VALUE)
-  m = jnp.max(s, axis=-1)
-  p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
-  l = jnp.sum(p, axis=-1)
-  empty = l == 0.0
-  l_safe = jnp.where(empty, 1.0, l)
-  o = jnp.einsum("bzkgqs,bzskh->bzqkgh", p / l_safe[..., None], vw.astype(jnp.float32))
-  lse = jnp.where(empty, NEG_INF, m + jnp.log(l_safe))  # [B, nb, K, G, c]
+  static = jnp.asarray(static)
+
+  # One query block against its key window, rematerialised in the backward pass (as flash
+  # recomputes P): autodiff would otherwise keep several [T, band] score arrays alive.
+  @jax.checkpoint
+  def block(args):
+    qb, kw, vw, qs, ksw = args  # [B, c, K, G, H], [B, W, K, H], [B, W, K, H], [B, c], [B, W]
+    mask = (static & (qs[:, :, None] == ksw[:, None, :]) & (qs[:, :, None] > 0))[:, None, None]  # [B, 1, 1, c, W]
+    s = jnp.einsum("bqkgh,bskh->bkgqs", qb, kw, preferred_element_type=jnp.float32) / math.sqrt(h)
+    s = jnp.where(mask, s, MASK_VALUE)
+    m = jnp.max(s, axis=-1)
+    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+    l = jnp.sum(p, axis=-1)
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o = jnp.einsum("bkgqs,bskh->bqkgh", p / l_safe[..., None], vw.astype(jnp.float32))
+    return o, jnp.where(empty, NEG_INF, m + jnp.log(l_safe))  # lse [B, K, G, c]
+
+  # Blocks in vectorised chunks of about 1024 query rows: transients stay O(chunk * band)
+  # rather than O(T * band), while each step is still one large batched matmul.
+  first = lambda x: jnp.moveaxis(x, 1, 0)
+  o, lse = jax.lax.map(block, tuple(first(x) for x in (qb, kw, vw, qs, ksw)), batch_size=max(1, 1024 // c))
+  o, lse = jnp.moveaxis(o, 0, 1), jnp.moveaxis(lse, 0, 1)  # [B, nb, c, K, G, H], [B, nb, K, G, c]
   out = o.reshape(b, tp, n, h)[:, :t].astype(q_btnh.dtype)
   lse = jnp.moveaxis(lse, -1, 2).reshape(b, tp, n)[:, :t]
   return out, lse
@@ -267,15 +279,23 @@ def reference_sparse_transformer(q_btnh, k_btkh, v_btkh, segment_ids, *, pattern
   return jnp.concatenate([reference_attention(*g1, m1), reference_attention(*g2, m2)], axis=2)
 
 
-class NoDecodeMixin:
-  """These mixers attend over whole sequences only; decoding would need a pattern-aware cache."""
+class WholeSequenceMixin:
+  """For mixers whose pattern is laid out on the stored row: no decode cache (that would
+  need a pattern-aware cache), only compiler-propagated sequence sharding ("auto":
+  Attention's ring / all-to-all paths attend to full key sets, not to these patterns),
+  and tokens in storage order (a permuted layout, ctx.index, would scramble the pattern)."""
+
+  SEQUENCE_STRATEGIES = ("auto",)
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
     raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding (decode=True)")
 
-  def _check_not_decode(self, ctx: MixContext) -> None:
+  def _check_context(self, ctx: MixContext) -> None:
     if ctx.decode:
       raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding (decode=True)")
+    if getattr(ctx, "index", None) is not None:
+      raise NotImplementedError(f"{type(self).__name__} needs tokens in storage order; a permuted layout "
+                                f"(ctx.index, e.g. zigzag sequence parallelism) is not supported")
 
 
 def auto_period(option: int, t: int) -> int:
@@ -283,7 +303,7 @@ def auto_period(option: int, t: int) -> int:
   return int(option) if option else max(1, math.isqrt(max(t - 1, 0)) + 1)
 
 
-class SparseTransformer(NoDecodeMixin, Attention):
+class SparseTransformer(WholeSequenceMixin, Attention):
   """Sparse Transformer factorised attention (config `model.sparse_transformer.*`):
   pattern "strided" | "fixed", stride l (0 = ceil(sqrt(T))), c (fixed: summary columns
   per block, clipped to l), head_mode "split" | "merged" | "alternate"."""
@@ -299,7 +319,7 @@ class SparseTransformer(NoDecodeMixin, Attention):
       raise ValueError(f"sparse_transformer.stride={self.stride} must be >= 0 (0 = auto) and c={self.c} >= 1")
 
   def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
-    self._check_not_decode(ctx)
+    self._check_context(ctx)
     return super().__call__(x_btd, ctx)
 
   def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
@@ -382,7 +402,7 @@ def reference_longformer(q_btnh, k_btkh, v_btkh, qg_btnh, kg_btkh, vg_btkh, segm
   return jnp.where(jnp.asarray(is_global)[None, :, None, None], out_g, out)
 
 
-class Longformer(NoDecodeMixin, Attention):
+class Longformer(WholeSequenceMixin, Attention):
   """Longformer attention (config `model.longformer.*`): window w, dilation d, and
   global_positions (row indices, e.g. (0,) for a CLS token) with their own projections."""
 
@@ -402,7 +422,7 @@ class Longformer(NoDecodeMixin, Attention):
     self.value_global = Dense((d,), (kv, h), in_axes=e, out_axes=(axes.KV_HEADS, axes.HEAD_DIM), rngs=rngs)
 
   def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
-    self._check_not_decode(ctx)
+    self._check_context(ctx)
     q, k, v = self.query(x_btd), self.key(x_btd), self.value(x_btd)
     qg, kg, vg = self.query_global(x_btd), self.key_global(x_btd), self.value_global(x_btd)
     if self.spec.positions == "rope":

@@ -1,0 +1,498 @@
+"""Fused flash attention as Pallas kernels (Triton lowering on GPU; interpret mode on CPU).
+
+Three kernels, each a grid of independent programs over the native [B, T, N, H] layout
+(no transposes or copies of Q/K/V; grouped-query K/V are shared through index maps):
+
+- forward, grid (query block, head, batch): one [bq, H] query tile stays resident while
+  K/V tiles of [bk, H] stream by; online softmax in fp32 in base 2 (scores are scaled by
+  log2(e)/sqrt(H) once, so each probability is one exp2); writes out and lse (natural log).
+- dK/dV, grid (key block, kv head, batch): one K/V tile resident, the query tiles of all
+  G = N/K query heads of its group stream by, recomputing P^T from the saved lse; the
+  transposed formulation (S^T = K Q^T) keeps every matrix product's transposed operand
+  a loaded tile, never a computed one.
+- dQ, grid (query block, head, batch): like the forward, accumulating dS K.
+
+Causal attention skips fully masked tiles by loop bounds computed from the block index
+(not by masking them), and splits each loop into the tiles that straddle the diagonal
+(mask built) and those entirely below it (no mask). Segment ids (0 = padding) are read
+per tile and the mask built in the kernel. Lengths that are not multiples of the blocks
+are padded outside the kernel with segment id 0; head dims that are not powers of two
+are zero-padded (zeros change neither scores nor outputs).
+
+The twin is `reference_flash_attention_lse` (the same contract through the pure-JAX
+blockwise `layers.attention.flash.flash_attention_lse`); tests also compare with the dense
+`layers.attention.exact.reference_attention`. Cost: forward 4*B*N*Tq*Tk*H FLOPs (about half
+when causal), backward 2.5x that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from layers.attention.flash import flash_attention_lse
+
+try:  # Triton compiler parameters (num_warps, num_stages); absent from some jax builds.
+  from jax.experimental.pallas import triton as _pltriton
+except ImportError:  # pragma: no cover
+  _pltriton = None
+
+# `pl.squeezed` (newer) and `None` (older) both mean "this block dimension is 1 and dropped".
+_SQ = getattr(pl, "squeezed", None)
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# Finite start for the running max: exp2(-inf - _M_INIT) is 0 and exp2(_M_INIT - _M_INIT) is
+# 1, so a row that has seen only masked (-inf) scores keeps l = 0 and o = 0, without NaNs.
+_M_INIT = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Tile sizes (powers of two, >= 16) and Triton launch parameters of the three kernels.
+
+  The defaults are `default_tiling(128)`'s.
+  """
+  block_q: int = 128  # forward: query rows per program
+  block_k: int = 64  # forward: key rows per streamed tile
+  block_q_dkv: int = 32  # dK/dV: query rows per streamed tile
+  block_k_dkv: int = 128  # dK/dV: key rows per program
+  block_q_dq: int = 128  # dQ: query rows per program
+  block_k_dq: int = 32  # dQ: key rows per streamed tile
+  num_warps: int = 8  # forward
+  num_stages: int = 3  # forward: software-pipelining depth of the K/V loop
+  num_warps_bwd: int = 8
+  num_stages_bwd: int = 3
+
+
+def default_tiling(head_dim: int) -> Tiling:
+  """Per-head-dim GPU defaults, chosen for the register budget before any GPU measurement.
+
+  The backward kernels keep two fp32 accumulators of [128, H] (dK and dV) or one of [128, H]
+  (dQ) resident, so their streamed side is 32 rows: the [128, 32] score-sized temporaries
+  then cost 16 registers a thread at 8 warps. Starting points after the Triton fused-attention
+  tutorial's Hopper configs; the bench's sweep (scripts/bench_kernels.py) retunes them.
+  """
+  if head_dim <= 64:
+    return Tiling(128, 64, 32, 128, 128, 32, num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=3)
+  if head_dim <= 128:
+    return Tiling()
+  return Tiling(64, 32, 32, 64, 64, 32, num_warps=4, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Everything static about one call (hashable: a custom_vjp nondiff argument)."""
+  causal: bool
+  has_seg: bool
+  tiling: Tiling
+  scale: float  # 1/sqrt(H) of the unpadded head dim
+  interpret: bool
+
+
+def _dot(a, b):
+  """a [m, k] @ b [k, n] -> fp32."""
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_t(a, b):
+  """a [m, k] @ b[n, k]^T -> fp32 (b is a loaded tile; Triton reads it transposed for free)."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _row_col_mask(row_pos, col_pos, row_seg, col_seg, causal: bool, rows_are_queries: bool):
+  """Visibility of a [rows, cols] tile, or None when every entry is visible.
+
+  Segment ids arrive with padding already remapped on one side (0 -> -1), so plain
+  equality means "same nonzero segment".
+  """
+  mask = None
+  if row_seg is not None:
+    mask = row_seg[:, None] == col_seg[None, :]
+  if causal:
+    c = (col_pos[None, :] <= row_pos[:, None]) if rows_are_queries else (row_pos[:, None] <= col_pos[None, :])
+    mask = c if mask is None else mask & c
+  return mask
+
+
+def _causal_q_bounds(i, bq: int, bk: int, nk: int):
+  """Key blocks of query block i: [0, n_full) entirely visible, [n_full, hi) straddling the diagonal."""
+  n_full = jnp.minimum(lax.div(i * bq + 1, bk), nk)
+  hi = jnp.minimum(lax.div((i + 1) * bq + bk - 1, bk), nk)
+  return n_full, hi
+
+
+def _causal_k_bounds(j, bq: int, bk: int, nq: int):
+  """Query blocks seen by key block j: [lo, q_full) straddling the diagonal, [q_full, nq) below it."""
+  lo = jnp.minimum(lax.div(j * bk, bq), nq)
+  q_full = jnp.minimum(lax.div((j + 1) * bk - 1 + bq - 1, bq), nq)
+  return lo, q_full
+
+
+def _q_block(pid, nq: int, causal: bool):
+  # Causal programs of higher query blocks do more work: launching them first evens the tail.
+  return nq - 1 - pid if causal else pid
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, cfg: _Config, nq: int, nk: int):
+  t = cfg.tiling
+  bq, bk = t.block_q, t.block_k
+  i = _q_block(pl.program_id(0), nq, cfg.causal)
+  q = q_ref[...]
+  q_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)
+  q_seg = None
+  if cfg.has_seg:
+    qs = qs_ref[...]
+    q_seg = jnp.where(qs == 0, -1, qs)
+  c = cfg.scale * LOG2E
+
+  def step(j, carry, causal_tile: bool):
+    o, m, l = carry
+    start = pl.multiple_of(j * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    s = _dot_t(q, k) * c
+    k_seg = ks_ref[pl.ds(start, bk)] if cfg.has_seg else None
+    mask = _row_col_mask(q_pos, start + jnp.arange(bk, dtype=jnp.int32), q_seg, k_seg, causal_tile, True)
+    if mask is not None:
+      s = jnp.where(mask, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    v = v_ref[pl.ds(start, bk), :]
+    o = o * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    return o, m_new, l
+
+  carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), _M_INIT, jnp.float32), jnp.zeros((bq,), jnp.float32))
+  if cfg.causal:
+    n_full, hi = _causal_q_bounds(i, bq, bk, nk)
+    carry = lax.fori_loop(0, n_full, functools.partial(step, causal_tile=False), carry)
+    carry = lax.fori_loop(n_full, hi, functools.partial(step, causal_tile=True), carry)
+  else:
+    carry = lax.fori_loop(0, nk, functools.partial(step, causal_tile=False), carry)
+  o, m, l = carry
+  empty = l == 0.0  # no visible key (padding rows): out 0, lse -inf
+  l_safe = jnp.where(empty, 1.0, l)
+  o_ref[...] = (o * (1.0 / l_safe)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
+
+
+def _compiler_params(cfg: _Config, backward: bool):
+  if cfg.interpret or _pltriton is None:
+    return None
+  t = cfg.tiling
+  if backward:
+    return _pltriton.CompilerParams(num_warps=t.num_warps_bwd, num_stages=t.num_stages_bwd)
+  return _pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def _forward(q, k, v, qseg, kseg, cfg: _Config):
+  """q [B, T, N, H], k/v [B, S, K, H] (padded) -> out [B, T, N, H], lse [B, N, T] (natural log)."""
+  b, tq, n, h = q.shape
+  s, kvh = k.shape[1], k.shape[2]
+  g = n // kvh
+  bq, bk = cfg.tiling.block_q, cfg.tiling.block_k
+  nq, nk = tq // bq, s // bk
+  qb = functools.partial(_q_block, nq=nq, causal=cfg.causal)
+  kernel = functools.partial(_fwd_kernel, cfg=cfg, nq=nq, nk=nk)
+  return pl.pallas_call(
+      kernel,
+      grid=(nq, n, b),
+      in_specs=[
+          pl.BlockSpec((_SQ, bq, _SQ, h), lambda i, hd, bt: (bt, qb(i), hd, 0)),
+          pl.BlockSpec((_SQ, s, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
+          pl.BlockSpec((_SQ, s, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
+          pl.BlockSpec((_SQ, bq), lambda i, hd, bt: (bt, qb(i))),
+          pl.BlockSpec((_SQ, s), lambda i, hd, bt: (bt, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((_SQ, bq, _SQ, h), lambda i, hd, bt: (bt, qb(i), hd, 0)),
+          pl.BlockSpec((_SQ, _SQ, bq), lambda i, hd, bt: (bt, hd, qb(i))),
+      ],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, tq), jnp.float32)],
+      compiler_params=_compiler_params(cfg, backward=False),
+      interpret=cfg.interpret,
+      name="flash_fwd",
+  )(q, k, v, qseg, kseg)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, *, cfg: _Config, nq: int,
+               nk: int):
+  t = cfg.tiling
+  bq, bk = t.block_q_dq, t.block_k_dq
+  i = _q_block(pl.program_id(0), nq, cfg.causal)
+  q, do = q_ref[...], do_ref[...]
+  lse2, delta = lse_ref[...], delta_ref[...]
+  q_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)
+  q_seg = None
+  if cfg.has_seg:
+    qs = qs_ref[...]
+    q_seg = jnp.where(qs == 0, -1, qs)
+  c = cfg.scale * LOG2E
+
+  def step(j, dq, causal_tile: bool):
+    start = pl.multiple_of(j * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    v = v_ref[pl.ds(start, bk), :]
+    s = _dot_t(q, k) * c
+    k_seg = ks_ref[pl.ds(start, bk)] if cfg.has_seg else None
+    mask = _row_col_mask(q_pos, start + jnp.arange(bk, dtype=jnp.int32), q_seg, k_seg, causal_tile, True)
+    if mask is not None:
+      s = jnp.where(mask, s, -jnp.inf)
+    p = jnp.exp2(s - lse2[:, None])
+    dp = _dot_t(do, v)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = jnp.zeros(q.shape, jnp.float32)
+  if cfg.causal:
+    n_full, hi = _causal_q_bounds(i, bq, bk, nk)
+    dq = lax.fori_loop(0, n_full, functools.partial(step, causal_tile=False), dq)
+    dq = lax.fori_loop(n_full, hi, functools.partial(step, causal_tile=True), dq)
+  else:
+    dq = lax.fori_loop(0, nk, functools.partial(step, causal_tile=False), dq)
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref, *, cfg: _Config,
+                nq: int, group: int):
+  t = cfg.tiling
+  bq, bk = t.block_q_dkv, t.block_k_dkv
+  j = pl.program_id(0)
+  k, v = k_ref[...], v_ref[...]
+  k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
+  k_seg = None
+  if cfg.has_seg:
+    ks = ks_ref[...]
+    k_seg = jnp.where(ks == 0, -1, ks)
+  c = cfg.scale * LOG2E
+
+  def step(i, carry, g, causal_tile: bool):
+    dk, dv = carry
+    start = pl.multiple_of(i * bq, bq)
+    q = q_ref[pl.ds(start, bq), g, :]
+    do = do_ref[pl.ds(start, bq), g, :]
+    lse2 = lse_ref[g, pl.ds(start, bq)]
+    delta = delta_ref[g, pl.ds(start, bq)]
+    st = _dot_t(k, q) * c  # S^T [bk, bq]
+    q_seg = qs_ref[pl.ds(start, bq)] if cfg.has_seg else None
+    mask = _row_col_mask(k_pos, start + jnp.arange(bq, dtype=jnp.int32), k_seg, q_seg, causal_tile, False)
+    if mask is not None:
+      st = jnp.where(mask, st, -jnp.inf)
+    pt = jnp.exp2(st - lse2[None, :])
+    dv = dv + _dot(pt.astype(do.dtype), do)
+    dpt = _dot_t(v, do)
+    dst = pt * (dpt - delta[None, :])
+    dk = dk + _dot(dst.astype(q.dtype), q)
+    return dk, dv
+
+  def per_head(g, carry):
+    if cfg.causal:
+      lo, q_full = _causal_k_bounds(j, bq, bk, nq)
+      carry = lax.fori_loop(lo, q_full, functools.partial(step, g=g, causal_tile=True), carry)
+      return lax.fori_loop(q_full, nq, functools.partial(step, g=g, causal_tile=False), carry)
+    return lax.fori_loop(0, nq, functools.partial(step, g=g, causal_tile=False), carry)
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  carry = per_head(0, (zeros, zeros)) if group == 1 else lax.fori_loop(0, group, per_head, (zeros, zeros))
+  dk, dv = carry
+  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _backward(q, k, v, qseg, kseg, out, lse, d_out, d_lse, cfg: _Config):
+  b, tq, n, h = q.shape
+  s, kvh = k.shape[1], k.shape[2]
+  g = n // kvh
+  t = cfg.tiling
+  # delta_i = rowsum(dO * O) - dlse_i: the softmax Jacobian's correction term (an lse cotangent
+  # enters as dS = P * (dP - delta + dlse)), [B, N, T]. One cheap XLA fusion, O(T) memory.
+  delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32)) - d_lse
+  lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0)  # empty rows: all P are masked to 0 anyway
+
+  nq, nk = tq // t.block_q_dq, s // t.block_k_dq
+  qb = functools.partial(_q_block, nq=nq, causal=cfg.causal)
+  bq, bk = t.block_q_dq, t.block_k_dq
+  q_spec = pl.BlockSpec((_SQ, bq, _SQ, h), lambda i, hd, bt: (bt, qb(i), hd, 0))
+  kv_spec = pl.BlockSpec((_SQ, s, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0))
+  row_spec = pl.BlockSpec((_SQ, _SQ, bq), lambda i, hd, bt: (bt, hd, qb(i)))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg, nq=nq, nk=nk),
+      grid=(nq, n, b),
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+                pl.BlockSpec((_SQ, bq), lambda i, hd, bt: (bt, qb(i))),
+                pl.BlockSpec((_SQ, s), lambda i, hd, bt: (bt, 0))],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_compiler_params(cfg, backward=True),
+      interpret=cfg.interpret,
+      name="flash_bwd_dq",
+  )(q, k, v, d_out, lse2, delta, qseg, kseg)
+
+  bq, bk = t.block_q_dkv, t.block_k_dkv
+  nq, nk = tq // bq, s // bk
+  # One program per (key block, kv head): it owns dK/dV of that tile, so the G query heads of
+  # its group are summed in registers (no atomics, no [B, S, N, H] intermediate).
+  qg_spec = pl.BlockSpec((_SQ, tq, g, h), lambda j, kh, bt: (bt, 0, kh, 0))
+  rowg_spec = pl.BlockSpec((_SQ, g, tq), lambda j, kh, bt: (bt, kh, 0))
+  kt_spec = pl.BlockSpec((_SQ, bk, _SQ, h), lambda j, kh, bt: (bt, j, kh, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, cfg=cfg, nq=nq, group=g),
+      grid=(nk, kvh, b),
+      in_specs=[qg_spec, kt_spec, kt_spec, qg_spec, rowg_spec, rowg_spec,
+                pl.BlockSpec((_SQ, tq), lambda j, kh, bt: (bt, 0)),
+                pl.BlockSpec((_SQ, bk), lambda j, kh, bt: (bt, j))],
+      out_specs=[kt_spec, kt_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_compiler_params(cfg, backward=True),
+      interpret=cfg.interpret,
+      name="flash_bwd_dkv",
+  )(q, k, v, d_out, lse2, delta, qseg, kseg)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, qseg, kseg, cfg: _Config):
+  return tuple(_forward(q, k, v, qseg, kseg, cfg))
+
+
+def _attention_fwd(q, k, v, qseg, kseg, cfg: _Config):
+  out, lse = _forward(q, k, v, qseg, kseg, cfg)
+  return (out, lse), (q, k, v, qseg, kseg, out, lse)
+
+
+def _attention_bwd(cfg: _Config, res, grads):
+  q, k, v, qseg, kseg, out, lse = res
+  d_out, d_lse = grads
+  dq, dk, dv = _backward(q, k, v, qseg, kseg, out, lse, d_out, d_lse.astype(jnp.float32), cfg)
+  float0 = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
+  return dq, dk, dv, float0(qseg), float0(kseg)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _resolve_interpret(interpret: bool | None) -> bool:
+  if interpret is not None:
+    return bool(interpret)
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return True
+  if backend == "gpu":
+    return False
+  raise NotImplementedError(f"the Pallas kernels in kernels/ have a GPU (Triton) path only, none for backend "
+                            f"{backend!r} yet; pass interpret=True or use layers.attention.flash")
+
+
+def _pow2_at_least(x: int, lo: int) -> int:
+  return max(lo, 1 << max(0, (x - 1).bit_length()))
+
+
+def _fit(block: int, length: int) -> int:
+  """A block no larger than the (power-of-two-rounded) length, so tiny inputs are not padded to 128."""
+  return min(block, _pow2_at_least(length, 16))
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+  extra = size - x.shape[axis]
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def flash_attention_pallas_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segment_ids=None, *, causal: bool,
+                               block_q: int | None = None, block_k: int | None = None, tiling: Tiling | None = None,
+                               interpret: bool | None = None):
+  """Fused attention: (out [B, T, N, H] in q's dtype, lse [B, T, N] fp32 natural log).
+
+  Same contract as `layers.attention.flash.flash_attention_lse` with indices 0..T-1 and
+  0..S-1: causal means key index <= query index; segment ids [B, T] / [B, S] (0 = padding,
+  both or neither); rows that see no key give out = 0, lse = -inf. Differentiable in q, k,
+  v through both outputs (the lse cotangent is what ring attention's merge sends back).
+
+  Tiles: `tiling` sets all six block sizes and launch parameters; otherwise `block_q` and
+  `block_k` (powers of two >= 16) set the query/key tiles of all three kernels, and when
+  they are None too the per-head-dim GPU defaults apply. `interpret=None` interprets on
+  CPU and compiles with Triton on GPU.
+  """
+  b, t, n, h = q_btnh.shape
+  bs, s, kvh, hk = k_bskh.shape
+  if k_bskh.shape != v_bskh.shape or bs != b or hk != h:
+    raise ValueError(f"q {q_btnh.shape}, k {k_bskh.shape}, v {v_bskh.shape}: expected q [B, T, N, H] and k, v "
+                     f"[B, S, K, H] with the same B and H")
+  if n % kvh:
+    raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+  interp = _resolve_interpret(interpret)
+  hp = _pow2_at_least(h, 16)
+  if tiling is None:
+    base = default_tiling(hp)
+    if block_q is not None or block_k is not None:
+      bq = block_q or base.block_q
+      bk = block_k or base.block_k
+      base = dataclasses.replace(base, block_q=bq, block_k=bk, block_q_dkv=bq, block_k_dkv=bk, block_q_dq=bq,
+                                 block_k_dq=bk)
+    tiling = base
+  tiling = dataclasses.replace(
+      tiling, block_q=_fit(tiling.block_q, t), block_k=_fit(tiling.block_k, s),
+      block_q_dkv=_fit(tiling.block_q_dkv, t), block_k_dkv=_fit(tiling.block_k_dkv, s),
+      block_q_dq=_fit(tiling.block_q_dq, t), block_k_dq=_fit(tiling.block_k_dq, s))
+  for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
+    size = getattr(tiling, name)
+    if size < 16 or size & (size - 1):
+      raise ValueError(f"{name}={size}: Pallas/Triton tiles must be powers of two >= 16")
+  # Powers of two: the largest block is a multiple of the others.
+  tp = -(-t // max(tiling.block_q, tiling.block_q_dkv, tiling.block_q_dq)) * max(
+      tiling.block_q, tiling.block_q_dkv, tiling.block_q_dq)
+  sp = -(-s // max(tiling.block_k, tiling.block_k_dkv, tiling.block_k_dq)) * max(
+      tiling.block_k, tiling.block_k_dkv, tiling.block_k_dq)
+  has_seg = q_segment_ids is not None or tp != t or sp != s
+  if q_segment_ids is None:
+    q_segment_ids = jnp.ones((b, t), jnp.int32)
+    kv_segment_ids = jnp.ones((b, s), jnp.int32)
+  qseg = _pad_axis(q_segment_ids.astype(jnp.int32), 1, tp)
+  kseg = _pad_axis(kv_segment_ids.astype(jnp.int32), 1, sp)
+  q = _pad_axis(_pad_axis(q_btnh, 3, hp), 1, tp)
+  k = _pad_axis(_pad_axis(k_bskh, 3, hp), 1, sp)
+  v = _pad_axis(_pad_axis(v_bskh, 3, hp), 1, sp)
+  cfg = _Config(causal=bool(causal), has_seg=has_seg, tiling=tiling, scale=1.0 / math.sqrt(h), interpret=interp)
+  out, lse = _attention(q, k, v, qseg, kseg, cfg)
+  return out[:, :t, :, :h], jnp.swapaxes(lse, 1, 2)[:, :t]
+
+
+def reference_flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segment_ids=None, *,
+                                  causal: bool, block: int = 128):
+  """The twin: `flash_attention_pallas_lse`'s contract through the pure-JAX blockwise flash."""
+  b, t = q_btnh.shape[:2]
+  s = k_bskh.shape[1]
+  if q_segment_ids is None:
+    q_segment_ids, kv_segment_ids = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)
+  q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  return flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index,
+                             causal=causal, block_q=block, block_k=block)
+
+
+def flash_attention_pallas(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segment_ids=None, *, causal: bool,
+                           block_q: int | None = None, block_k: int | None = None, tiling: Tiling | None = None,
+                           interpret: bool | None = None):
+  """Fused attention output [B, T, N, H]; see `flash_attention_pallas_lse`."""
+  return flash_attention_pallas_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, causal=causal,
+                                    block_q=block_q, block_k=block_k, tiling=tiling, interpret=interpret)[0]

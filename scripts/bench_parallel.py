@@ -1,0 +1,98 @@
+"""Per-device compiled memory under sequence, FSDP and tensor parallelism (CPU, compile only).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/bench_parallel.py [--quick]
+
+Prints two tables from `jax.jit(...).lower(...).compile().memory_analysis()` (exact and
+deterministic; nothing runs):
+1. one attention layer's forward+backward (q, k, v -> out, bf16, B=1, N=8, H=64) with the
+   length split over `sequence` = 1, 2, 4, 8 by ring attention (flash blocks inside), at
+   T = 8k, 16k, 32k;
+2. the full train step of a ~100M-parameter LM under data / FSDP / tensor meshes:
+   arguments (params + Adam moments + batch) and temporaries per device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+from layers.attention.flash import flash_attention  # noqa: E402
+from parallel.sequence import SequenceParallel  # noqa: E402
+
+RULES = (("batch", ("data", "fsdp")), ("length", "sequence"), ("heads", "tensor"), ("kv_heads", "tensor"),
+         ("head_dim", None))
+
+
+def mib(x):
+  return f"{x / 2**20:,.1f}"
+
+
+def attention_memory(t: int, n: int, heads=8, head_dim=64, block=512):
+  devs = np.array(jax.devices()[:n]).reshape(1, 1, 1, n)
+  mesh = Mesh(devs, ("data", "fsdp", "tensor", "sequence"),
+              axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  x = jax.ShapeDtypeStruct((1, t, heads, head_dim), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P(None, "sequence" if n > 1 else None)))
+  tok = jax.ShapeDtypeStruct((1, t), jnp.int32, sharding=NamedSharding(mesh, P(None, "sequence" if n > 1 else None)))
+
+  def loss(q, k, v, seg, idx):
+    if n == 1:
+      out = flash_attention(q, k, v, seg, seg, causal=True, block_q=block, block_k=block)
+    else:
+      sp = SequenceParallel(mesh, RULES, "ring")
+      out = sp.attention(None, q, k, v, seg, idx, causal=True, block_q=block, block_k=block)
+    return jnp.sum(out.astype(jnp.float32))
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, tok, tok).compile()
+  m = compiled.memory_analysis()
+  return m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes
+
+
+def model_memory(mesh_shape):
+  from trainer.config import load_config
+  from trainer.experiment import Experiment
+  overrides = ["model.num_layers=12", "model.d_model=768", "model.num_heads=12", "task.seq_len=512",
+               "batch_size=8", "model.dtype=bfloat16", "model.mixer=flash"]
+  overrides += [f"mesh.{k}={v}" for k, v in zip(("data", "fsdp", "tensor", "sequence"), mesh_shape)]
+  exp = Experiment(load_config("configs/default.py", overrides), "/nonexistent-bench-dir", read_only=True)
+  stats = exp.compile_stats()
+  return exp.num_params, stats
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--quick", action="store_true", help="T up to 8k and two meshes only")
+  args = parser.parse_args()
+  lengths = [8192] if args.quick else [8192, 16384, 32768]
+  print("## Ring attention, one layer forward+backward, per-device compiled memory (MiB)\n")
+  print("| T | sequence | arguments | outputs | temporaries | total | total vs sequence=1 |")
+  print("|---|---|---|---|---|---|---|")
+  for t in lengths:
+    base = None
+    for n in (1, 2, 4, 8):
+      a, o, tmp = attention_memory(t, n)
+      total = a + o + tmp
+      base = base or total
+      print(f"| {t} | {n} | {mib(a)} | {mib(o)} | {mib(tmp)} | {mib(total)} | {total / base:.3f} |", flush=True)
+  print("\n## ~100M-parameter LM train step (12 x d768, T=512, global batch 8, bf16), per device (MiB)\n")
+  print("| mesh (data, fsdp, tensor, sequence) | params | arguments | temporaries | total |")
+  print("|---|---|---|---|---|")
+  meshes = [(8, 1, 1, 1), (1, 8, 1, 1)] if args.quick else [(8, 1, 1, 1), (1, 8, 1, 1), (2, 1, 4, 1), (1, 1, 8, 1),
+                                                            (2, 2, 2, 1)]
+  for shape in meshes:
+    n_params, s = model_memory(shape)
+    print(f"| {shape} | {n_params / 1e6:.1f}M | {mib(s['argument_bytes'])} | {mib(s['temp_bytes'])} | "
+          f"{mib(s['total_bytes'])} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,289 @@
+"""Pallas attention kernels (kernels/flash_pallas.py, kernels/decode_pallas.py) against the dense and
+blockwise references.
+
+On CPU the kernels run in Pallas interpret mode; on a GPU (scripts/gpu_check.sh runs this
+file with JAX_PLATFORMS=cuda) the same tests run the Triton-compiled kernels. Shapes are
+tiny so interpret mode stays fast; tiles are 16-32 so that several blocks, the causal
+diagonal split and the padding of odd lengths are all exercised.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.decode_pallas import decode_attention_pallas, reference_decode_attention
+from kernels.flash_pallas import (Tiling, flash_attention_pallas, flash_attention_pallas_lse,
+                                  reference_flash_attention_lse)
+from layers.attention.exact import make_mask, reference_attention
+from layers.attention.flash import MASK_VALUE
+
+# ||got - want|| / ||want|| against an fp32 reference computed from the same (upcast) inputs:
+# fp32 arithmetic lands far below 1e-5; bf16 operands (inputs, P and dS rounded to bf16) near 3e-3.
+REL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+# Small blocks, different in every kernel (bq != bk) so the causal bounds are exercised off the square.
+TILES = Tiling(block_q=16, block_k=32, block_q_dkv=32, block_k_dkv=16, block_q_dq=16, block_k_dq=32)
+
+
+def _case(b, t, n, kv, h, dtype, seed, s=None, segments=True):
+  s = t if s is None else s
+  r = np.random.default_rng(seed)
+  q = jnp.asarray(r.normal(size=(b, t, n, h)), dtype)
+  k = jnp.asarray(r.normal(size=(b, s, kv, h)), dtype)
+  v = jnp.asarray(r.normal(size=(b, s, kv, h)), dtype)
+  seg = None
+  if segments:
+    seg = np.ones((b, t), np.int32)
+    seg[0, t // 2:] = 2  # two packed sequences ...
+    seg[0, t - 4:] = 0  # ... then padding
+    seg[-1, t - 9:] = 0
+  return q, k, v, seg
+
+
+def _dense(q, k, v, seg, causal):
+  """The dense fp32 reference on upcast inputs: the 'true' answer for either input dtype."""
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  qseg = np.ones((b, t), np.int32) if seg is None else seg
+  kseg = np.ones((b, s), np.int32) if seg is None else seg
+  mask = make_mask(qseg, kseg, np.broadcast_to(np.arange(t), (b, t)), np.broadcast_to(np.arange(s), (b, s)), causal)
+  f32 = lambda x: x.astype(jnp.float32)
+  return reference_attention(f32(q), f32(k), f32(v), mask)
+
+
+def _check(name, got, want, dtype):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert np.all(np.isfinite(got)), f"{name}: non-finite values"
+  err = np.abs(got - want)
+  rel = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+  report = f"{name}: rel {rel:.2e}, max err {err.max():.2e}, mean err {err.mean():.2e}"
+  print(report)
+  assert rel < REL[dtype], report
+
+
+def _values_and_grads(fn, q, k, v, w):
+  """fn(q, k, v) and the gradients of sum(fn * w), from one jit (one interpret-mode compile)."""
+  def loss(q, k, v):
+    out = fn(q, k, v)
+    return jnp.sum(out.astype(jnp.float32) * w), out
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads
+
+
+@pytest.mark.parametrize("dtype,causal,case", [
+    (jnp.float32, True, "gqa_segments_odd"),
+    (jnp.float32, False, "gqa_segments_odd"),
+    (jnp.bfloat16, True, "gqa_segments_odd"),
+    (jnp.bfloat16, False, "mha_aligned"),
+], ids=lambda x: {jnp.float32: "fp32", jnp.bfloat16: "bf16"}.get(x, str(x)))
+def test_values_and_gradients_match_dense_reference(dtype, causal, case):
+  if case == "gqa_segments_odd":  # 45 = not a multiple of 16 or 32; 2 query heads per kv head
+    q, k, v, seg = _case(b=2, t=45, n=4, kv=2, h=64, dtype=dtype, seed=1 + causal)
+  else:  # no segment ids, no padding: the kernels' unmasked fast path
+    q, k, v, seg = _case(b=1, t=64, n=2, kv=2, h=64, dtype=dtype, seed=3 + causal, segments=False)
+  w = jnp.asarray(np.random.default_rng(7).normal(size=q.shape), jnp.float32)
+  pallas = lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=causal, tiling=TILES)
+  got, g_got = _values_and_grads(pallas, q, k, v, w)
+  want, g_want = _values_and_grads(lambda q, k, v: _dense(q, k, v, seg, causal), q, k, v, w)
+  assert got.dtype == dtype and got.shape == q.shape
+  _check("out", got, want, dtype)
+  for name, a, b in zip("qkv", g_got, g_want):
+    assert a.dtype == dtype
+    _check(f"d{name}", a, b, dtype)
+  if seg is not None:  # padding rows see nothing: exactly zero output and zero dq
+    pad = seg == 0
+    assert np.all(np.asarray(got, np.float32)[pad] == 0) and np.all(np.asarray(g_got[0], np.float32)[pad] == 0)
+
+
+def _dense_with_lse(q, k, v, seg, causal):
+  """(dense out, dense lse [B, T, N]) in fp32; lse = -inf on rows that see no key. Scores are
+  masked with a finite value so gradients stay finite on those rows."""
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  idx = np.broadcast_to(np.arange(t), (b, t))
+  mask = make_mask(seg, seg, idx, idx, causal)
+  s = jnp.einsum("btkgh,bskh->btkgs", q.reshape(b, t, kv, n // kv, h), k) / np.sqrt(h)
+  s = jnp.where(mask[:, :, None, None, :], s, MASK_VALUE)
+  lse = jnp.where(mask.any(-1)[:, :, None], jax.nn.logsumexp(s, axis=-1).reshape(b, t, n), -jnp.inf)
+  return _dense(q, k, v, seg, causal), lse
+
+
+def test_lse_and_its_gradient_match_dense_reference():
+  """lse equals the dense log-sum-exp and the blockwise twin's (with -inf on padding rows), and a
+  loss through lse as well as out (what ring attention's merge backpropagates) has the same
+  gradients."""
+  q, k, v, seg = _case(b=2, t=45, n=4, kv=2, h=64, dtype=jnp.float32, seed=11)
+  b, t = seg.shape
+  r = np.random.default_rng(12)
+  w_o, w_l = jnp.asarray(r.normal(size=q.shape), jnp.float32), jnp.asarray(r.normal(size=(b, t, 4)), jnp.float32)
+
+  def run(fn):
+    def loss(q, k, v):
+      o, lse = fn(q, k, v)
+      return jnp.sum(o * w_o) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_l), (o, lse)
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, grads
+
+  (o1, l1), g1 = run(lambda q, k, v: flash_attention_pallas_lse(q, k, v, seg, seg, causal=True, tiling=TILES))
+  (o2, l2), g2 = run(lambda q, k, v: _dense_with_lse(q, k, v, seg, True))
+  assert l1.shape == (b, t, 4) and l1.dtype == jnp.float32
+  np.testing.assert_array_equal(np.isneginf(np.asarray(l1)), np.broadcast_to((seg == 0)[..., None], l1.shape))
+  fin = np.isfinite(np.asarray(l2))
+  _check("lse", np.asarray(l1)[fin], np.asarray(l2)[fin], jnp.float32)
+  _check("out", o1, o2, jnp.float32)
+  for name, a, b_ in zip("qkv", g1, g2):
+    _check(f"d{name} (through out and lse)", a, b_, jnp.float32)
+  o3, l3 = jax.jit(lambda q, k, v: reference_flash_attention_lse(q, k, v, seg, seg, causal=True, block=16))(q, k, v)
+  _check("out vs blockwise twin", o1, o3, jnp.float32)
+  _check("lse vs blockwise twin", np.asarray(l1)[fin], np.asarray(l3)[fin], jnp.float32)
+
+
+@pytest.mark.parametrize("h,causal", [(128, False), (256, True), (96, True)])
+def test_head_dims_with_default_tiles(h, causal):
+  """Head dims 128 and 256 with the GPU default tiles (clamped to the short length), and 96,
+  which is zero-padded to 128 inside; bf16 with grouped-query heads and segments."""
+  q, k, v, seg = _case(b=1, t=40, n=4, kv=1, h=h, dtype=jnp.bfloat16, seed=20 + h)
+  pallas = lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=causal)
+  dense = lambda q, k, v: _dense(q, k, v, seg, causal)
+  if h == 96:  # the padding happens outside the kernels: forward values suffice
+    got, want = jax.jit(pallas)(q, k, v), dense(q, k, v)
+    assert got.shape == q.shape
+    _check("out", got, want, jnp.bfloat16)
+    return
+  w = jnp.asarray(np.random.default_rng(21).normal(size=q.shape), jnp.float32)
+  got, g_got = _values_and_grads(pallas, q, k, v, w)
+  want, g_want = _values_and_grads(dense, q, k, v, w)
+  _check("out", got, want, jnp.bfloat16)
+  for name, a, b in zip("qkv", g_got, g_want):
+    _check(f"d{name}", a, b, jnp.bfloat16)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled kernels at GPU-sized tiles; too slow to interpret")
+@pytest.mark.parametrize("h,causal", [(64, True), (128, True), (128, False), (256, True)])
+def test_gpu_default_tiles_at_realistic_length(h, causal):
+  """The default GPU tiles (64-128 rows, 4-8 warps) unclamped: T = 1000 pads to 1024, several
+  query and key blocks per program, grouped-query heads, packed segments, bf16."""
+  q, k, v, seg = _case(b=2, t=1000, n=8, kv=2, h=h, dtype=jnp.bfloat16, seed=50 + h + causal)
+  w = jnp.asarray(np.random.default_rng(51).normal(size=q.shape), jnp.float32)
+  got, g_got = _values_and_grads(lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=causal), q, k, v, w)
+  want, g_want = _values_and_grads(lambda q, k, v: _dense(q, k, v, seg, causal), q, k, v, w)
+  _check("out", got, want, jnp.bfloat16)
+  for name, a, b in zip("qkv", g_got, g_want):
+    _check(f"d{name}", a, b, jnp.bfloat16)
+
+
+def test_causal_tiles_beyond_the_diagonal_are_never_loaded():
+  """Keys 32..63 are invisible to queries 0..31 (causal). Filling them with NaN poisons any
+  tile that is loaded, even if masked (0 * NaN = NaN in P V and in dP = dO V^T): finite,
+  correct results prove the loops stop at the diagonal rather than mask past it."""
+  q, k, v, _ = _case(b=1, t=32, s=64, n=2, kv=1, h=64, dtype=jnp.float32, seed=30, segments=False)
+  k = k.at[:, 32:].set(jnp.nan)
+  v = v.at[:, 32:].set(jnp.nan)
+  w = jnp.asarray(np.random.default_rng(31).normal(size=q.shape), jnp.float32)
+  got, (dq, dk, dv) = _values_and_grads(
+      lambda q, k, v: flash_attention_pallas(q, k, v, causal=True, tiling=TILES), q, k, v, w)
+  want, (dq_r, dk_r, dv_r) = _values_and_grads(
+      lambda q, k, v: _dense(q, k, v, None, True), q, k[:, :32], v[:, :32], w)
+  _check("out", got, want, jnp.float32)
+  _check("dq", dq, dq_r, jnp.float32)
+  _check("dk", dk[:, :32], dk_r, jnp.float32)
+  _check("dv", dv[:, :32], dv_r, jnp.float32)
+  assert np.all(np.asarray(dk[:, 32:]) == 0) and np.all(np.asarray(dv[:, 32:]) == 0)
+
+
+def test_lowers_to_triton_for_gpu():
+  """The compiled path lowers to three Triton kernels with the intended grids, on any host
+  (lowering runs in Python; only the final Triton compile needs a GPU): forward and dQ over
+  (query blocks, query heads, batch), dK/dV over (key blocks, kv heads, batch) - GQA shares
+  K/V through index maps, so the dK/dV grid has K, not N, heads."""
+  b, t, n, kv, h = 2, 1000, 8, 2, 128
+  q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((b, t, kv, h), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  loss = lambda q, k, v, s: jnp.sum(
+      flash_attention_pallas(q, k, v, s, s, causal=True, interpret=False).astype(jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(lowering_platforms=("cuda",)).as_text()
+  grids = re.findall(r'grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32.*?name = "(\w+)"', text)
+  got = {name: tuple(int(x) for x in g) for *g, name in grids}
+  # Defaults for H=128: forward 128-row query tiles, dQ 128, dK/dV 128-row key tiles; 1000 -> 1024.
+  assert got == {"flash_fwd": (8, n, b), "flash_bwd_dq": (8, n, b), "flash_bwd_dkv": (8, kv, b)}, got
+
+
+def test_rejects_bad_arguments():
+  q, k, v, seg = _case(b=1, t=32, n=4, kv=2, h=64, dtype=jnp.float32, seed=40)
+  with pytest.raises(ValueError, match="powers of two"):
+    flash_attention_pallas(q, k, v, seg, seg, causal=True, block_q=24)
+  with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+    flash_attention_pallas(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2), causal=True)
+  with pytest.raises(ValueError, match="both"):
+    flash_attention_pallas(q, k, v, seg, None, causal=True)
+
+
+# ----------------------------------------------------------------------------- split-KV decode
+
+
+def _decode_case(tq, dtype, seed, s=128, n=8, kv=2, h=64, block=16, lengths=(37, 128, 5, 0)):
+  """Ragged cache lengths (one full, one empty); entries that must never be read are NaN:
+  K past each length, V past the length rounded up to the block (a loaded-but-masked V
+  would still be multiplied by a zero probability, and 0 * NaN = NaN)."""
+  r = np.random.default_rng(seed)
+  lengths = np.asarray(lengths, np.int32)
+  b = len(lengths)
+  q = jnp.asarray(r.normal(size=(b, tq, n, h)), dtype)
+  k = r.normal(size=(b, s, kv, h))
+  v = r.normal(size=(b, s, kv, h))
+  pos = np.arange(s)[None, :, None, None]
+  k_poison = np.where(pos >= lengths[:, None, None, None], np.nan, k)
+  v_poison = np.where(pos >= -(-lengths // block * block)[:, None, None, None], np.nan, v)
+  return q, jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(k_poison, dtype), \
+      jnp.asarray(v_poison, dtype), jnp.asarray(lengths)
+
+
+def _dense_decode(q, k, v, lengths):
+  b, tq = q.shape[:2]
+  s = k.shape[1]
+  lengths = np.asarray(lengths)
+  q_index = lengths[:, None] - tq + np.arange(tq)[None, :]
+  kv_index = np.broadcast_to(np.arange(s), (b, s))
+  mask = make_mask(np.ones((b, tq), np.int32), (kv_index < lengths[:, None]).astype(np.int32), q_index, kv_index,
+                   True)
+  f32 = lambda x: x.astype(jnp.float32)
+  return reference_attention(f32(q), f32(k), f32(v), mask)
+
+
+@pytest.mark.parametrize("tq,dtype,splits", [(1, jnp.float32, 8), (3, jnp.float32, 3), (1, jnp.bfloat16, 1)],
+                         ids=["tq1-fp32-8splits", "tq3-fp32-3splits", "tq1-bf16-1split"])
+def test_decode_matches_references_with_ragged_lengths(tq, dtype, splits):
+  """Against the dense reference and the pure-JAX blockwise twin, whatever the split count (one
+  block per split up to a single split); grouped-query heads packed into rows; never-read
+  cache entries poisoned with NaN."""
+  q, k, v, k_nan, v_nan, lengths = _decode_case(tq, dtype, seed=60 + tq)
+  got = jax.jit(lambda *a: decode_attention_pallas(*a, block_k=16, num_splits=splits))(q, k_nan, v_nan, lengths)
+  assert got.shape == q.shape and got.dtype == dtype
+  _check("decode vs dense", got, _dense_decode(q, k, v, lengths), dtype)
+  if tq == 3:
+    _check("decode vs blockwise twin", got, reference_decode_attention(q, k, v, lengths, block=16), dtype)
+  assert np.all(np.asarray(got, np.float32)[3] == 0)  # empty cache: zeros
+
+
+def test_decode_lowers_to_triton_for_gpu():
+  """Grid (splits, kv heads, batch): K/V are read once per kv head, not per query head."""
+  b, s, n, kv, h = 2, 4096, 32, 8, 128
+  q = jax.ShapeDtypeStruct((b, 1, n, h), jnp.bfloat16)
+  cache = jax.ShapeDtypeStruct((b, s, kv, h), jnp.bfloat16)
+  lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
+  f = lambda q, k, v, l: decode_attention_pallas(q, k, v, l, block_k=64, num_splits=16, interpret=False)
+  text = jax.jit(f).trace(q, cache, cache, lengths).lower(lowering_platforms=("cuda",)).as_text()
+  grids = re.findall(r'grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32.*?name = "(\w+)"', text)
+  assert [(tuple(int(x) for x in g), name) for *g, name in grids] == [((16, kv, b), "flash_decode")]
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled kernel at GPU-sized tiles; too slow to interpret")
+def test_gpu_decode_at_realistic_length():
+  """Default tiles and split count on the device: S = 4096, 32 query heads on 8 kv heads, bf16."""
+  q, k, v, k_nan, v_nan, lengths = _decode_case(1, jnp.bfloat16, seed=80, s=4096, n=32, kv=8, h=128, block=64,
+                                                 lengths=(4096, 1000, 37, 0))
+  got = jax.jit(decode_attention_pallas)(q, k_nan, v_nan, lengths)
+  _check("decode vs dense", got, _dense_decode(q, k, v, lengths), jnp.bfloat16)
