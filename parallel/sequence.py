@@ -48,7 +48,8 @@ def _ring_perm(n):
 
 
 def _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n):
-  o, lse = flash_attention_lse(q, k, v, qseg, kseg, qidx, kidx, causal=causal, block_q=bq, block_k=bk)
+  part = functools.partial(flash_attention_lse, causal=causal, block_q=bq, block_k=bk, out_dtype=jnp.float32)
+  o, lse = part(q, k, v, qseg, kseg, qidx, kidx)
   if n == 1:
     return o, lse
 
@@ -56,7 +57,7 @@ def _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n):
     o, lse, kv = carry
     # [b, t, K, H] x2 and [b, t] x2: the visiting chunk moves one device along the ring.
     kv = tuple(jax.lax.ppermute(x, AXIS, _ring_perm(n)) for x in kv)
-    o2, lse2 = flash_attention_lse(q, kv[0], kv[1], qseg, kv[2], qidx, kv[3], causal=causal, block_q=bq, block_k=bk)
+    o2, lse2 = part(q, kv[0], kv[1], qseg, kv[2], qidx, kv[3])
     o, lse = merge_partials(o, lse, o2, lse2)
     return (o, lse, kv), None
 
