@@ -1,5 +1,7 @@
 """Sharded train steps equal the unsharded one on every mesh shape (data, FSDP, TP, sequence)."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -66,3 +68,34 @@ def test_parameters_really_are_sharded():
   mu = jax.tree.leaves(state["opt_state"], is_leaf=lambda x: isinstance(x, dict) and "encoder/blocks/0/mlp/up/kernel" in x)
   moments = [t["encoder/blocks/0/mlp/up/kernel"] for t in mu if isinstance(t, dict)]
   assert moments and all(m.addressable_shards[0].data.shape == (16, 64) for m in moments)
+
+
+CURVE = ["--config=configs/default.py:smoke", "--config.total_steps=20", "--config.log_every=1",
+         "--config.eval_every=0", "--config.checkpoint_every=0", "--config.batch_size=8", "--config.task.seq_len=64",
+         "--config.model.num_heads=4", "--config.progress_bar=false", "--config.keep_best=false"]
+
+
+@pytest.mark.parametrize("mesh_args", [
+    ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+    ["--config.mesh.data=1", "--config.mesh.tensor=2", "--config.mesh.sequence=4",
+     "--config.parallel.sequence_strategy=ring", "--config.model.mixer=flash", "--config.model.flash.block_q=8",
+     "--config.model.flash.block_k=8"],
+], ids=["dp2-fsdp2-tp2", "tp2-ring4"])
+def test_twenty_step_loss_curve_equals_one_device(mesh_args, tmp_path):
+  """A real single-device run (its own process with one CPU device) against the same
+  20 steps on a sharded mesh: the loss curves agree to float32 reduction-order noise."""
+  import re
+  from tests.helpers import run_cli, train, train_losses
+  one = str(tmp_path / "one")
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", ""))
+  extra = [a for a in mesh_args if "mesh." not in a]  # same model/strategy settings, one device
+  proc = run_cli("trainer.train", *CURVE, *extra, f"--workdir={one}",
+                 env_extra={"XLA_FLAGS": flags + " --xla_force_host_platform_device_count=1"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  sharded = str(tmp_path / "sharded")
+  from trainer import train as train_mod
+  assert train_mod.main([*CURVE, *mesh_args, f"--workdir={sharded}"]) == 0
+  a, b = train_losses(one), train_losses(sharded)
+  assert sorted(a) == list(range(1, 21)) and sorted(b) == sorted(a)
+  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5)
+  assert a[20] < a[1] - 0.5  # the curve really moves
