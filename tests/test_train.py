@@ -25,6 +25,8 @@ def test_train_evaluate_and_rerun_when_complete(tmp_path, capsys):
   ms = metrics(wd)
   assert any("compile/temp_bytes" in m for m in ms) and any("eval/accuracy" in m for m in ms)
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
+  events = os.listdir(os.path.join(wd, "tensorboard"))
+  assert any(e.startswith("events.out.tfevents") for e in events)
   assert os.listdir(os.path.join(wd, "best_checkpoint"))
   assert train(wd) == 0
   assert "already complete (6/6 steps" in capsys.readouterr().out
