@@ -84,6 +84,21 @@ def get_config(arg=None):
   c.model.xattention.stride = 8  # S: antidiagonal stride for block scoring; block must be a multiple
   c.model.xattention.threshold = 0.9  # tau: keep blocks until this share of each row's scored mass (1.0 = exact)
   c.model.xattention.max_blocks = 0  # cap on kept blocks per query block (0 = no cap)
+  c.model.sparse_transformer = ml_collections.ConfigDict()
+  c.model.sparse_transformer.pattern = "strided"  # "strided" (last l + every l-th) or "fixed" (own block + last c of each)
+  c.model.sparse_transformer.stride = 0  # l; 0 = ceil(sqrt(T)), which makes the cost O(T sqrt T)
+  c.model.sparse_transformer.c = 8  # fixed pattern: summary positions at the end of each block (clipped to l)
+  c.model.sparse_transformer.head_mode = "split"  # "split" (half the heads per sub-pattern), "merged", "alternate"
+  c.model.longformer = ml_collections.ConfigDict()
+  c.model.longformer.window = 256  # w: bidirectional |i-j| <= w/2, causal 0 <= i-j < w
+  c.model.longformer.dilation = 1  # window offsets are multiples of this
+  c.model.longformer.global_positions = (0,)  # row indices with global attention (own Q/K/V); () = none
+  c.model.combiner = ml_collections.ConfigDict()
+  c.model.combiner.span = 0  # s tokens per span (Combiner-Fixed); 0 = ceil(sqrt(T))
+  c.model.combiner.summary = "identity-max"  # span pooling: {identity,relu}-{max,mean,sum}
+  c.model.swin = ml_collections.ConfigDict()
+  c.model.swin.window = 8  # M: windows of M tokens (1-D) or M x M cells (2-D)
+  c.model.swin.grid = (0, 0)  # (h, w) 2-D layout with T = h*w; (0, 0) = 1-D
   # How `attention` computes: "xla" (dense reference), "flash" (pure-JAX blockwise, O(T) memory),
   # "pallas" (fused kernel; GPU, interpret mode elsewhere) or "auto" (pallas on GPU, else flash).
   c.model.attention_impl = "xla"

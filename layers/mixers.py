@@ -27,8 +27,11 @@ __all__ = ["MIXERS", "MixContext", "Mixer", "MixerSpec", "make_mixer"]
 
 
 from layers.attention.block_sparse import BlockSparseAttention, XAttention  # noqa: E402
+from layers.attention.combiner import Combiner  # noqa: E402
 from layers.attention.exact import Attention, FlashAttention  # noqa: E402
 from layers.attention.local import BigBirdAttention, LocalAttention  # noqa: E402
+from layers.attention.patterns import Longformer, SparseTransformer  # noqa: E402
+from layers.attention.swin import Swin  # noqa: E402
 
 MIXERS: dict[str, type[Mixer]] = {
     "attention": Attention,
@@ -37,6 +40,10 @@ MIXERS: dict[str, type[Mixer]] = {
     "bigbird": BigBirdAttention,
     "block_sparse": BlockSparseAttention,
     "xattention": XAttention,
+    "sparse_transformer": SparseTransformer,
+    "longformer": Longformer,
+    "combiner": Combiner,
+    "swin": Swin,
 }
 
 

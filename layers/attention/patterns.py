@@ -217,10 +217,12 @@ def _fixed_summary(q, k, v, seg, l, c, causal):
 def _sub_pattern(which: int, q, k, v, seg, pattern, l, c, causal, exclusive=False):
   """A1 (which=1) or A2 (which=2) as (out, lse). exclusive: A1 minus A2 (for the merged union)."""
   if pattern == "strided":
-    return _strided_local(q, k, v, seg, l, causal, exclusive) if which == 1 else _strided_columns(q, k, v, seg, l,
-                                                                                                     causal)
-  return _fixed_block(q, k, v, seg, l, c, causal, exclusive) if which == 1 else _fixed_summary(q, k, v, seg, l, c,
-                                                                                                causal)
+    if which == 1:
+      return _strided_local(q, k, v, seg, l, causal, exclusive)
+    return _strided_columns(q, k, v, seg, l, causal)
+  if which == 1:
+    return _fixed_block(q, k, v, seg, l, c, causal, exclusive)
+  return _fixed_summary(q, k, v, seg, l, c, causal)
 
 
 def check_sparse_transformer(pattern: str, head_mode: str, num_heads: int) -> None:
@@ -305,8 +307,9 @@ def auto_period(option: int, t: int) -> int:
 
 class SparseTransformer(WholeSequenceMixin, Attention):
   """Sparse Transformer factorised attention (config `model.sparse_transformer.*`):
-  pattern "strided" | "fixed", stride l (0 = ceil(sqrt(T))), c (fixed: summary columns
-  per block, clipped to l), head_mode "split" | "merged" | "alternate"."""
+  `pattern` "strided" (default) | "fixed", `stride` l (default 0 = ceil(sqrt(T))), `c`
+  (fixed: summary columns per block, default 8, clipped to l), `head_mode` "split"
+  (default) | "merged" | "alternate"."""
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
@@ -403,14 +406,15 @@ def reference_longformer(q_btnh, k_btkh, v_btkh, qg_btnh, kg_btkh, vg_btkh, segm
 
 
 class Longformer(WholeSequenceMixin, Attention):
-  """Longformer attention (config `model.longformer.*`): window w, dilation d, and
-  global_positions (row indices, e.g. (0,) for a CLS token) with their own projections."""
+  """Longformer attention (config `model.longformer.*`): `window` w (default 256),
+  `dilation` d (default 1) and `global_positions` (row indices, default (0,): the CLS /
+  first token; () for none), whose rows use their own Q/K/V projections."""
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
     self.window = _check_positive("longformer.window", spec.option("window", 256))
     self.dilation = _check_positive("longformer.dilation", spec.option("dilation", 1))
-    positions = spec.option("global_positions", ())
+    positions = spec.option("global_positions", (0,))
     positions = (positions,) if isinstance(positions, (int, np.integer)) else tuple(positions)
     if any(int(p) < 0 for p in positions):
       raise ValueError(f"longformer.global_positions={positions} must be row indices >= 0")

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from layers import axes
-from layers.attention.exact import Attention, make_mask, rope
+from layers.attention.exact import Attention, make_mask
 from layers.attention.flash import MASK_VALUE
 from layers.attention.patterns import WholeSequenceMixin, row_index
 from layers.core import param
@@ -178,8 +178,10 @@ def reference_swin(q_btnh, k_btkh, v_btkh, segment_ids, bias_np, *, window: int,
 
 
 class Swin(WholeSequenceMixin, Attention):
-  """Swin window attention (config `model.swin.*`): window M, grid (0 = 1-D, or (h, w));
-  odd layers use shifted windows; a learned relative position bias per head."""
+  """Swin window attention (config `model.swin.*`): `window` M (default 8), `grid`
+  ((0, 0) or 0 = 1-D, default; (h, w) or "HxW" = 2-D, T must equal h*w); odd layers use
+  shifted windows; a learned relative position bias per head. Rotary positions are
+  applied as in every attention mixer when model.positions = "rope"."""
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
