@@ -16,7 +16,7 @@ from flax import nnx
 
 from layers import axes
 from layers.blocks import Block
-from layers.core import Dense, Embed, Norm, dropout, param
+from layers.core import Dense, Embed, Norm, param
 from layers.mixers import MixContext, MixerSpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

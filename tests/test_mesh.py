@@ -85,7 +85,7 @@ def test_twenty_step_loss_curve_equals_one_device(mesh_args, tmp_path):
   """A real single-device run (its own process with one CPU device) against the same
   20 steps on a sharded mesh: the loss curves agree to float32 reduction-order noise."""
   import re
-  from tests.helpers import run_cli, train, train_losses
+  from tests.helpers import run_cli, train_losses
   one = str(tmp_path / "one")
   flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", ""))
   extra = [a for a in mesh_args if "mesh." not in a]  # same model/strategy settings, one device

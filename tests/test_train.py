@@ -2,11 +2,9 @@
 
 import json
 import os
-import shutil
 
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 from tests.helpers import evaluate, metrics, train, train_losses
 

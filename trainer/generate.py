@@ -17,7 +17,6 @@ tokens fed back) may not exceed `task.seq_len`, the length the model was trained
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 import sys
@@ -209,20 +208,7 @@ def run(argv) -> int:
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  try:
-    return run(sys.argv[1:] if argv is None else argv)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
-  except Exception as e:
-    from parallel.mesh import MeshError
-    from trainer.data.base import DataError
-    if isinstance(e, (MeshError, DataError)):
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      return 2
-    raise
-
+  return launch.run_entry(lambda: run(sys.argv[1:] if argv is None else argv))
 
 if __name__ == "__main__":
   sys.exit(main())

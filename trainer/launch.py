@@ -149,3 +149,18 @@ def initialize(args) -> None:
   process = args.process_id if explicit else next(
       (os.environ[v] for v in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if v in os.environ), "?")
   _exit_on_uncaught_exception(process)
+
+
+def run_entry(body) -> int:
+  """Runs an entry point's body: a user mistake (config, data, mesh, checkpoint) becomes one
+  `error: ...` line on stderr and exit code 2, with no traceback; anything else propagates."""
+  import logging
+  from parallel.mesh import MeshError
+  from trainer.config import UserError
+  from trainer.data.base import DataError
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  try:
+    return body()
+  except (UserError, MeshError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return exit_on_error(2)

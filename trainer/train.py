@@ -230,22 +230,8 @@ def _summary(exp, args, overrides, cfg, result, step, wall) -> None:
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   argv = sys.argv[1:] if argv is None else argv
-  try:
-    args, overrides = parse_args(argv)
-    return run(args, overrides)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return launch.exit_on_error(2)
-  except Exception as e:  # user mistakes raised as these types by lower layers
-    from parallel.mesh import MeshError
-    from trainer.data.base import DataError
-    if isinstance(e, (MeshError, DataError)):
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      return launch.exit_on_error(2)
-    raise
-
+  return launch.run_entry(lambda: run(*parse_args(argv)))
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -45,7 +45,6 @@ is the fast path and this is its portable twin.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from layers.attention.flash import flash_attention_lse, merge_partials

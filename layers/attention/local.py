@@ -135,7 +135,6 @@ def reference_bigbird_attention(q_btnh, k_btkh, v_btkh, segment_ids, *, block: i
                                 random_blocks: list[list[list[int]]], causal: bool) -> jax.Array:
   """BigBird with the explicit [N, T, T] mask built from its rules, head by head."""
   b, t, n, h = q_btnh.shape
-  g = n // k_btkh.shape[2]
   nb = num_blocks(t, block)
   glob = np.zeros(nb, bool)
   glob[global_blocks(nb, num_global)] = True
