@@ -86,3 +86,15 @@ def test_unreadable_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   assert train(wd, "--config.eval_every=0", "--config.log_every=1") == 0
   assert "checkpoint 6" in caplog.text and "unreadable" in caplog.text
   assert max(train_losses(wd)) == 6 and 4 in train_losses(wd)  # steps 4..6 were redone from step 3
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+  """`./scripts/train.sh` passes runs/default: checkpoints (latest and best) work with relative paths."""
+  from tests.helpers import ROOT
+  from trainer import train as train_mod
+  monkeypatch.chdir(tmp_path)
+  cfg = os.path.join(ROOT, "configs", "default.py") + ":smoke"
+  args = [f"--config={cfg}", "--config.batch_size=8", "--config.progress_bar=false", "--workdir=runs/rel"]
+  assert train_mod.main(args) == 0
+  assert sorted(os.listdir(tmp_path / "runs" / "rel" / "checkpoints")) == ["3", "6"]
+  assert os.listdir(tmp_path / "runs" / "rel" / "best_checkpoint")

@@ -57,6 +57,7 @@ def _flat_shapes(tree, prefix="") -> dict[str, tuple]:
 class Checkpointer:
 
   def __init__(self, workdir: str, keep: int, keep_best: bool, async_save: bool, read_only: bool = False):
+    workdir = os.path.abspath(workdir)  # Orbax's tensorstore paths must be absolute
     self.root = os.path.join(workdir, "checkpoints")
     self.read_only = read_only
     if read_only and not os.path.isdir(self.root):
