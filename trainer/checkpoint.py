@@ -27,10 +27,20 @@ log = logging.getLogger("seqmix")
 
 
 def _manager(directory: str, keep: int, async_save: bool, best: bool = False, read_only: bool = False):
+  if read_only:  # evaluate/generate: Orbax warns about every save option it ignores; say none
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+      return ocp.CheckpointManager(
+          directory,
+          item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+          options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    finally:
+      absl_log.setLevel(level)
   # Distinct barrier names: both managers may save the same step, and Orbax names its
   # multi-process barriers by step alone.
-  opts = dict(max_to_keep=max(keep, 1), enable_async_checkpointing=async_save, create=not read_only,
-              read_only=read_only,
+  opts = dict(max_to_keep=max(keep, 1), enable_async_checkpointing=async_save, create=True,
               multiprocessing_options=ocp.options.MultiprocessingOptions(
                   barrier_sync_key_prefix="best" if best else "latest"))
   if best:
