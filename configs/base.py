@@ -140,3 +140,16 @@ def get_config(arg=None):
       ("classes", None),
   )
   return c
+
+
+def shrink_to_smoke(c):
+  """The `:smoke` settings every config shares: one tiny layer, 6 steps, seconds on a CPU."""
+  c.model.num_layers = 1
+  c.model.d_model = 32
+  c.batch_size = 8
+  c.total_steps = 6
+  c.eval_every = 3
+  c.checkpoint_every = 3
+  c.eval_examples = 16
+  c.log_every = 2
+  return c

@@ -22,15 +22,8 @@ def get_config(arg=None):
   c.eval_every = 100
   c.checkpoint_every = 100
   if arg == "smoke":
-    c.total_steps = 6
-    c.batch_size = 8
+    base.shrink_to_smoke(c)
     c.task.seq_len = 32
-    c.model.num_layers = 1
-    c.model.d_model = 32
-    c.eval_every = 3
-    c.checkpoint_every = 3
-    c.eval_examples = 16
-    c.log_every = 2
   elif arg:
     raise ValueError(f"configs/default.py takes no argument or 'smoke', not {arg!r}")
   return c

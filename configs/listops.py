@@ -44,14 +44,7 @@ def get_config(arg=None):
     c.task.listops.min_len = 8
     c.task.listops.max_len = 64
     c.task.listops.max_depth = 4
-    c.model.num_layers = 1
-    c.model.d_model = 32
-    c.batch_size = 8
-    c.total_steps = 6
-    c.eval_every = 3
-    c.checkpoint_every = 3
-    c.eval_examples = 16
-    c.log_every = 2
+    base.shrink_to_smoke(c)
     c.optimizer.warmup_steps = 2
   elif arg:
     raise ValueError(f"configs/listops.py takes no argument, 'small' or 'smoke', not {arg!r}")

@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from layers.attention.exact import Attention, make_mask, reference_attention
-from layers.attention.flash import MASK_VALUE, NEG_INF
+from layers.attention.flash import MASK_VALUE, NEG_INF, pad_length
 from layers.mixer_base import MixContext, MixerSpec
 
 Band = tuple[int, int] | None  # (before, after): key j visible from query i only if i-before <= j <= i+after
@@ -52,15 +52,6 @@ Band = tuple[int, int] | None  # (before, after): key j visible from query i onl
 # ----------------------------------------------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _pad_len(x, length, value=0):
-  extra = length - x.shape[1]
-  if extra == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[1] = (0, extra)
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def _table(kv_blocks, kv_valid, b, n, kvh, nb):
@@ -238,15 +229,15 @@ def block_sparse_attention(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_va
   g, nb = n // kvh, num_blocks(t, block)
   tp = nb * block
   idx, valid = _table(kv_blocks, kv_valid, b, n, kvh, nb)
-  seg = _pad_len(jnp.asarray(segment_ids, jnp.int32), tp)
+  seg = pad_length(jnp.asarray(segment_ids, jnp.int32), tp)
   sb = seg.reshape(b, nb, block)
-  q = _pad_len(q_btnh, tp).reshape(b, nb, block, kvh, g, h)
+  q = pad_length(q_btnh, tp).reshape(b, nb, block, kvh, g, h)
   if idx.shape[2] == g:  # a table per query head: [B, K, G, C, block, H]
     q, qsb = q.transpose(0, 3, 4, 1, 2, 5), sb
   else:  # the group's query heads share the table: stack them as rows, [B, K, 1, C, G * block, H]
     q, qsb = q.transpose(0, 3, 1, 4, 2, 5).reshape(b, kvh, 1, nb, g * block, h), jnp.tile(sb, (1, 1, g))
-  kb = _pad_len(k_bskh, tp).reshape(b, nb, block, kvh, h).transpose(0, 3, 1, 2, 4)
-  vb = _pad_len(v_bskh, tp).reshape(b, nb, block, kvh, h).transpose(0, 3, 1, 2, 4)
+  kb = pad_length(k_bskh, tp).reshape(b, nb, block, kvh, h).transpose(0, 3, 1, 2, 4)
+  vb = pad_length(v_bskh, tp).reshape(b, nb, block, kvh, h).transpose(0, 3, 1, 2, 4)
   out = _engine(q, kb, vb, qsb, sb, idx, valid, block, causal, None if band is None else tuple(band))
   if idx.shape[2] == g:
     out = out.transpose(0, 3, 4, 1, 2, 5)
@@ -457,10 +448,10 @@ def xattention_block_mass(q_btnh, k_btkh, segment_ids, *, block: int, stride: in
   kvh = k_btkh.shape[2]
   nb = num_blocks(t, block)
   tp, r = nb * block, nb * block // stride
-  seg = _pad_len(jnp.asarray(segment_ids, jnp.int32), tp)
+  seg = pad_length(jnp.asarray(segment_ids, jnp.int32), tp)
   real = (seg > 0)[:, :, None, None]
-  q = jnp.where(real, _pad_len(q_btnh, tp), 0).astype(jnp.float32)
-  k = jnp.where(real, _pad_len(k_btkh, tp), 0).astype(jnp.float32)
+  q = jnp.where(real, pad_length(q_btnh, tp), 0).astype(jnp.float32)
+  k = jnp.where(real, pad_length(k_btkh, tp), 0).astype(jnp.float32)
   q_coarse = q.reshape(b, r, stride, n, h)[:, :, ::-1].transpose(0, 1, 3, 2, 4).reshape(b, r, kvh, n // kvh,
                                                                                         stride * h)
   k_coarse = k.reshape(b, r, stride, kvh, h).transpose(0, 1, 3, 2, 4).reshape(b, r, kvh, stride * h)
@@ -587,7 +578,7 @@ class XAttention(Attention):
     mass = xattention_block_mass(q_btnh, k_btkh, segment_ids, block=self.block, stride=self.stride,
                                  causal=self.spec.causal)
     nb = mass.shape[-1]
-    seg = _pad_len(jnp.asarray(segment_ids, jnp.int32), nb * self.block)
+    seg = pad_length(jnp.asarray(segment_ids, jnp.int32), nb * self.block)
     return xattention_select(mass, tile_visible(seg, self.block, self.spec.causal), threshold=self.threshold,
                              max_blocks=self.max_blocks)
 

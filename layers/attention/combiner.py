@@ -42,7 +42,8 @@ from flax import nnx
 
 from layers.attention.exact import Attention, make_mask
 from layers.attention.flash import MASK_VALUE, flash_attention_lse, merge_partials
-from layers.attention.patterns import WholeSequenceMixin, auto_period, pad_to, row_index
+from layers.attention.flash import pad_length
+from layers.attention.patterns import WholeSequenceMixin, auto_period, row_index
 from layers.mixer_base import MixContext, MixerSpec
 
 SUMMARIES = tuple(f"{a}-{p}" for a in ("identity", "relu") for p in ("max", "mean", "sum"))
@@ -92,8 +93,8 @@ def combiner_attention(q_btnh, k_btkh, v_btkh, segment_ids, *, span: int, causal
   s = span
   tp = -(-t // s) * s
   r = tp // s
-  seg = pad_to(segment_ids.astype(jnp.int32), tp)
-  q, k, v = (pad_to(x, tp) for x in (q_btnh, k_btkh, v_btkh))
+  seg = pad_length(segment_ids.astype(jnp.int32), tp)
+  q, k, v = (pad_length(x, tp) for x in (q_btnh, k_btkh, v_btkh))
   rows = lambda x: x.reshape((b * r, s) + x.shape[2:])
 
   # Direct part: the own span, [B*R, s] rows.

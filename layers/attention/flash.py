@@ -64,7 +64,8 @@ def _unblocks(x, axis=1):
   return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
-def _pad(x, length, value=0):
+def pad_length(x, length, value=0):
+  """Pads axis 1 (the length) of `x` up to `length` with `value` (segment id 0 = padding)."""
   extra = length - x.shape[1]
   if extra == 0:
     return x
@@ -250,10 +251,10 @@ def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_
     raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
   bq, bk = min(block_q, t), min(block_k, s)
   tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
-  q = _pad(q_btnh, tp).reshape(b, tp, kvh, n // kvh, h)
-  k, v = _pad(k_bskh, sp), _pad(v_bskh, sp)
-  qseg, kseg = _pad(q_segment_ids.astype(jnp.int32), tp), _pad(kv_segment_ids.astype(jnp.int32), sp)
-  qidx, kidx = _pad(q_index.astype(jnp.int32), tp), _pad(kv_index.astype(jnp.int32), sp)
+  q = pad_length(q_btnh, tp).reshape(b, tp, kvh, n // kvh, h)
+  k, v = pad_length(k_bskh, sp), pad_length(v_bskh, sp)
+  qseg, kseg = pad_length(q_segment_ids.astype(jnp.int32), tp), pad_length(kv_segment_ids.astype(jnp.int32), sp)
+  qidx, kidx = pad_length(q_index.astype(jnp.int32), tp), pad_length(kv_index.astype(jnp.int32), sp)
   return (q, k, v, qseg, kseg, qidx, kidx), (bq, bk, tp)
 
 
@@ -269,9 +270,9 @@ def flash_chunk_grads(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_i
                                                              kv_segment_ids, q_index, kv_index, block_q, block_k)
   b, t, n, h = q_btnh.shape
   kvh = k_bskh.shape[2]
-  out = _pad(out_btnh, tp).reshape(q.shape)
-  d_out = _pad(d_out_btnh, tp).reshape(q.shape)
-  lse = jnp.moveaxis(_pad(lse_btn, tp, value=-jnp.inf).reshape(b, tp, kvh, n // kvh), 1, -1)
+  out = pad_length(out_btnh, tp).reshape(q.shape)
+  d_out = pad_length(d_out_btnh, tp).reshape(q.shape)
+  lse = jnp.moveaxis(pad_length(lse_btn, tp, value=-jnp.inf).reshape(b, tp, kvh, n // kvh), 1, -1)
   dq, dk, dv = _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk)
   s = k_bskh.shape[1]
   return dq.reshape(b, tp, n, h)[:, :t], dk[:, :s], dv[:, :s]

@@ -34,22 +34,13 @@ from flax import nnx
 
 from layers import axes
 from layers.attention.exact import Attention, make_mask, reference_attention, rope
-from layers.attention.flash import MASK_VALUE, NEG_INF, flash_attention_lse, merge_partials
+from layers.attention.flash import MASK_VALUE, NEG_INF, flash_attention_lse, merge_partials, pad_length
 from layers.core import Dense
 from layers.mixer_base import MixContext, MixerSpec
 
 
 # ----------------------------------------------------------------------------------------------
 # Shared pieces: padding, folding, a banded attention with lse.
-
-
-def pad_to(x, length: int, value=0):
-  extra = length - x.shape[1]
-  if extra == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[1] = (0, extra)
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def _fold(x, period: int):
@@ -101,8 +92,8 @@ def band_attention_lse(q_btnh, k_btkh, v_btkh, q_segment_ids, kv_segment_ids, *,
     return jnp.concatenate([xb[:, before + o: before + o + nb] for o in offsets], axis=2)
 
   kw, vw, ksw = key_windows(k_btkh), key_windows(v_btkh), key_windows(kv_segment_ids.astype(jnp.int32))
-  qb = pad_to(q_btnh, tp).reshape(b, nb, c, kvh, g, h)
-  qs = pad_to(q_segment_ids.astype(jnp.int32), tp).reshape(b, nb, c)
+  qb = pad_length(q_btnh, tp).reshape(b, nb, c, kvh, g, h)
+  qs = pad_length(q_segment_ids.astype(jnp.int32), tp).reshape(b, nb, c)
   # i - j inside a (query block, key window) pair does not depend on the block: static.
   diff = np.arange(c)[:, None] - np.concatenate([o * c + np.arange(c) for o in offsets])[None, :]
   static = (diff >= lo) & (diff <= hi)
@@ -183,8 +174,8 @@ def _strided_columns(q, k, v, seg, l, causal):
   b, t = seg.shape
   tp = -(-t // l) * l
   idx = row_index(b, tp)
-  segp = pad_to(seg.astype(jnp.int32), tp)
-  fq, fk, fv = (_fold(pad_to(x, tp), l) for x in (q, k, v))
+  segp = pad_length(seg.astype(jnp.int32), tp)
+  fq, fk, fv = (_fold(pad_length(x, tp), l) for x in (q, k, v))
   fs, fi = _fold(segp, l), _fold(idx, l)
   out, lse = flash_attention_lse(fq, fk, fv, fs, fs, fi, fi, causal=causal)
   return _unfold(out, b)[:, :t], _unfold(lse, b)[:, :t]
@@ -195,9 +186,9 @@ def _fixed_block(q, k, v, seg, l, c, causal, exclude_summary=False):
   b, t = seg.shape
   tp = -(-t // l) * l
   nb = tp // l
-  segp = pad_to(seg.astype(jnp.int32), tp)
+  segp = pad_length(seg.astype(jnp.int32), tp)
   kv_seg = jnp.where(jnp.arange(tp) % l >= l - c, 0, segp) if exclude_summary else segp  # those keys are in A2
-  rows = lambda x: pad_to(x, tp).reshape((b * nb, l) + x.shape[2:])
+  rows = lambda x: pad_length(x, tp).reshape((b * nb, l) + x.shape[2:])
   idx = row_index(b * nb, l)
   out, lse = flash_attention_lse(rows(q), rows(k), rows(v), segp.reshape(b * nb, l), kv_seg.reshape(b * nb, l),
                                  idx, idx, causal=causal)
@@ -366,7 +357,7 @@ def longformer_attention(q_btnh, k_btkh, v_btkh, qg_btnh, kg_btkh, vg_btkh, segm
     out, lse = band_attention_lse(q_btnh, k_btkh, v_btkh, seg, kv_seg, lo=lo, hi=hi)
   else:  # dilated window = plain window inside each residue class mod d
     tp = -(-t // d) * d
-    fold = lambda x: _fold(pad_to(x, tp), d)
+    fold = lambda x: _fold(pad_length(x, tp), d)
     out, lse = band_attention_lse(fold(q_btnh), fold(k_btkh), fold(v_btkh), fold(seg), fold(kv_seg), lo=lo, hi=hi)
     out, lse = _unfold(out, b)[:, :t], _unfold(lse, b)[:, :t]
   if gidx.size == 0:
