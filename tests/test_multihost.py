@@ -256,9 +256,14 @@ def test_launcher_reports_a_dead_process(tmp_path):
     out, err = launcher.communicate(timeout=40)
     elapsed = time.time() - t0
     print(f"launcher exited with {launcher.returncode} after {elapsed:.1f} s")
-    assert launcher.returncode == 128 + signal.SIGKILL, out[-2000:] + err[-2000:]
-    log1 = os.path.join(workdir, "logs", "process_1.log")
-    assert f"launch_local: process 1 failed with status 137 (signal KILL); see {log1}" in err, err[-2000:]
+    # Usually the launcher sees the killed process first; sometimes the survivor notices the
+    # dead peer (a closed gloo connection) and exits 1 before the launcher's next poll.
+    # Either way the launcher must name the process that failed first and pass on its status.
+    log0, log1 = (os.path.join(workdir, "logs", f"process_{i}.log") for i in range(2))
+    named_victim = f"launch_local: process 1 failed with status 137 (signal KILL); see {log1}" in err
+    named_survivor = f"launch_local: process 0 failed with status 1; see {log0}" in err
+    assert named_victim or named_survivor, err[-2000:]
+    assert launcher.returncode == (128 + signal.SIGKILL if named_victim else 1), out[-2000:] + err[-2000:]
     assert _find_process(workdir, 0) is None  # nothing left behind
   finally:
     if launcher.poll() is None:
