@@ -99,6 +99,9 @@ def get_config(arg=None):
   c.model.swin = ml_collections.ConfigDict()
   c.model.swin.window = 8  # M: windows of M tokens (1-D) or M x M cells (2-D)
   c.model.swin.grid = (0, 0)  # (h, w) 2-D layout with T = h*w; (0, 0) = 1-D
+  c.model.linear = ml_collections.ConfigDict()
+  c.model.linear.chunk = 64  # C: causal chunk length (intra-chunk C x C products, state carried across)
+  c.model.linear.eps = 1e-6  # added to the denominator phi(q) . sum phi(k)
   # How `attention` computes: "xla" (dense reference), "flash" (pure-JAX blockwise, O(T) memory),
   # "pallas" (fused kernel; GPU, interpret mode elsewhere) or "auto" (pallas on GPU, else flash).
   c.model.attention_impl = "xla"
@@ -116,7 +119,8 @@ def get_config(arg=None):
 
   c.parallel = ml_collections.ConfigDict()
   # How attention handles a length split over mesh.sequence > 1: "auto" (the compiler's
-  # sharding propagation, which gathers K/V), "ring", "all_to_all" (Ulysses) or "all_gather".
+  # sharding propagation, which gathers K/V), "ring", "all_to_all" (Ulysses), "all_gather", or
+  # "scan" (recurrent mixers: per-device chunk scans combined across devices).
   c.parallel.sequence_strategy = "auto"
   c.parallel.load_balance = True  # causal + ring: store rows in zigzag order so every device does equal work
 

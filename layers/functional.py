@@ -57,10 +57,10 @@ class FunctionalModel:
   def module(self, params: dict, extra: dict) -> nnx.Module:
     return nnx.merge(self.graphdef, self._params.rebuild(params), self._extra.rebuild(extra))
 
-  def apply(self, params: dict, extra: dict, batch: dict, *, dropout_rng=None, training: bool = False):
+  def apply(self, params: dict, extra: dict, batch: dict, *, dropout_rng=None, training: bool = False, step=None):
     """Returns (logits, aux_loss, new_extra). `aux_loss` sums every sown "aux_loss"."""
     model = self.module(params, extra)
-    logits = model(batch, dropout_rng=dropout_rng, training=training)
+    logits = model(batch, dropout_rng=dropout_rng, training=training, step=step)
     sown = nnx.pop(model, nnx.Intermediate)
     aux = jnp.zeros((), jnp.float32)
     for path, value in jax.tree_util.tree_flatten_with_path(sown)[0]:

@@ -45,13 +45,16 @@ class MixContext:
   # True position of each stored token, for causal masks; None = storage order (0..T-1).
   # Differs from storage order when rows are stored permuted (zigzag load balancing).
   index: jax.Array | None = None
+  decode: bool = False  # True: use and advance the decode state in nnx.Cache variables
+  # The training step (int32 scalar; the state's step at evaluation), for mixers with
+  # step schedules (Performer's feature redraws, PRepBN's LN->BN blend); None = 0.
+  step: jax.Array | None = None
 
   def token_index(self) -> jax.Array:
     if self.index is not None:
       return self.index
     b, t = self.segment_ids.shape
     return jax.numpy.broadcast_to(jax.numpy.arange(t, dtype=jax.numpy.int32), (b, t))
-  decode: bool = False  # True: use and advance the decode state in nnx.Cache variables
 
 
 class Mixer(nnx.Module):

@@ -32,6 +32,7 @@ from layers.attention.exact import Attention, FlashAttention  # noqa: E402
 from layers.attention.local import BigBirdAttention, LocalAttention  # noqa: E402
 from layers.attention.patterns import Longformer, SparseTransformer  # noqa: E402
 from layers.attention.swin import Swin  # noqa: E402
+from layers.linear.linear import LinearTransformer  # noqa: E402
 
 MIXERS: dict[str, type[Mixer]] = {
     "attention": Attention,
@@ -44,6 +45,7 @@ MIXERS: dict[str, type[Mixer]] = {
     "longformer": Longformer,
     "combiner": Combiner,
     "swin": Swin,
+    "linear": LinearTransformer,
 }
 
 

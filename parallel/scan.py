@@ -94,3 +94,72 @@ def sp_linear_recurrence(a_btd, b_btd, *, mesh: Mesh, spec):
 
   return sequence_parallel_scan(linear_recurrence_chunk, _linear_combine, apply, identity, (a_btd, b_btd),
                                 mesh=mesh, in_specs=(spec, spec), out_specs=spec)
+
+
+# -- linear attention (layers/linear/core.py) -------------------------------------------------
+#
+# A device's chunk acts on the incoming state like S_out = a * S_in + S_chunk, where
+# a = 1 iff the whole chunk continues the run the incoming state belongs to. Its summary
+# is (first run id, last run id, uniform: one run throughout, S_chunk); composing
+# (f1, l1, u1, S1) then (f2, l2, u2, S2) gives (f1, l2, u1 & u2 & l1 == f2,
+# S2 + [u2 & f2 == l1] S1), which is associative. A token then adds phi(q) S_in when it
+# continues the incoming run (its run id equals the incoming last id).
+
+_NO_RUN = -2  # the run id of "no tokens yet": equal to no real run (ids >= -1)
+
+
+def _linear_combine(earlier, later):
+  f1, l1, u1, s1 = earlier
+  f2, l2, u2, s2 = later
+  carry = u2 & (f2 == l1)
+  return f1, l2, u1 & u2 & (l1 == f2), s2 + jnp.where(carry[..., None, None, None], s1, 0.0)
+
+
+def _linear_direction(q, k, v, seg, seg_all, *, chunk, inclusive, reverse, n):
+  """One causal direction over the whole row, the length split over `sequence`."""
+  from layers.linear.core import causal_linear_scan, forward_fill
+  me = jax.lax.axis_index(AXIS)
+  pos = (n - 1 - me) if reverse else me  # this chunk's place along the scanned direction
+  t = q.shape[1]
+  if reverse:
+    q, k, v, seg, seg_all = (jnp.flip(x, axis=1) for x in (q, k, v, seg, seg_all))
+  runs = jax.lax.dynamic_slice_in_dim(forward_fill(seg_all), pos * t, t, axis=1)
+  num, state = causal_linear_scan(q, k, v, seg, chunk=chunk, inclusive=inclusive, runs_bt=runs)
+  summary = (runs[:, 0], runs[:, -1], jnp.all(runs == runs[:, :1], axis=1), state.kv)
+  gathered = jax.tree.map(lambda s: jax.lax.all_gather(s, AXIS, axis=0), summary)
+  if reverse:  # device n-1 holds the first chunk of the reversed row
+    gathered = jax.tree.map(lambda s: jnp.flip(s, axis=0), gathered)
+  b = q.shape[0]
+  identity = (jnp.full((b,), _NO_RUN, jnp.int32), jnp.full((b,), _NO_RUN, jnp.int32), jnp.ones((b,), bool),
+              jnp.zeros_like(state.kv))
+  _, last_in, _, s_in = jax.tree.map(lambda p: p[pos], exclusive_prefix(gathered, _linear_combine, identity))
+  sees = (runs == last_in[:, None]).astype(jnp.float32)
+  num = num + jnp.einsum("btnf,bnfh,bt->btnh", jnp.where((seg != 0)[:, :, None, None], q.astype(jnp.float32), 0.0),
+                         s_in, sees)
+  return jnp.flip(num, axis=1) if reverse else num
+
+
+def sp_linear_attention(q_btnf, k_btnf, v_btnh, segment_ids_bt, *, mesh: Mesh, qk_spec, v_spec, tok_spec,
+                        causal: bool, normalize: bool, eps: float, chunk: int):
+  """`layers.linear.core.linear_attention` with the length sharded over `sequence`.
+
+  Per device: its chunk's scan from a zero state, one all-gather of [b] run ids and
+  [b, N, F, H] states per direction, and a rank-F correction of its chunk. The [b, t]
+  segment ids are all-gathered so runs continue across device boundaries.
+  """
+  from layers.linear.core import finish
+  n = mesh.shape[AXIS]
+
+  def body(q, k, v, seg):
+    v = v.astype(jnp.float32)
+    if normalize:
+      v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), jnp.float32)], axis=-1)
+    seg_all = jax.lax.all_gather(seg, AXIS, axis=1, tiled=True)
+    kw = dict(chunk=chunk, n=n)
+    num = _linear_direction(q, k, v, seg, seg_all, inclusive=True, reverse=False, **kw)
+    if not causal:
+      num = num + _linear_direction(q, k, v, seg, seg_all, inclusive=False, reverse=True, **kw)
+    return finish(num, seg, normalize, eps).astype(v_btnh.dtype)
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(qk_spec, qk_spec, v_spec, tok_spec), out_specs=v_spec,
+                       check_vma=False)(q_btnf, k_btnf, v_btnh, segment_ids_bt.astype(jnp.int32))

@@ -16,6 +16,9 @@ n = mesh.shape["sequence"], t = T / n, b = B / (data x fsdp), h_n = N / tensor.
   attention path uses for causal masking.
 * all_to_all: [b, t, N/tensor, H] -> all-to-all -> [b, T, N/(tensor n), H], any
   single-device attention on full-length heads, and back. Needs heads divisible by n.
+* scan (recurrent mixers: linear attention, SSMs): the length stays sharded, each device
+  scans its chunk from a zero state and the chunk states are combined across devices
+  (parallel/scan.py); nothing O(T) moves except the [b, T] segment ids.
 * all_gather: keys/values (and their segment ids and positions) all-gathered along the
   sequence, [b, t, K, H] -> [b, T, K, H]; queries stay local. Simple, O(T) K/V per device.
 """
@@ -32,7 +35,7 @@ from layers import axes
 from layers.attention.flash import flash_attention_lse, flash_chunk_grads, merge_partials
 from parallel import mesh as mesh_lib
 
-STRATEGIES = ("auto", "ring", "all_to_all", "all_gather")
+STRATEGIES = ("auto", "ring", "all_to_all", "all_gather", "scan")
 AXIS = "sequence"
 
 
@@ -157,6 +160,18 @@ class SequenceParallel:
     fn = jax.shard_map(body, mesh=self.mesh, in_specs=(q_spec, kv_spec, kv_spec, tok_spec, tok_spec),
                        out_specs=q_spec, check_vma=False)
     return fn(q_btnh, k_btkh, v_btkh, segment_ids.astype(jnp.int32), index.astype(jnp.int32))
+
+  def linear_attention(self, phi_q, phi_k, v, segment_ids, *, causal: bool, normalize: bool, eps: float,
+                       chunk: int):
+    """Linear attention (layers/linear/core.py) under the "scan" strategy: the length stays
+    sharded and chunk states are combined across devices (parallel/scan.py)."""
+    from parallel.scan import sp_linear_attention
+    if self.strategy != "scan":
+      raise SequenceParallelError(f"linear attention has no {self.strategy!r} path here")
+    qk_spec, _, tok_spec = self._specs(phi_q, phi_k)
+    v_spec, _, _ = self._specs(v, v)
+    return sp_linear_attention(phi_q, phi_k, v, segment_ids, mesh=self.mesh, qk_spec=qk_spec, v_spec=v_spec,
+                               tok_spec=tok_spec, causal=causal, normalize=normalize, eps=eps, chunk=chunk)
 
   def _ring_body(self, q, k, v, seg, idx, *, causal, bq, bk):
     return _ring(q, k, v, seg, seg, idx, idx, causal, bq, bk, self.n)

@@ -23,12 +23,14 @@ TASKS = {
 
 def _experiment(task, mesh, tmp_path, strategy="auto"):
   sizes = dict(zip(("data", "fsdp", "tensor", "sequence"), mesh))
+  mixer = ["model.mixer=linear", "model.num_kv_heads=4"] if strategy == "scan" else []
   cfg = load_config(f"configs/{task}.py:smoke", TASKS[task] + [f"mesh.{k}={v}" for k, v in sizes.items()]
-                    + [f"parallel.sequence_strategy={strategy}"])
+                    + [f"parallel.sequence_strategy={strategy}"] + mixer)
   return Experiment(cfg, str(tmp_path / "none"), read_only=True)
 
 
-SP_CASES = [("ring", (1, 1, 1, 8)), ("ring", (2, 1, 1, 4)), ("all_to_all", (1, 1, 1, 4)), ("all_gather", (1, 1, 2, 4))]
+SP_CASES = [("ring", (1, 1, 1, 8)), ("ring", (2, 1, 1, 4)), ("all_to_all", (1, 1, 1, 4)), ("all_gather", (1, 1, 2, 4)),
+            ("scan", (2, 1, 1, 4))]  # scan: the linear-attention mixer (parallel/scan.py)
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

@@ -164,7 +164,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
   _choice("on_nonfinite", cfg.on_nonfinite, ("stop", "skip"))
   _choice("model.attention_impl", cfg.model.attention_impl, ("xla", "flash", "pallas", "auto"))
-  _choice("parallel.sequence_strategy", cfg.parallel.sequence_strategy, ("auto", "ring", "all_to_all", "all_gather"))
+  _choice("parallel.sequence_strategy", cfg.parallel.sequence_strategy, ("auto", "ring", "all_to_all", "all_gather", "scan"))
   strategy = cfg.parallel.sequence_strategy
   for name in sorted(set(mixer_schedule(cfg))):
     supported = mixers.MIXERS[name].SEQUENCE_STRATEGIES

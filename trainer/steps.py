@@ -24,8 +24,8 @@ def cross_entropy(logits, targets, weights):
 
 def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, lr_schedule):
 
-  def loss_fn(params, extra, batch, rng):
-    logits, aux, new_extra = fm.apply(params, extra, batch, dropout_rng=rng, training=True)
+  def loss_fn(params, extra, batch, rng, step):
+    logits, aux, new_extra = fm.apply(params, extra, batch, dropout_rng=rng, training=True, step=step)
     targets, weights = fm.targets_and_weights(batch)
     nll_sum, correct, count = cross_entropy(logits, targets, weights)
     denom = jnp.maximum(count, 1.0)
@@ -35,7 +35,7 @@ def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, lr_sc
 
   def train_step(state, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])
-    grads, (new_extra, metrics) = jax.grad(loss_fn, has_aux=True)(state["params"], state["extra"], batch, rng)
+    grads, (new_extra, metrics) = jax.grad(loss_fn, has_aux=True)(state["params"], state["extra"], batch, rng, state["step"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
@@ -49,7 +49,7 @@ def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, lr_sc
 def make_eval_step(fm: FunctionalModel):
 
   def eval_step(state, batch):
-    logits, _, _ = fm.apply(state["params"], state["extra"], batch)
+    logits, _, _ = fm.apply(state["params"], state["extra"], batch, step=state["step"])
     targets, weights = fm.targets_and_weights(batch)
     nll_sum, correct, count = cross_entropy(logits, targets, weights)
     return {"nll_sum": nll_sum, "correct": correct, "count": count}

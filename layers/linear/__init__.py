@@ -1,0 +1,1 @@
+"""Linear (kernelised) attention: the shared chunked scan and the mixers built on it."""
