@@ -31,6 +31,10 @@ def get_config(arg=None):
   c.task = ml_collections.ConfigDict()
   c.task.name = "text"  # which task generator; see trainer/data/tasks.py
   c.task.seq_len = 128  # tokens per example (T)
+  # Pack several variable-length examples per row (segment ids, per-example positions and
+  # loss; trainer/data/packing.py). Held-out splits pack the same eval_examples examples.
+  c.task.packing = False
+  c.task.packing_window = 4  # W: each train batch packs from B*W stream examples (~ examples per row)
   c.task.text = ml_collections.ConfigDict()  # byte-level LM on CPython's own documentation text
   c.task.listops = ml_collections.ConfigDict()
   c.task.listops.min_len = 500  # keep trees whose token length is > min_len (LRA: 500)

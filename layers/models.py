@@ -103,11 +103,19 @@ class LanguageModel(nnx.Module):
     return batch["targets"], batch["weights"]
 
 
-def _pool(x_btd, segment_ids_bt, pooling: str):
+def _pool(x_btd, segment_ids_bt, positions_bt, pooling: str, num_segments: int = 0):
+  """[B, D] per row, or [B, S, D] per packed segment (ids 1..S) when num_segments > 0."""
+  if not num_segments:
+    if pooling == "cls":
+      return x_btd[:, 0]
+    w = (segment_ids_bt != 0).astype(x_btd.dtype)[..., None]
+    return jnp.sum(x_btd * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+  # [B, S, T] one-hot membership of each token in segment s+1 (its first token for CLS)
+  member = segment_ids_bt[:, None, :] == jnp.arange(1, num_segments + 1)[None, :, None]
   if pooling == "cls":
-    return x_btd[:, 0]
-  w = (segment_ids_bt != 0).astype(x_btd.dtype)[..., None]
-  return jnp.sum(x_btd * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+    member &= (positions_bt == 0)[:, None, :]
+  w = member.astype(x_btd.dtype)
+  return jnp.einsum("bst,btd->bsd", w, x_btd) / jnp.maximum(jnp.sum(w, axis=-1), 1.0)[..., None]
 
 
 class Classifier(nnx.Module):
@@ -125,11 +133,15 @@ class Classifier(nnx.Module):
     del decode
     x = self.encoder(batch["inputs"], batch["segment_ids"], batch["positions"], index_bt=batch.get("index"),
                      dropout_rng=dropout_rng, training=training, step=step)
-    pooled = _pool(x, batch["segment_ids"], self.spec.pooling)
+    # Packed rows (trainer/data/packing.py) carry one label per segment: [B, S].
+    slots = batch["label_weights"].shape[1] if "label_weights" in batch else 0
+    pooled = _pool(x, batch["segment_ids"], batch["positions"], self.spec.pooling, slots)
     return self.head(jax.nn.gelu(self.hidden(pooled))).astype(jnp.float32)
 
   @staticmethod
   def targets_and_weights(batch):
+    if "label_weights" in batch:  # packed: only the slots holding an example count
+      return batch["label"], batch["label_weights"]
     return batch["label"], jnp.ones(batch["label"].shape, jnp.float32)
 
 
@@ -150,13 +162,12 @@ class DualEncoder(nnx.Module):
     if dropout_rng is not None:
       r1, r2 = jax.random.split(dropout_rng)
     u = _pool(self.encoder(batch["inputs"], batch["segment_ids"], batch["positions"], index_bt=batch.get("index"),
-                           dropout_rng=r1,
-                           training=training, step=step),
-              batch["segment_ids"], self.spec.pooling)
+                           dropout_rng=r1, training=training, step=step),
+              batch["segment_ids"], batch["positions"], self.spec.pooling)
     v = _pool(self.encoder(batch["inputs2"], batch["segment_ids2"], batch["positions2"],
                            index_bt=batch.get("index2"), dropout_rng=r2,
                            training=training, step=step),
-              batch["segment_ids2"], self.spec.pooling)
+              batch["segment_ids2"], batch["positions2"], self.spec.pooling)
     feats = jnp.concatenate([u, v, u * v, u - v], axis=-1)
     return self.head(jax.nn.gelu(self.hidden(feats))).astype(jnp.float32)
 

@@ -71,7 +71,7 @@ class Experiment:
   def __init__(self, cfg, workdir: str, *, read_only: bool = False):
     self.cfg, self.workdir = cfg, workdir
     try:
-      self.task = make_task(cfg.task, cfg.seed)
+      self.task = make_task(cfg.task, cfg.seed, cfg.eval_examples, cfg.batch_size)
     except DataError as e:
       raise UserError(str(e)) from None
     self.mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -207,7 +207,9 @@ class Experiment:
     """Held-out loss and accuracy over `eval_examples` examples of `split`."""
     step_fn = self.compiled_eval_step()
     totals = {"nll_sum": 0.0, "correct": 0.0, "count": 0.0}
-    id_batches = pipeline.eval_example_ids(self.cfg.eval_examples, self.cfg.batch_size)
+    # Packed rows hold several examples; all `eval_examples` of them sit in the first rows.
+    rows = self.task.num_eval_rows(split) if hasattr(self.task, "num_eval_rows") else self.cfg.eval_examples
+    id_batches = pipeline.eval_example_ids(rows, self.cfg.batch_size)
     for ids in id_batches:
       out = step_fn(state, pipeline.global_batch(self.task, split, ids, self.batch_shapes, self.batch_shardings,
                                                  self.layout_perm))
@@ -216,7 +218,8 @@ class Experiment:
     count = max(totals["count"], 1.0)
     loss = totals["nll_sum"] / count
     result = {f"{split}/loss": loss, f"{split}/accuracy": totals["correct"] / count,
-              f"{split}/examples": len(id_batches) * self.cfg.batch_size}
+              f"{split}/examples": (self.cfg.eval_examples if hasattr(self.task, "num_eval_rows")
+                                    else len(id_batches) * self.cfg.batch_size)}
     if self.task.spec.kind == "lm":
       result[f"{split}/bits_per_token"] = loss / math.log(2)
     return result

@@ -4,7 +4,7 @@
       [--config.task.seq_len=256 ...]
 
 Each line is the task's `decode` view of one example plus its "index". Examples come
-from the same `make_task(cfg.task, cfg.seed)` the trainer uses, so what is printed is
+from the same `make_task(cfg.task, cfg.seed, cfg.eval_examples, cfg.batch_size)` the trainer uses, so what is printed is
 exactly what training and evaluation read for that config and seed.
 """
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
   args, overrides = _parse(argv)
   try:
     cfg = load_config(args.config, overrides)
-    task = make_task(cfg.task, cfg.seed)
+    task = make_task(cfg.task, cfg.seed, cfg.eval_examples, cfg.batch_size)
     for index in range(args.start, args.start + args.num):
       row = {"index": index, **task.decode(task.example(args.split, index))}
       print(json.dumps(row), flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from trainer.data.base import DataError, Task
 from trainer.data.listops import ListOps
 from trainer.data.mqar import MQAR
+from trainer.data.packing import PackedTask
 from trainer.data.text import PydocText
 
 TASKS: dict[str, type[Task]] = {
@@ -14,14 +15,19 @@ TASKS: dict[str, type[Task]] = {
 }
 
 
-def make_task(task_cfg, seed: int) -> Task:
+def make_task(task_cfg, seed: int, eval_examples: int = 0, batch_size: int = 1) -> Task:
   """Builds the task named by `task_cfg.name` from its settings sub-dict.
 
   `task_cfg` has `name`, `seq_len` and one sub-dict per task (e.g. `task_cfg.listops`)
-  holding that task's own settings.
+  holding that task's own settings. With `task_cfg.packing`, rows pack several examples
+  (trainer/data/packing.py); `eval_examples` is how many held-out examples they cover
+  and `batch_size` the rows packed together.
   """
   name = task_cfg.name
   if name not in TASKS:
     raise DataError(f"task.name={name!r} is not a known task; valid names: {', '.join(sorted(TASKS))}")
   own = task_cfg.get(name, None)
-  return TASKS[name](seq_len=int(task_cfg.seq_len), seed=int(seed), **(dict(own) if own else {}))
+  task = TASKS[name](seq_len=int(task_cfg.seq_len), seed=int(seed), **(dict(own) if own else {}))
+  if task_cfg.get("packing", False):
+    task = PackedTask(task, int(task_cfg.get("packing_window", 4)), eval_examples, batch_size)
+  return task
