@@ -45,6 +45,9 @@ def get_config(arg=None):
   c.task.mqar.vocab_size = 8192  # keys from the lower half, values from the upper half
   c.task.mqar.num_pairs = 16  # key-value pairs shown (and queried) per example
   c.task.mqar.power_a = 0.01  # power-law exponent of the query gap distribution (Zoology)
+  c.task.selective_copy = ml_collections.ConfigDict()
+  c.task.selective_copy.num_tokens = 16  # data tokens scattered in noise, copied in order at the end
+  c.task.selective_copy.vocab = 16  # distinct data tokens
 
   c.model = ml_collections.ConfigDict()
   c.model.mixer = "attention"  # token mixer of every layer; see layers/mixers.py

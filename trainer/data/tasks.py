@@ -6,12 +6,14 @@ from trainer.data.base import DataError, Task
 from trainer.data.listops import ListOps
 from trainer.data.mqar import MQAR
 from trainer.data.packing import PackedTask
+from trainer.data.selective_copy import SelectiveCopy
 from trainer.data.text import PydocText
 
 TASKS: dict[str, type[Task]] = {
     "text": PydocText,
     "listops": ListOps,
     "mqar": MQAR,
+    "selective_copy": SelectiveCopy,
 }
 
 
