@@ -109,6 +109,23 @@ def get_config(arg=None):
   c.model.linear = ml_collections.ConfigDict()
   c.model.linear.chunk = 64  # C: causal chunk length (intra-chunk C x C products, state carried across)
   c.model.linear.eps = 1e-6  # added to the denominator phi(q) . sum phi(k)
+  c.model.performer = ml_collections.ConfigDict()
+  c.model.performer.features = 256  # m: positive orthogonal random features; one W [m, head_dim] per layer
+  c.model.performer.redraw_every = 1000  # steps per draw: W from (feature_seed, layer, step // redraw_every); 0 = never
+  c.model.performer.feature_seed = 0  # seed of the feature draws (W is recomputed each call, never a parameter)
+  c.model.performer.chunk = 64  # C: causal chunk length (as model.linear)
+  c.model.performer.eps = 1e-6  # added to the denominator phi(q) . sum phi(k)
+  c.model.ecoformer = ml_collections.ConfigDict()
+  c.model.ecoformer.anchors = 25  # m: kernel anchors per head
+  c.model.ecoformer.bits = 16  # b: hash code bits; similarity s_ij = h_i.h_j + b + 1 > 0
+  c.model.ecoformer.hash_topk = 10  # fit_hash targets: +1 / -1 for each token's k most / least similar tokens
+  c.model.ecoformer.hash_iters = 100  # fit_hash: Nesterov-SGD steps per bit on the relaxed codes
+  c.model.ecoformer.hash_lr = 5e-4  # fit_hash: SGD learning rate (the paper's value)
+  c.model.ecoformer.hash_momentum = 0.9  # fit_hash: Nesterov momentum
+  c.model.ecoformer.hash_tokens = 1024  # fit_hash: valid tokens sampled from the batch (tokens x tokens per head)
+  c.model.ecoformer.hash_seed = 0  # fit_hash's default key (folded with the layer index)
+  c.model.ecoformer.chunk = 64  # C: causal chunk length
+  c.model.ecoformer.eps = 1e-6  # added to the denominator
   # How `attention` computes: "xla" (dense reference), "flash" (pure-JAX blockwise, O(T) memory),
   # "pallas" (fused kernel; GPU, interpret mode elsewhere) or "auto" (pallas on GPU, else flash).
   c.model.attention_impl = "xla"

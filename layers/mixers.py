@@ -32,7 +32,9 @@ from layers.attention.exact import Attention, FlashAttention  # noqa: E402
 from layers.attention.local import BigBirdAttention, LocalAttention  # noqa: E402
 from layers.attention.patterns import Longformer, SparseTransformer  # noqa: E402
 from layers.attention.swin import Swin  # noqa: E402
+from layers.linear.ecoformer import EcoFormer  # noqa: E402
 from layers.linear.linear import LinearTransformer  # noqa: E402
+from layers.linear.performer import Performer  # noqa: E402
 
 MIXERS: dict[str, type[Mixer]] = {
     "attention": Attention,
@@ -46,6 +48,8 @@ MIXERS: dict[str, type[Mixer]] = {
     "combiner": Combiner,
     "swin": Swin,
     "linear": LinearTransformer,
+    "performer": Performer,
+    "ecoformer": EcoFormer,
 }
 
 
