@@ -58,7 +58,11 @@ def get_config(arg=None):
   c.model.num_kv_heads = 0  # key/value heads (K) for grouped-query attention; 0 = num_heads
   c.model.mlp_ratio = 4  # MLP hidden F = mlp_ratio * d_model
   c.model.mlp = "gelu"  # "gelu" (two matrices) or "swiglu" (three, gated)
-  c.model.norm = "rmsnorm"  # pre-norm type: "rmsnorm" or "layernorm"
+  c.model.norm = "rmsnorm"  # pre-norm type: "rmsnorm", "layernorm" or "prepbn" (SLAB: LayerNorm -> BatchNorm)
+  c.model.prepbn = ml_collections.ConfigDict()  # norm="prepbn": gamma LN(x) + (1 - gamma) RepBN(x) in training
+  c.model.prepbn.total_steps = 0  # steps over which gamma falls from r0 to 0 after warm-up (0: total_steps)
+  c.model.prepbn.warmup_steps = 0  # steps of pure LayerNorm first
+  c.model.prepbn.r0 = 1.0  # gamma at the start of the decay
   c.model.positions = "rope"  # "rope" (rotary in attention), "learned" (added embedding) or "none"
   c.model.dropout = 0.0  # dropout on residual branches during training
   c.model.pooling = "mean"  # classifier pooling: "mean" over real tokens or "cls" (first token)
@@ -126,6 +130,17 @@ def get_config(arg=None):
   c.model.ecoformer.hash_seed = 0  # fit_hash's default key (folded with the layer index)
   c.model.ecoformer.chunk = 64  # C: causal chunk length
   c.model.ecoformer.eps = 1e-6  # added to the denominator
+  c.model.transnormer = ml_collections.ConfigDict()
+  c.model.transnormer.diag_layers = -1  # layers with index < this use DiagAttention, later NormAttention; -1 = L // 2
+  c.model.transnormer.kernel = "1+elu"  # NormAttention phi: "1+elu" (T2) or "elu" (plain ELU, as T1's code uses)
+  c.model.transnormer.diag = "softmax"  # DiagAttention: "softmax" (T2) or "relu" (T1: ReLU scores, then SimpleRMSNorm)
+  c.model.transnormer.block = 64  # w: DiagAttention chunk length, counted from each segment's start
+  c.model.transnormer.chunk = 64  # C: NormAttention causal scan chunk
+  c.model.sla = ml_collections.ConfigDict()
+  c.model.sla.grid = (0, 0)  # (h, w), T = h*w: 2-D k x k depth-wise conv on V (bidirectional); (0, 0) = 1-D
+  c.model.sla.conv_kernel = 5  # k: depth-wise conv taps; centred when bidirectional, left-only when causal
+  c.model.sla.chunk = 64  # C: causal scan chunk
+  c.model.sla.eps = 1e-6  # added to the denominator
   # How `attention` computes: "xla" (dense reference), "flash" (pure-JAX blockwise, O(T) memory),
   # "pallas" (fused kernel; GPU, interpret mode elsewhere) or "auto" (pallas on GPU, else flash).
   c.model.attention_impl = "xla"

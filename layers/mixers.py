@@ -35,6 +35,8 @@ from layers.attention.swin import Swin  # noqa: E402
 from layers.linear.ecoformer import EcoFormer  # noqa: E402
 from layers.linear.linear import LinearTransformer  # noqa: E402
 from layers.linear.performer import Performer  # noqa: E402
+from layers.linear.sla import SLA  # noqa: E402
+from layers.linear.transnormer import TransNormer  # noqa: E402
 
 MIXERS: dict[str, type[Mixer]] = {
     "attention": Attention,
@@ -50,6 +52,8 @@ MIXERS: dict[str, type[Mixer]] = {
     "linear": LinearTransformer,
     "performer": Performer,
     "ecoformer": EcoFormer,
+    "transnormer": TransNormer,
+    "sla": SLA,
 }
 
 

@@ -44,6 +44,8 @@ class ModelSpec:
   attention_impl: str = "xla"
   # Per-mixer settings: ((mixer name, ((key, value), ...)), ...), from config `model.<mixer>.*`.
   mixer_options: tuple = ()
+  # norm="prepbn": PRepBN's settings ((key, value), ...) (total_steps, warmup_steps, r0).
+  norm_options: tuple = ()
 
 
 class Encoder(nnx.Module):
@@ -61,10 +63,11 @@ class Encoder(nnx.Module):
                               num_layers=len(spec.mixers), max_len=spec.max_len,
                               attention_impl=spec.attention_impl,
                               options=dict(spec.mixer_options).get(name, ())),
-              norm=spec.norm, mlp=spec.mlp, mlp_ratio=spec.mlp_ratio, dropout_rate=spec.dropout, rngs=rngs)
+              norm=spec.norm, mlp=spec.mlp, mlp_ratio=spec.mlp_ratio, dropout_rate=spec.dropout, rngs=rngs,
+              norm_options=spec.norm_options)
         for i, name in enumerate(spec.mixers)
     ])
-    self.final_norm = Norm(spec.d_model, spec.norm, rngs=rngs)
+    self.final_norm = Norm(spec.d_model, "layernorm" if spec.norm == "prepbn" else spec.norm, rngs=rngs)
 
   def __call__(self, ids_bt, segment_ids_bt, positions_bt, *, index_bt=None, dropout_rng=None, training=False, step=None,
                decode=False) -> jax.Array:

@@ -158,7 +158,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _positive("optimizer.learning_rate", cfg.optimizer.learning_rate)
   _choice("optimizer.schedule", cfg.optimizer.schedule, ("cosine", "rsqrt", "constant"))
   _choice("model.positions", cfg.model.positions, ("rope", "learned", "none"))
-  _choice("model.norm", cfg.model.norm, ("rmsnorm", "layernorm"))
+  _choice("model.norm", cfg.model.norm, ("rmsnorm", "layernorm", "prepbn"))
   _choice("model.mlp", cfg.model.mlp, ("gelu", "swiglu"))
   _choice("model.pooling", cfg.model.pooling, ("mean", "cls"))
   _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))

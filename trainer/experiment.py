@@ -49,7 +49,9 @@ def model_spec(cfg, task_spec) -> ModelSpec:
       max_len=task_spec.seq_len, mixers=tuple(config_lib.mixer_schedule(cfg)), d_model=m.d_model,
       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads, mlp_ratio=m.mlp_ratio, mlp=m.mlp,
       norm=m.norm, positions=m.positions, dropout=m.dropout, pooling=m.pooling, tie_embeddings=m.tie_embeddings,
-      dtype=m.dtype, attention_impl=m.attention_impl, mixer_options=mixer_options(cfg))
+      dtype=m.dtype, attention_impl=m.attention_impl, mixer_options=mixer_options(cfg),
+      norm_options=(("r0", float(m.prepbn.r0)), ("total_steps", int(m.prepbn.total_steps or cfg.total_steps)),
+                    ("warmup_steps", int(m.prepbn.warmup_steps))) if m.norm == "prepbn" else ())
 
 
 def mixer_options(cfg) -> tuple:
