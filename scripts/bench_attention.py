@@ -5,8 +5,9 @@
 For each registered mixer and length T: temporaries of the compiled forward+backward
 (`memory_analysis()`, exact and deterministic) and the median wall time of a few steps
 on this machine's CPU (skipped where it would take too long: dense at T >= 16k). One
-layer with its projections, x [1, T, 128], 4 heads, causal, each mixer's default
-settings from configs/base.py (`model.<mixer>.*`).
+layer with its projections, x [1, T, 128], 4 heads, causal (linformer: bidirectional),
+each mixer's default settings from configs/base.py (`model.<mixer>.*`).
+`--mixers linear` measures the linear / state-space family.
 """
 
 from __future__ import annotations
@@ -30,13 +31,16 @@ from trainer.experiment import mixer_options  # noqa: E402
 
 SOFTMAX_FAMILY = ("attention", "flash", "local", "bigbird", "block_sparse", "xattention", "sparse_transformer",
                   "longformer", "combiner", "swin")
+LINEAR_FAMILY = ("linear", "performer", "transnormer", "sla", "ecoformer", "mamba", "lmu", "linformer", "reformer",
+                 "sinkhorn", "synthesizer")
 
 
-def measure(name: str, t: int, d: int = 128, heads: int = 4, time_it: bool = True):
+def measure(name: str, t: int, d: int = 128, heads: int = 4, time_it: bool = True, causal: bool = True):
   cfg = load_config("configs/default.py", [f"model.mixer={name}"])
   options = dict(mixer_options(cfg)).get(name, ())
-  spec = MixerSpec(d_model=d, num_heads=heads, num_kv_heads=heads, causal=True, positions="rope", layer_index=0,
-                   num_layers=1, max_len=t, options=options)
+  # layer_index 1 of 2: transnormer's second half (NormAttention, its linear layer)
+  spec = MixerSpec(d_model=d, num_heads=heads, num_kv_heads=heads, causal=causal, positions="rope", layer_index=1,
+                   num_layers=2, max_len=t, options=options)
   fm = FunctionalModel(MIXERS[name](spec, rngs=nnx.Rngs(params=0)))
   params = fm.init_params()
   seg = jnp.ones((1, t), jnp.int32)
@@ -65,20 +69,24 @@ def measure(name: str, t: int, d: int = 128, heads: int = 4, time_it: bool = Tru
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--lengths", default="1024,4096,16384")
-  parser.add_argument("--mixers", default=",".join(SOFTMAX_FAMILY))
+  parser.add_argument("--mixers", default=",".join(SOFTMAX_FAMILY),
+                      help="comma-separated names, or 'softmax' / 'linear' for a family")
   args = parser.parse_args()
   lengths = [int(x) for x in args.lengths.split(",")]
   print("| mixer | " + " | ".join(f"T={t} temp MiB | T={t} ms" for t in lengths) + " |")
   print("|---|" + "---|---|" * len(lengths))
-  for name in args.mixers.split(","):
+  names = {"softmax": SOFTMAX_FAMILY, "linear": LINEAR_FAMILY}.get(args.mixers, args.mixers.split(","))
+  for name in names:
     cells = []
+    # bidirectional-only mixers (linformer) are measured bidirectional
+    causal = name != "linformer"
     for t in lengths:
       try:
-        temp, ms = measure(name, t, time_it=not (name == "attention" and t >= 16384))
+        temp, ms = measure(name, t, time_it=not (name == "attention" and t >= 16384), causal=causal)
         cells += [f"{temp / 2**20:,.1f}", "-" if ms is None else f"{ms:,.0f}"]
       except Exception as e:  # one mixer's failure must not hide the others
         cells += [f"error: {type(e).__name__}", "-"]
-    print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    print(f"| {name}{'' if causal else ' (bidirectional)'} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
