@@ -141,6 +141,42 @@ def get_config(arg=None):
   c.model.sla.conv_kernel = 5  # k: depth-wise conv taps; centred when bidirectional, left-only when causal
   c.model.sla.chunk = 64  # C: causal scan chunk
   c.model.sla.eps = 1e-6  # added to the denominator
+  c.model.linformer = ml_collections.ConfigDict()
+  c.model.linformer.k = 64  # projected length: K' = E K, V' = F V with E, F in R^{k x max_len}
+  c.model.linformer.share_kv = False  # True: F = E (one projection for keys and values)
+  c.model.reformer = ml_collections.ConfigDict()
+  c.model.reformer.n_buckets = 8  # hash buckets per round (1 or even): h(x) = argmax([xR; -xR])
+  c.model.reformer.chunk = 64  # c: tokens per chunk of the sorted sequence
+  c.model.reformer.n_hashes = 2  # hash rounds, combined by softmax over rounds of their log-sum-exps
+  c.model.reformer.seed = 0  # with the layer index, fixes the random rotations (one per round and head)
+  c.model.reformer.dedup = True  # lower each logit by log(rounds that found the key): one softmax over the union
+  c.model.reformer.same_bucket = False  # bidirectional: also require the same bucket inside the chunk window
+  c.model.sinkhorn = ml_collections.ConfigDict()
+  c.model.sinkhorn.block = 64  # b: tokens per block (lengths padded internally to a multiple)
+  c.model.sinkhorn.iters = 5  # Sinkhorn rounds (row then column normalisation, log space)
+  c.model.sinkhorn.temperature = 0.75  # P = Sinkhorn((R + noise) / temperature)
+  c.model.sinkhorn.gumbel = False  # Gumbel noise on the sorting logits in training
+  c.model.sinkhorn.hidden = 0  # sorting-network width; 0 = d_model
+  c.model.synthesizer = ml_collections.ConfigDict()
+  c.model.synthesizer.kind = "dense"  # "dense": B_i = W2 relu(W1 x_i) per head; "random": a learned table R per head
+  c.model.synthesizer.hidden = 0  # width of W1 (dense kind); 0 = d_model
+  c.model.mamba = ml_collections.ConfigDict()
+  c.model.mamba.d_state = 16  # S: SSM state size per channel
+  c.model.mamba.expand = 2  # inner width E = expand * d_model
+  c.model.mamba.d_conv = 4  # causal depth-wise conv width
+  c.model.mamba.dt_rank = 0  # low rank of the delta projection; 0 = ceil(d_model / 16)
+  c.model.mamba.scan = "chunked"  # "chunked" (O(chunk) state memory) | "associative" | "sequential" (reference)
+  c.model.mamba.chunk = 64  # tokens per chunk for scan="chunked"
+  c.model.mamba.dt_min = 0.001  # initial delta is log-uniform in [dt_min, dt_max]
+  c.model.mamba.dt_max = 0.1  # (see dt_min)
+  c.model.lmu = ml_collections.ConfigDict()
+  c.model.lmu.memory_size = 0  # q: Legendre order; 0 = d_model (LMUFormer)
+  c.model.lmu.theta = 128.0  # memory window in tokens (LMUFormer: 128)
+  c.model.lmu.impl = "auto"  # "auto" (direct up to direct_max_len, else fft) | "fft" | "direct" | "chunked" | "recurrent"
+  c.model.lmu.direct_max_len = 128  # longest row for the O(T^2) direct convolution under impl="auto"
+  c.model.lmu.chunk = 64  # tokens per chunk for impl="chunked" (and the fft's packed-row fallback)
+  c.model.lmu.norm = "batchnorm"  # "batchnorm" (LMUFormer's projection BN, statistics in the train state) | "none"
+  c.model.synthesizer.fixed = False  # random kind: R drawn at init and not trained (kept outside the params)
   # How `attention` computes: "xla" (dense reference), "flash" (pure-JAX blockwise, O(T) memory),
   # "pallas" (fused kernel; GPU, interpret mode elsewhere) or "auto" (pallas on GPU, else flash).
   c.model.attention_impl = "xla"

@@ -37,6 +37,12 @@ from layers.linear.linear import LinearTransformer  # noqa: E402
 from layers.linear.performer import Performer  # noqa: E402
 from layers.linear.sla import SLA  # noqa: E402
 from layers.linear.transnormer import TransNormer  # noqa: E402
+from layers.lra.linformer import Linformer  # noqa: E402
+from layers.lra.reformer import Reformer  # noqa: E402
+from layers.lra.sinkhorn import Sinkhorn  # noqa: E402
+from layers.lra.synthesizer import Synthesizer  # noqa: E402
+from layers.ssm.lmu import LMU  # noqa: E402
+from layers.ssm.mamba import Mamba  # noqa: E402
 
 MIXERS: dict[str, type[Mixer]] = {
     "attention": Attention,
@@ -54,6 +60,12 @@ MIXERS: dict[str, type[Mixer]] = {
     "ecoformer": EcoFormer,
     "transnormer": TransNormer,
     "sla": SLA,
+    "linformer": Linformer,
+    "reformer": Reformer,
+    "sinkhorn": Sinkhorn,
+    "synthesizer": Synthesizer,
+    "mamba": Mamba,
+    "lmu": LMU,
 }
 
 

@@ -1,0 +1,1 @@
+"""State-space mixers: Mamba (selective SSM) and the Legendre Memory Unit."""
