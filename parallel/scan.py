@@ -163,3 +163,31 @@ def sp_linear_attention(q_btnf, k_btnf, v_btnh, segment_ids_bt, *, mesh: Mesh, q
 
   return jax.shard_map(body, mesh=mesh, in_specs=(qk_spec, qk_spec, v_spec, tok_spec), out_specs=v_spec,
                        check_vma=False)(q_btnf, k_btnf, v_btnh, segment_ids_bt.astype(jnp.int32))
+
+
+# -- Mamba's selective scan (layers/ssm/mamba.py) ---------------------------------------------
+#
+# A device's chunk maps the incoming state h to decay * h + h_chunk, decay = exp(A sum delta)
+# (0 if a segment starts inside the chunk): the (decay, state) pairs compose by
+# (a1, h1) o (a2, h2) = (a1 a2, a2 h1 + h2). Each device scans its chunk from a zero state
+# for its summary, the summaries are all-gathered ([n, b, E, S], the only collective), and
+# the chunk is scanned again from the state entering it. The second pass costs a second
+# scan but keeps the chunked scan's O(chunk) memory (the correction C_t prod(decay) h_in
+# would need the [b, t, E, S] cumulative decays).
+
+
+def sp_selective_scan(x_bte, delta_bte, a_es, b_bts, c_bts, reset_bt, *, mesh: Mesh, act_spec, state_spec,
+                      tok_spec, a_spec, impl: str, chunk: int):
+  """`layers.ssm.mamba.selective_scan` (zero incoming state) with the length sharded over `sequence`."""
+  from layers.ssm.mamba import chunk_decay, combine, selective_scan
+
+  def body(x, delta, a, b, c, reset):
+    _, h_local = selective_scan(x, delta, a, b, c, reset_bt=reset, impl=impl, chunk=chunk)
+    summary = (chunk_decay(delta, a, reset), h_local)
+    gathered = jax.tree.map(lambda s: jax.lax.all_gather(s, AXIS, axis=0), summary)
+    identity = (jnp.ones_like(h_local), jnp.zeros_like(h_local))
+    _, h_in = jax.tree.map(lambda p: p[jax.lax.axis_index(AXIS)], exclusive_prefix(gathered, combine, identity))
+    return selective_scan(x, delta, a, b, c, reset_bt=reset, h0_bds=h_in, impl=impl, chunk=chunk)[0]
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(act_spec, act_spec, a_spec, state_spec, state_spec, tok_spec),
+                       out_specs=act_spec, check_vma=False)(x_bte, delta_bte, a_es, b_bts, c_bts, reset_bt)

@@ -173,6 +173,21 @@ class SequenceParallel:
     return sp_linear_attention(phi_q, phi_k, v, segment_ids, mesh=self.mesh, qk_spec=qk_spec, v_spec=v_spec,
                                tok_spec=tok_spec, causal=causal, normalize=normalize, eps=eps, chunk=chunk)
 
+  def selective_scan(self, x_bte, delta_bte, a_es, b_bts, c_bts, reset_bt, *, impl: str, chunk: int):
+    """Mamba's scan (layers/ssm/mamba.py) under the "scan" strategy (parallel/scan.py)."""
+    from parallel.scan import sp_selective_scan
+    if self.strategy != "scan":
+      raise SequenceParallelError(f"the selective scan has no {self.strategy!r} path here")
+    spec = lambda logical, shape: mesh_lib.logical_to_spec(logical, shape, self.mesh, self.rules)
+    act = spec((axes.BATCH, axes.LENGTH, axes.MLP), x_bte.shape)
+    if act[1] != AXIS:
+      raise SequenceParallelError(f"sequence parallelism needs the length axis sharded over 'sequence' "
+                                  f"(mesh.rules maps length to {act[1]!r})")
+    state = spec((axes.BATCH, axes.LENGTH, axes.STATE), b_bts.shape)
+    return sp_selective_scan(x_bte, delta_bte, a_es, b_bts, c_bts, reset_bt, mesh=self.mesh, act_spec=act,
+                             state_spec=state, tok_spec=P(act[0], act[1]),
+                             a_spec=spec((axes.MLP, axes.STATE), a_es.shape), impl=impl, chunk=chunk)
+
   def _ring_body(self, q, k, v, seg, idx, *, causal, bq, bk):
     return _ring(q, k, v, seg, seg, idx, idx, causal, bq, bk, self.n)
 

@@ -42,12 +42,12 @@ def measure(name: str, t: int, d: int = 128, heads: int = 4, time_it: bool = Tru
   spec = MixerSpec(d_model=d, num_heads=heads, num_kv_heads=heads, causal=causal, positions="rope", layer_index=1,
                    num_layers=2, max_len=t, options=options)
   fm = FunctionalModel(MIXERS[name](spec, rngs=nnx.Rngs(params=0)))
-  params = fm.init_params()
+  params, extra = fm.init_params(), fm.init_extra()  # extra: e.g. BatchNorm statistics, hash state
   seg = jnp.ones((1, t), jnp.int32)
   pos = jnp.arange(t, dtype=jnp.int32)[None]
 
   def loss(params, x):
-    module = fm.module(params, {})
+    module = fm.module(params, extra)
     return jnp.sum(module(x, MixContext(segment_ids=seg, positions=pos)) ** 2)
 
   x = jax.random.normal(jax.random.key(0), (1, t, d), jnp.float32)

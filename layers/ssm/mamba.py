@@ -42,7 +42,7 @@ from flax import nnx
 
 from layers import axes
 from layers.core import Dense, param
-from layers.mixer_base import MixContext, Mixer, MixerSpec
+from layers.mixer_base import MixContext, Mixer, MixerSpec, sequence_parallel
 
 SCANS = ("sequential", "associative", "chunked")
 # The scan's contractions stay in full fp32 (on GPUs the default for fp32 matmuls is TF32).
@@ -228,8 +228,15 @@ class SSMBranch(nnx.Module):
     xc = jax.nn.silu(causal_conv(x_in_bte, segment_ids_bt, self.conv_weight[...], self.conv_bias[...],
                                  context_bke, context_segment_ids_bk))
     a = -jnp.exp(self.a_log[...])
-    y, h_last = selective_scan(xc, self.delta(xc), a, self.x_b(xc), self.x_c(xc), reset_bt=reset_bt,
-                               h0_bds=h0_bes, impl=impl, chunk=chunk)
+    sp = sequence_parallel()
+    if sp is not None and sp.strategy == "scan" and h0_bes is None:
+      # The conv and projections are per token (the compiler exchanges the conv's halo);
+      # only the scan needs the cross-device state (parallel/scan.py).
+      y, h_last = sp.selective_scan(xc, self.delta(xc), a, self.x_b(xc), self.x_c(xc), reset_bt, impl=impl,
+                                    chunk=chunk), None
+    else:
+      y, h_last = selective_scan(xc, self.delta(xc), a, self.x_b(xc), self.x_c(xc), reset_bt=reset_bt,
+                                 h0_bds=h0_bes, impl=impl, chunk=chunk)
     y = y + self.skip[...] * xc.astype(jnp.float32)
     return y.astype(x_in_bte.dtype), h_last
 
@@ -242,7 +249,8 @@ class Mamba(Mixer):
   dt_min (0.001), dt_max (0.1).
   """
 
-  SEQUENCE_STRATEGIES = ("auto",)
+  # "scan": each device scans its chunk; chunk states are combined across devices.
+  SEQUENCE_STRATEGIES = ("auto", "scan")
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     d = spec.d_model
