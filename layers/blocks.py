@@ -29,7 +29,10 @@ class Block(nnx.Module):
     r_mix = r_mlp = None
     if ctx.dropout_rng is not None:
       r_mix, r_mlp = jax.random.split(ctx.dropout_rng)
-    x_btd = x_btd + dropout(self.mixer(self._norm(self.norm_mixer, x_btd, ctx), ctx), self.dropout_rate, r_mix)
+    h_btd = self._norm(self.norm_mixer, x_btd, ctx)
+    if ctx.prepare:
+      self.mixer.prepare(h_btd, ctx)
+    x_btd = x_btd + dropout(self.mixer(h_btd, ctx), self.dropout_rate, r_mix)
     x_btd = x_btd + dropout(self.mlp(self._norm(self.norm_mlp, x_btd, ctx)), self.dropout_rate, r_mlp)
     return axes.constrain(x_btd, axes.ACT_BTD)
 

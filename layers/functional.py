@@ -69,5 +69,13 @@ class FunctionalModel:
     _, _, new_extra = nnx.split(model, nnx.Param, ...)
     return logits, aux, _Collection(new_extra).arrays() if self._extra.names else {}
 
+  def prepare(self, params: dict, extra: dict, batch: dict) -> dict:
+    """New extra state after every mixer's `prepare` on `batch` (fresh runs; see Mixer.prepare)."""
+    model = self.module(params, extra)
+    model(batch, prepare=True)
+    nnx.pop(model, nnx.Intermediate)
+    _, _, new_extra = nnx.split(model, nnx.Param, ...)
+    return _Collection(new_extra).arrays() if self._extra.names else {}
+
   def targets_and_weights(self, batch):
     return self.module_type.targets_and_weights(batch)

@@ -49,6 +49,8 @@ class MixContext:
   # The training step (int32 scalar; the state's step at evaluation), for mixers with
   # step schedules (Performer's feature redraws, PRepBN's LN->BN blend); None = 0.
   step: jax.Array | None = None
+  # True in the one call on the first training batch of a fresh run (see Mixer.prepare).
+  prepare: bool = False
 
   def token_index(self) -> jax.Array:
     if self.index is not None:
@@ -69,6 +71,10 @@ class Mixer(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
     raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding")
+
+  def prepare(self, x_btd: jax.Array, ctx: MixContext) -> None:
+    """Data-dependent initialisation of non-param state from this layer's inputs on the first
+    training batch of a fresh run (e.g. EcoFormer learns its hash functions). Default: nothing."""
 
 
 # The sequence-parallel strategy in force while the model is traced (installed by

@@ -69,7 +69,8 @@ class Encoder(nnx.Module):
     ])
     self.final_norm = Norm(spec.d_model, "layernorm" if spec.norm == "prepbn" else spec.norm, rngs=rngs)
 
-  def __call__(self, ids_bt, segment_ids_bt, positions_bt, *, index_bt=None, dropout_rng=None, training=False, step=None,
+  def __call__(self, ids_bt, segment_ids_bt, positions_bt, *, index_bt=None, dropout_rng=None, training=False,
+               step=None, prepare=False,
                decode=False) -> jax.Array:
     dtype = DTYPES[self.spec.dtype]
     x = self.embed(ids_bt, dtype)
@@ -79,7 +80,7 @@ class Encoder(nnx.Module):
     for i, block in enumerate(self.blocks):
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
       x = block(x, MixContext(segment_ids=segment_ids_bt, positions=positions_bt, dropout_rng=rng, training=training,
-                              decode=decode, index=index_bt, step=step))
+                              decode=decode, index=index_bt, step=step, prepare=prepare))
     return self.final_norm(x)
 
   def init_cache(self, batch: int, max_len: int) -> None:
@@ -95,9 +96,10 @@ class LanguageModel(nnx.Module):
     self.head = None if spec.tie_embeddings else Dense((spec.d_model,), (spec.vocab_size,), in_axes=(axes.EMBED,),
                                                         out_axes=(axes.VOCAB,), rngs=rngs)
 
-  def __call__(self, batch, *, dropout_rng=None, training=False, decode=False, step=None) -> jax.Array:
+  def __call__(self, batch, *, dropout_rng=None, training=False, decode=False, step=None,
+               prepare=False) -> jax.Array:
     x = self.encoder(batch["inputs"], batch["segment_ids"], batch["positions"], index_bt=batch.get("index"),
-                     dropout_rng=dropout_rng, training=training, decode=decode, step=step)
+                     dropout_rng=dropout_rng, training=training, decode=decode, step=step, prepare=prepare)
     logits = self.encoder.embed.attend(x) if self.head is None else self.head(x)
     return logits.astype(jnp.float32)
 
@@ -132,10 +134,11 @@ class Classifier(nnx.Module):
     self.head = Dense((spec.d_model,), (spec.num_classes,), in_axes=(axes.MLP,), out_axes=(axes.CLASSES,),
                       rngs=rngs, use_bias=True)
 
-  def __call__(self, batch, *, dropout_rng=None, training=False, decode=False, step=None) -> jax.Array:
+  def __call__(self, batch, *, dropout_rng=None, training=False, decode=False, step=None,
+               prepare=False) -> jax.Array:
     del decode
     x = self.encoder(batch["inputs"], batch["segment_ids"], batch["positions"], index_bt=batch.get("index"),
-                     dropout_rng=dropout_rng, training=training, step=step)
+                     dropout_rng=dropout_rng, training=training, step=step, prepare=prepare)
     # Packed rows (trainer/data/packing.py) carry one label per segment: [B, S].
     slots = batch["label_weights"].shape[1] if "label_weights" in batch else 0
     pooled = _pool(x, batch["segment_ids"], batch["positions"], self.spec.pooling, slots)
@@ -159,17 +162,18 @@ class DualEncoder(nnx.Module):
     self.head = Dense((d,), (spec.num_classes,), in_axes=(axes.MLP,), out_axes=(axes.CLASSES,), rngs=rngs,
                       use_bias=True)
 
-  def __call__(self, batch, *, dropout_rng=None, training=False, decode=False, step=None) -> jax.Array:
+  def __call__(self, batch, *, dropout_rng=None, training=False, decode=False, step=None,
+               prepare=False) -> jax.Array:
     del decode
     r1 = r2 = None
     if dropout_rng is not None:
       r1, r2 = jax.random.split(dropout_rng)
     u = _pool(self.encoder(batch["inputs"], batch["segment_ids"], batch["positions"], index_bt=batch.get("index"),
-                           dropout_rng=r1, training=training, step=step),
+                           dropout_rng=r1, training=training, step=step, prepare=prepare),
               batch["segment_ids"], batch["positions"], self.spec.pooling)
     v = _pool(self.encoder(batch["inputs2"], batch["segment_ids2"], batch["positions2"],
                            index_bt=batch.get("index2"), dropout_rng=r2,
-                           training=training, step=step),
+                           training=training, step=step, prepare=prepare),
               batch["segment_ids2"], batch["positions2"], self.spec.pooling)
     feats = jnp.concatenate([u, v, u * v, u - v], axis=-1)
     return self.head(jax.nn.gelu(self.hidden(feats))).astype(jnp.float32)

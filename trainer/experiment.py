@@ -18,7 +18,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from layers.functional import FunctionalModel
-from layers.mixer_base import use_sequence_parallel
+from layers import mixers
+from layers.mixer_base import Mixer, use_sequence_parallel
 from layers.models import ModelSpec, build_model
 from parallel import mesh as mesh_lib
 from parallel.sequence import SequenceParallel, SequenceParallelError, zigzag_permutation
@@ -150,8 +151,17 @@ class Experiment:
   def restore_or_init(self, step: int | None = None) -> tuple[dict, dict | None]:
     restored = self.checkpointer.restore(self.abstract_state, step)
     if restored is None:
-      return self.fresh_state(), None
+      return self.prepared(self.fresh_state()), None
     return restored
+
+  def prepared(self, state: dict) -> dict:
+    """A fresh state after the mixers' data-dependent initialisation on the first train batch
+    (`Mixer.prepare`, e.g. EcoFormer's hash learning); unchanged when no mixer has one."""
+    if all(mixers.MIXERS[m].prepare is Mixer.prepare for m in set(config_lib.mixer_schedule(self.cfg))):
+      return state
+    with self.tracing():
+      fn = jax.jit(self.fm.prepare, out_shardings=self.state_shardings["extra"])
+      return dict(state, extra=fn(state["params"], state["extra"], self.train_batch(0)))
 
   # -- steps ---------------------------------------------------------------------------
 

@@ -237,6 +237,12 @@ class EcoFormer(KernelAttention):
     phi = jnp.concatenate([h, const], axis=-1)  # phi_i . phi_j = h_i . h_j + (b + 1)
     return phi, phi
 
+  def prepare(self, x_btd: jax.Array, ctx: MixContext) -> None:
+    """Learns the hash on the first training batch of a fresh run (the trainer calls this)."""
+    b, t, _ = x_btd.shape
+    if min(self.hash_tokens, b * t) >= self.num_anchors:  # too few tokens: keep the random hash
+      self.fit_hash(x_btd, ctx.segment_ids)
+
   def fit_hash(self, x_btd: jax.Array, segment_ids: jax.Array | None = None, key: jax.Array | None = None) -> None:
     """Refits anchors, A, mu, sigma of every head from the mixer inputs of one batch.
 
