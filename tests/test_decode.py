@@ -213,6 +213,8 @@ def _use_split_kv(monkeypatch):
 def _spec(mixer, **kw):
   # decode_chunk 5 cuts the 15-slot caches below into three chunks (remainders: the unit tests).
   options = (("decode_chunk", 5),) + ((("block_k", 4), ("block_q", 4)) if mixer == "flash" else ())
+  if mixer == "local":  # a window shorter than the runs below, so the ring buffer wraps
+    options = (("block", 2), ("window", 4))
   base = dict(kind="lm", vocab_size=50, num_classes=50, max_len=16, mixers=(mixer,) * 2, d_model=32, num_heads=4,
               num_kv_heads=2, mlp_ratio=2, mlp="swiglu", norm="rmsnorm", positions="rope", dropout=0.0,
               pooling="mean", tie_embeddings=True, dtype="float32", mixer_options=((mixer, options),))
@@ -233,7 +235,8 @@ def _batch(ids, seg, pos):
 
 
 # attention + dense is tests/test_attention.py::test_prefill_then_decode_equals_full_forward.
-@pytest.mark.parametrize("mixer, path", [("attention", "split_kv"), ("flash", "dense"), ("flash", "split_kv")])
+@pytest.mark.parametrize("mixer, path", [("attention", "split_kv"), ("flash", "dense"), ("flash", "split_kv"),
+                                         ("local", "ring")])
 def test_prefill_then_decode_equals_full_forward(mixer, path, monkeypatch):
   if path == "split_kv":
     _use_split_kv(monkeypatch)
@@ -250,7 +253,7 @@ def test_prefill_then_decode_equals_full_forward(mixer, path, monkeypatch):
   np.testing.assert_allclose(np.concatenate([np.asarray(o) for o in outs], axis=1), full, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mixer, path", [("attention", "dense"), ("flash", "split_kv")])
+@pytest.mark.parametrize("mixer, path", [("attention", "dense"), ("flash", "split_kv"), ("local", "ring")])
 def test_ragged_batch_decode_equals_each_rows_full_forward(mixer, path, monkeypatch):
   """Prompts of lengths 3 and 6 right-padded into one prefill, then 5 shared decode steps.
 

@@ -55,7 +55,8 @@ class LocalAttention(Attention):
 
   Options: `window` (w, default 128): bidirectional |i-j| <= w/2, causal 0 <= i-j < w;
   `block` (query/key block rows; 0 = w // 2, so each block visits 3 blocks: cost
-  about 1.5 * T * w scores). Incremental decoding is not supported (init_cache raises).
+  about 1.5 * T * w scores). Causal models decode with a ring buffer of the last w keys
+  and values per row (slot = position mod w), so the cache is O(w), not O(T).
   """
 
   # Blocks are contiguous runs of stored tokens: only compiler-propagated sharding ("auto") of
@@ -70,7 +71,49 @@ class LocalAttention(Attention):
       raise ValueError(f"model.local.window={self.window} and model.local.block={self.block} must be positive")
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
-    raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding")
+    del max_len  # the cache is the window, whatever the length
+    if not self.spec.causal:
+      raise ValueError("local attention decodes only causally (this model is bidirectional)")
+    kv, h, w = self.spec.num_kv_heads, self.spec.head_dim, self.window
+    self.cached_key = nnx.Cache(jnp.zeros((batch, w, kv, h), dtype))
+    self.cached_value = nnx.Cache(jnp.zeros((batch, w, kv, h), dtype))
+    self.cached_segment_ids = nnx.Cache(jnp.zeros((batch, w), jnp.int32))
+    self.cached_positions = nnx.Cache(jnp.full((batch, w), -1, jnp.int32))  # -1: empty slot
+
+  def attend_cached(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
+    """New tokens against the ring buffer plus themselves; then the buffer keeps the last w.
+
+    The window is measured in per-segment positions, which equal storage distances in a
+    full forward (segments are contiguous) and stay right when a padded prompt leaves a
+    gap in the cache.
+    """
+    if getattr(self, "cached_positions", None) is None:
+      raise ValueError("decode=True needs init_cache(batch, max_len, dtype) first")
+    b, t = ctx.segment_ids.shape
+    w = self.window
+    seg, pos = ctx.segment_ids.astype(jnp.int32), ctx.positions.astype(jnp.int32)
+    keys = jnp.concatenate([self.cached_key[...], k_btkh.astype(self.cached_key.dtype)], axis=1)
+    values = jnp.concatenate([self.cached_value[...], v_btkh.astype(self.cached_value.dtype)], axis=1)
+    kseg = jnp.concatenate([self.cached_segment_ids[...], seg], axis=1)
+    kpos = jnp.concatenate([self.cached_positions[...], pos], axis=1)
+    order = jnp.concatenate([jnp.full((w,), -1, jnp.int32), jnp.arange(t, dtype=jnp.int32)])  # cached: earlier
+    mask = ((seg[:, :, None] == kseg[:, None, :]) & (seg[:, :, None] != 0) & (kpos[:, None, :] >= 0)
+            & (order[None, None, :] <= jnp.arange(t)[None, :, None])
+            & (pos[:, :, None] - kpos[:, None, :] < w))
+    out = reference_attention(q_btnh, keys, values, mask)
+    # Ring update: real new tokens go to slot position mod w; the latest writer of a slot wins
+    # (padding is never written, so a row's last w real tokens survive a padded prompt).
+    writes = (pos[:, :, None] % w == jnp.arange(w)[None, None, :]) & (seg[:, :, None] != 0)  # [b, t, w]
+    writer = jnp.argmax(writes * (1 + jnp.arange(t))[None, :, None], axis=1)  # [b, w]: last writer
+    written = jnp.any(writes, axis=1)
+    pick = lambda new, old: jnp.where(written.reshape(written.shape + (1,) * (old.ndim - 2)),
+                                      jnp.take_along_axis(new, writer.reshape(
+                                          writer.shape + (1,) * (old.ndim - 2)), axis=1).astype(old.dtype), old)
+    self.cached_key[...] = pick(k_btkh, self.cached_key[...])
+    self.cached_value[...] = pick(v_btkh, self.cached_value[...])
+    self.cached_segment_ids[...] = pick(seg, self.cached_segment_ids[...])
+    self.cached_positions[...] = pick(pos, self.cached_positions[...])
+    return out
 
   def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
     check_storage_order(ctx, "local")
