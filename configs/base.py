@@ -72,6 +72,7 @@ def get_config(arg=None):
   c.model.flash = ml_collections.ConfigDict()
   c.model.flash.block_q = 128  # query rows per block
   c.model.flash.block_k = 128  # key/value rows per block streamed past each query block
+  c.model.flash.per_row = False  # run rows one by one so each skips its own padding / cross-example blocks (CPU)
   c.model.flash.decode_chunk = 256  # KV-cache slots per split in split-KV decode attention
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.decode_chunk = 256  # KV-cache slots per split in split-KV decode attention

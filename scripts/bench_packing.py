@@ -5,7 +5,8 @@
 ListOps with trees of 64-2048 tokens (mean ~740) in rows of T=2048, a small classifier,
 the real compiled train step of `trainer.experiment.Experiment`. For padded rows (one
 example per row) and packed rows (task.packing=true), it prints the median step time
-and the throughput in examples/s and in real (non-padding) tokens/s. Data generation is
+and the throughput in examples/s and in real (non-padding) tokens/s (`flash:per_row`: flash with `model.flash.per_row=true`,
+each row skipping its own padding and cross-example blocks). Data generation is
 timed separately: it overlaps with compute in a real input pipeline. It also prints the
 packing statistics (token fill, examples skipped, mean length trained on vs considered).
 """
@@ -32,8 +33,9 @@ BASE = ["task.seq_len=2048", "task.listops.min_len=64", "task.listops.max_len=20
 
 
 def run(packing: bool, mixer: str, batch: int, steps: int, window: int) -> dict:
-  over = BASE + [f"batch_size={batch}", f"model.mixer={mixer}", f"task.packing={packing}",
-                 f"task.packing_window={window}"]
+  name, _, flag = mixer.partition(":")  # "flash:per_row": rows one by one, each skipping its own blocks
+  over = BASE + [f"batch_size={batch}", f"model.mixer={name}", f"task.packing={packing}",
+                 f"task.packing_window={window}"] + ([f"model.{name}.{flag}=true"] if flag else [])
   cfg = load_config("configs/listops.py", over)
   with tempfile.TemporaryDirectory() as wd:
     exp = Experiment(cfg, os.path.join(wd, "none"), read_only=True)
@@ -66,21 +68,21 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=4)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--window", type=int, default=3)
-  p.add_argument("--mixers", default="flash,linear")
+  p.add_argument("--mixers", default="flash,flash:per_row,linear")
   args = p.parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  batch {args.batch} rows x 2048, "
         f"{args.steps} timed steps, packing window {args.window}")
-  print(f"{'mixer':10s} {'rows':7s} {'step s':>8s} {'data s':>8s} {'ex/row':>7s} {'examples/s':>11s} "
+  print(f"{'mixer':14s} {'rows':7s} {'step s':>8s} {'data s':>8s} {'ex/row':>7s} {'examples/s':>11s} "
         f"{'tokens/s':>10s} {'packed/padded':>14s}")
   for mixer in args.mixers.split(","):
     padded = run(False, mixer, args.batch, args.steps, args.window)
     packed = run(True, mixer, args.batch, args.steps, args.window)
     for name, r in (("padded", padded), ("packed", packed)):
       ratio = r["tokens_per_s"] / padded["tokens_per_s"]
-      print(f"{mixer:10s} {name:7s} {r['step_s']:8.3f} {r['data_s']:8.3f} {r['examples_per_row']:7.2f} "
+      print(f"{mixer:14s} {name:7s} {r['step_s']:8.3f} {r['data_s']:8.3f} {r['examples_per_row']:7.2f} "
             f"{r['examples_per_s']:11.2f} {r['tokens_per_s']:10.0f} {ratio:13.2f}x")
     s = packed["stats"]
-    print(f"{'':10s} packing: token fill {s['fill']:.2f}, examples skipped {s['skipped']:.2f}, mean length "
+    print(f"{'':14s} packing: token fill {s['fill']:.2f}, examples skipped {s['skipped']:.2f}, mean length "
           f"trained on {s['mean_len_trained']:.0f} vs {s['mean_len_all']:.0f} considered")
 
 

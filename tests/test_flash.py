@@ -125,3 +125,15 @@ def test_compiled_memory_is_linear_in_length():
   flash = temp(lambda q, k, v, s: flash_attention(q, k, v, s, s, causal=True))
   assert flash * 20 <= dense, f"flash {flash / 2**20:.1f} MiB vs dense {dense / 2**20:.1f} MiB"
   assert flash < 64 * 2**20  # O(T): a few arrays of [B, T, N, H]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_per_row_skipping_gives_the_same_values_and_gradients(causal):
+  q, k, v, seg = _case()
+  idx = np.broadcast_to(np.arange(seg.shape[1]), seg.shape)
+  w = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
+  f = lambda per_row: lambda q, k, v: jnp.sum(flash_attention_lse(
+      q, k, v, seg, seg, idx, idx, causal=causal, block_q=8, block_k=8, per_row=per_row)[0] * w)
+  np.testing.assert_allclose(f(True)(q, k, v), f(False)(q, k, v), rtol=1e-5)
+  for a, b in zip(jax.grad(f(True), argnums=(0, 1, 2))(q, k, v), jax.grad(f(False), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -120,7 +120,8 @@ class Attention(Mixer):
     if self.impl() in ("flash", "pallas"):  # arbitrary index layouts: the pure-JAX blocks
       return flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index,
                                  causal=self.spec.causal, block_q=self.spec.option("block_q", 128),
-                                 block_k=self.spec.option("block_k", 128))[0]
+                                 block_k=self.spec.option("block_k", 128),
+                                 per_row=bool(self.spec.option("per_row", False)))[0]
     mask = make_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, self.spec.causal)
     return reference_attention(q_btnh, k_bskh, v_bskh, mask)
 

@@ -214,16 +214,26 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, *,
-                        causal: bool, block_q: int = 128, block_k: int = 128, out_dtype=None):
+                        causal: bool, block_q: int = 128, block_k: int = 128, out_dtype=None,
+                        per_row: bool = False):
   """Attention of one query set against one key set: (out [B, T, N, H], lse [B, T, N]).
 
   `out` has q's dtype unless `out_dtype` says otherwise (partial results that will be
-  merged, as in ring attention, should stay fp32).
+  merged, as in ring attention, should stay fp32). A block pair is skipped when no pair
+  in it can be visible in any row of the batch; `per_row=True` runs the rows one after
+  another so each row skips its own padding and, in packed rows, the blocks between
+  different examples (the same result; fewer FLOPs when rows differ, no batch parallelism).
 
   Rows that see no key give out = 0 and lse = -inf (so `merge_partials` ignores them).
   Lengths need not be multiples of the blocks (padded internally with segment id 0).
   """
   b, t, n, h = q_btnh.shape
+  if per_row and b > 1:
+    def one_row(args):
+      o, l = flash_attention_lse(*(a[None] for a in args), causal=causal, block_q=block_q, block_k=block_k,
+                                 out_dtype=out_dtype)
+      return o[0], l[0]
+    return jax.lax.map(one_row, (q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index))
   (q, k, v, qseg, kseg, qidx, kidx), (bq, bk, tp) = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids,
                                                              kv_segment_ids, q_index, kv_index, block_q, block_k)
   out, lse = _flash(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk)
