@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A seconds-long run on 8 fake devices: data-parallel over all 8 by default.
@@ -37,3 +39,30 @@ def metrics(workdir) -> list[dict]:
 
 def train_losses(workdir) -> dict[int, float]:
   return {m["step"]: m["train/loss"] for m in metrics(workdir) if "train/loss" in m}
+
+
+def assert_close(got, want, tol, what=""):
+  got, want = np.asarray(got), np.asarray(want)
+  err = np.abs(got - want)
+  assert np.all(np.isfinite(got)), what
+  assert err.max() < tol, f"{what} max err {err.max():.2e} mean {err.mean():.2e}"
+
+
+def check_values_and_grads(f_layer, f_ref, params, x, tol=2e-5, gtol=5e-5, every_param_used=False):
+  """Outputs and the gradients (params and x) of sum(out * w), one compiled program per side."""
+  import jax
+  import jax.numpy as jnp
+  w = np.random.default_rng(7).normal(size=x.shape).astype(np.float32)
+
+  def value_and_grads(f, params, x):
+    y, vjp = jax.vjp(f, params, x)
+    return y, vjp(jnp.asarray(w))
+
+  y_got, g_got = jax.jit(value_and_grads, static_argnums=0)(f_layer, params, x)
+  y_want, g_want = jax.jit(value_and_grads, static_argnums=0)(f_ref, params, x)
+  assert_close(y_got, y_want, tol, "forward")
+  for name in params:
+    assert_close(g_got[0][name], g_want[0][name], gtol, f"d{name}")
+    if every_param_used:
+      assert np.abs(np.asarray(g_want[0][name])).max() > 0, name
+  assert_close(g_got[1], g_want[1], gtol, "dx")

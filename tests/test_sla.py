@@ -19,6 +19,8 @@ from layers.mixer_base import MixContext, MixerSpec, use_sequence_parallel
 from parallel import mesh as mesh_lib
 from parallel.sequence import SequenceParallel
 
+from helpers import assert_close, check_values_and_grads
+
 B, T, D, N = 2, 13, 16, 2
 H = D // N
 MAX_LEN = 32
@@ -119,30 +121,6 @@ def reference_sla(params, x, seg, pos, *, causal, grid=None, eps=1e-6):
   return jnp.einsum("btnh,nhd->btd", o, params["out"])
 
 
-def assert_close(got, want, tol, what=""):
-  got, want = np.asarray(got), np.asarray(want)
-  err = np.abs(got - want)
-  assert np.all(np.isfinite(got)), what
-  assert err.max() < tol, f"{what} max err {err.max():.2e} mean {err.mean():.2e}"
-
-
-def check_values_and_grads(f_layer, f_ref, params, x, tol=2e-5, gtol=5e-5):
-  """Outputs and the gradients (params and x) of sum(out * w), one compiled program per side."""
-  w = np.random.default_rng(7).normal(size=x.shape).astype(np.float32)
-
-  def value_and_grads(f, params, x):
-    y, vjp = jax.vjp(f, params, x)
-    return y, vjp(jnp.asarray(w))
-
-  y_got, g_got = jax.jit(value_and_grads, static_argnums=0)(f_layer, params, x)
-  y_want, g_want = jax.jit(value_and_grads, static_argnums=0)(f_ref, params, x)
-  assert_close(y_got, y_want, tol, "forward")
-  for name in params:
-    assert_close(g_got[0][name], g_want[0][name], gtol, f"d{name}")
-    assert np.abs(np.asarray(g_want[0][name])).max() > 0, name  # every parameter takes part
-  assert_close(g_got[1], g_want[1], gtol, "dx")
-
-
 @jax.jit(static_argnums=0)
 def _apply(graphdef, state, x, seg, pos):
   return nnx.merge(graphdef, state)(x, ctx_of(seg, pos))
@@ -162,7 +140,7 @@ def test_layer_matches_reference(causal, k):
   x, seg, pos = inputs()
   layer = randomize(SLA(make_spec(causal, chunk=4, conv_kernel=k), rngs=nnx.Rngs(0)))
   check_values_and_grads(layer_fn(layer, seg, pos), lambda p, x: reference_sla(p, x, seg, pos, causal=causal),
-                         params_of(layer), jnp.asarray(x))
+                         params_of(layer), jnp.asarray(x), every_param_used=True)
 
 
 def test_grid_matches_reference():
@@ -175,7 +153,7 @@ def test_grid_matches_reference():
   assert layer.conv_weight.shape == (3, 3, H)
   check_values_and_grads(layer_fn(layer, seg, pos),
                          lambda p, x: reference_sla(p, x, seg, pos, causal=False, grid=(3, 4)),
-                         params_of(layer), jnp.asarray(x))
+                         params_of(layer), jnp.asarray(x), every_param_used=True)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])

@@ -22,6 +22,8 @@ from layers.mixer_base import MixContext, MixerSpec, use_sequence_parallel
 from parallel import mesh as mesh_lib
 from parallel.sequence import SequenceParallel
 
+from helpers import assert_close, check_values_and_grads
+
 B, T, D, N = 2, 13, 16, 2
 H = D // N
 
@@ -143,29 +145,6 @@ def reference_diag_layer(params, x, seg, pos, causal, kind, block, positions="no
   if kind == "relu":
     o = srms(o, jnp.asarray(seg != 0))
   return jnp.einsum("btnh,nhd->btd", o, params["out"])
-
-
-def assert_close(got, want, tol, what=""):
-  got, want = np.asarray(got), np.asarray(want)
-  err = np.abs(got - want)
-  assert np.all(np.isfinite(got)), what
-  assert err.max() < tol, f"{what} max err {err.max():.2e} mean {err.mean():.2e}"
-
-
-def check_values_and_grads(f_layer, f_ref, params, x, tol=2e-5, gtol=5e-5):
-  """Outputs and the gradients (params and x) of sum(out * w), one compiled program per side."""
-  w = np.random.default_rng(7).normal(size=x.shape).astype(np.float32)
-
-  def value_and_grads(f, params, x):
-    y, vjp = jax.vjp(f, params, x)
-    return y, vjp(jnp.asarray(w))
-
-  y_got, g_got = jax.jit(value_and_grads, static_argnums=0)(f_layer, params, x)
-  y_want, g_want = jax.jit(value_and_grads, static_argnums=0)(f_ref, params, x)
-  assert_close(y_got, y_want, tol, "forward")
-  for name in params:
-    assert_close(g_got[0][name], g_want[0][name], gtol, f"d{name}")
-  assert_close(g_got[1], g_want[1], gtol, "dx")
 
 
 # -- NormAttention --------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from layers.core import param
 from layers.mixer_base import MixContext, MixerSpec
 
 
-def parse_grid(value) -> tuple[int, int] | None:
+def parse_grid(value, key: str = "model.swin.grid") -> tuple[int, int] | None:
   """`grid` option: 0 / (0, 0) / "" = 1-D; (h, w) or "HxW" = a 2-D grid."""
   if value in (0, None, "") or (isinstance(value, (tuple, list)) and tuple(value) == (0, 0)):
     return None
@@ -50,7 +50,7 @@ def parse_grid(value) -> tuple[int, int] | None:
   except (TypeError, ValueError):
     h = w = 0
   if h < 1 or w < 1:
-    raise ValueError(f"swin.grid={value!r} must be 0 (1-D) or a grid (h, w) / 'HxW' of positive sides")
+    raise ValueError(f"{key}={value!r} must be 0 or (0, 0) (1-D) or a grid (h, w) / 'HxW' of positive sides")
   return h, w
 
 

@@ -37,22 +37,8 @@ from flax import nnx
 from layers import axes
 from layers.core import param
 from layers.linear.linear import KernelAttention
+from layers.attention.swin import parse_grid
 from layers.mixer_base import MixContext, MixerSpec
-
-
-def parse_grid(value) -> tuple[int, int] | None:
-  """`grid` option: 0 / (0, 0) / "" = 1-D; (h, w) or "HxW" = a 2-D grid."""
-  if value in (0, None, "") or (isinstance(value, (tuple, list)) and tuple(value) == (0, 0)):
-    return None
-  try:
-    if isinstance(value, str):
-      value = tuple(int(p) for p in value.lower().split("x"))
-    h, w = (int(p) for p in value)
-  except (TypeError, ValueError):
-    h = w = 0
-  if h < 1 or w < 1:
-    raise ValueError(f"model.sla.grid={value!r} must be (0, 0) (1-D) or a grid (h, w) / 'HxW' of positive sides")
-  return h, w
 
 
 def conv_taps(k: int, causal: bool) -> tuple[int, int]:
@@ -141,7 +127,7 @@ class SLA(KernelAttention):
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
-    self.grid = parse_grid(spec.option("grid", (0, 0)))
+    self.grid = parse_grid(spec.option("grid", (0, 0)), "model.sla.grid")
     self.conv_kernel = int(spec.option("conv_kernel", 5))
     if self.conv_kernel < 1:
       raise ValueError(f"model.sla.conv_kernel={self.conv_kernel} must be a positive number of taps")
