@@ -108,7 +108,7 @@ def sp_linear_recurrence(a_btd, b_btd, *, mesh: Mesh, spec):
 _NO_RUN = -2  # the run id of "no tokens yet": equal to no real run (ids >= -1)
 
 
-def _linear_combine(earlier, later):
+def _linear_attention_combine(earlier, later):
   f1, l1, u1, s1 = earlier
   f2, l2, u2, s2 = later
   carry = u2 & (f2 == l1)
@@ -132,7 +132,8 @@ def _linear_direction(q, k, v, seg, seg_all, *, chunk, inclusive, reverse, n):
   b = q.shape[0]
   identity = (jnp.full((b,), _NO_RUN, jnp.int32), jnp.full((b,), _NO_RUN, jnp.int32), jnp.ones((b,), bool),
               jnp.zeros_like(state.kv))
-  _, last_in, _, s_in = jax.tree.map(lambda p: p[pos], exclusive_prefix(gathered, _linear_combine, identity))
+  prefix = exclusive_prefix(gathered, _linear_attention_combine, identity)
+  _, last_in, _, s_in = jax.tree.map(lambda p: p[pos], prefix)
   sees = (runs == last_in[:, None]).astype(jnp.float32)
   num = num + jnp.einsum("btnf,bnfh,bt->btnh", jnp.where((seg != 0)[:, :, None, None], q.astype(jnp.float32), 0.0),
                          s_in, sees)
