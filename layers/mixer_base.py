@@ -65,6 +65,10 @@ class Mixer(nnx.Module):
   # Sequence-parallel strategies this mixer implements (see parallel/sequence.py);
   # "auto" (compiler-propagated shardings) works for every mixer.
   SEQUENCE_STRATEGIES: tuple[str, ...] = ("auto",)
+  # False for a mixer that, bidirectional and without learned position embeddings, cannot
+  # tell token order (kernelised attention applies no rotary embedding): the trainer
+  # refuses such a model rather than train a bag of tokens.
+  ORDER_AWARE: bool = True
 
   def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
     raise NotImplementedError

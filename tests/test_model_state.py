@@ -43,3 +43,17 @@ def test_fresh_ecoformer_run_learns_its_hash_on_the_first_batch(tmp_path):
   plain = Experiment(load_config("configs/mqar.py:smoke", []), str(tmp_path / "none2"), read_only=True)
   s = plain.fresh_state()
   assert plain.prepared(s) is s
+
+
+def test_a_bidirectional_model_that_cannot_see_order_is_refused(tmp_path):
+  from trainer.config import UserError
+  import pytest
+  with pytest.raises(UserError, match="model.positions=learned"):
+    Experiment(load_config("configs/listops.py:smoke", ["model.mixer=linear", "model.positions=rope"]), str(tmp_path / "a"),
+               read_only=True)
+  # learned positions, an order-aware mixer, or a causal LM are fine
+  Experiment(load_config("configs/listops.py:smoke", ["model.mixer=linear", "model.positions=learned"]),
+             str(tmp_path / "b"), read_only=True)
+  Experiment(load_config("configs/listops.py:smoke", ["model.mixer=sla", "model.positions=none"]), str(tmp_path / "c"),
+             read_only=True)
+  Experiment(load_config("configs/mqar.py:smoke", ["model.mixer=linear"]), str(tmp_path / "d"), read_only=True)

@@ -77,6 +77,11 @@ class Experiment:
       self.task = make_task(cfg.task, cfg.seed, cfg.eval_examples, cfg.batch_size)
     except DataError as e:
       raise UserError(str(e)) from None
+    schedule = config_lib.mixer_schedule(cfg)
+    if (self.task.spec.kind != "lm" and cfg.model.positions != "learned"
+        and not any(mixers.MIXERS[m].ORDER_AWARE for m in schedule)):
+      raise UserError(f"model.positions={cfg.model.positions!r} gives mixer {schedule[0]!r} no token order in a "
+                      f"bidirectional model (it applies no rotary embedding); use model.positions=learned")
     self.mesh = mesh_lib.make_mesh(cfg.mesh)
     self.rules = tuple(cfg.mesh.rules)
     dp = mesh_lib.batch_parallel_size(self.mesh, self.rules)

@@ -28,6 +28,7 @@ class KernelAttention(Mixer):
   # (parallel/scan.py); "all_to_all": heads-sharded full-length rows.
   SEQUENCE_STRATEGIES = ("auto", "scan", "all_to_all")
   NORMALIZE = True
+  ORDER_AWARE = False  # no rotary embedding: bidirectional, only learned positions give order
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     if spec.num_kv_heads != spec.num_heads:

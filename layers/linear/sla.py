@@ -123,6 +123,7 @@ class SLA(KernelAttention):
   the denominator).
   """
 
+  ORDER_AWARE = True  # its learned position embedding (added to K) and the conv on V see order
   NORMALIZE = True
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
