@@ -174,7 +174,8 @@ def test_dead_peer_stops_the_survivor(tmp_path):
   """kill -9 process 1 mid-run: process 0 exits non-zero with JAX's error, promptly.
 
   The coordination service (in process 0) notices the missing heartbeats after
-  --heartbeat_timeout seconds and tells the survivors to stop. (`_kill_one(tmp_path, 0)`:
+  --heartbeat_timeout seconds and tells the survivors to stop, unless a gloo collective
+  of process 0 fails on the dead peer's socket first. (`_kill_one(tmp_path, 0)`:
   the survivors lose their connection to the service and stop at once, in < 1 s; not
   run here to keep this file short.)
   """
@@ -209,7 +210,13 @@ def _kill_one(tmp_path, victim: int) -> None:
     assert rc != 0
     with open(os.path.join(workdir, "logs", f"process_{1 - victim}.log"), errors="replace") as f:
       text = f.read()
-    assert "JAX distributed service detected fatal errors" in text, text[-3000:]
+    # Two legitimate ways to learn of the dead peer, whichever comes first: the
+    # coordination service's missed-heartbeat verdict, or the next gloo collective
+    # failing on the closed socket (then our run_entry names the failed process).
+    by_service = "JAX distributed service detected fatal errors" in text
+    by_collective = (f"seqmix: process {1 - victim} failed (JaxRuntimeError)" in text
+                     and "Gloo" in text and "failed" in text)
+    assert by_service or by_collective, text[-3000:]
     if victim == 1:
       assert "stopped sending heartbeats" in text or "heartbeat timeout" in text, text[-3000:]
   finally:
