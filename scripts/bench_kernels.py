@@ -5,7 +5,8 @@
 
 For T in {1k, 2k, 4k, 8k, 16k}, head dim {64, 128}, causal and not, bf16, B*T = 16k tokens and
 N = 16 heads: forward and forward+backward TFLOP/s of each implementation and our ratio to
-cuDNN. FLOPs: forward 4*B*N*T*T*H (half when causal), backward 2.5x forward, so
+cuDNN. Then causal block-sparse attention (a local and a random block table, T in {4k, 16k}):
+our Pallas block-sparse kernel vs the pure-JAX engine vs the dense kernel. FLOPs: forward 4*B*N*T*T*H (half when causal), backward 2.5x forward, so
 forward+backward is 3.5x. Each measurement is guarded (a failure prints `err` and the table
 goes on); XLA's dense path is skipped above --xla_max_t (it materialises [B, N, T, T] fp32
 scores); rows past --budget_s are skipped. Then a short sweep of our tile sizes at one shape,
@@ -32,6 +33,7 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from kernels.block_sparse_pallas import block_sparse_attention_pallas  # noqa: E402
 from kernels.decode_pallas import decode_attention_pallas  # noqa: E402
 from kernels.flash_pallas import Tiling, default_tiling, flash_attention_pallas  # noqa: E402
 
@@ -143,11 +145,75 @@ def run(args) -> dict:
             row[f"ratio_{mode}"] = ours / cudnn
         print(json.dumps(row), flush=True)
 
+  sparse = run_block_sparse(args, interpret, start)
   sweep = []
   if not interpret and time.perf_counter() - start < args.budget_s:
     sweep = _tile_sweep(args, start)
-  return {"rows": rows, "errors": errors, "sweep": sweep, "names": names, "decode": decode,
+  return {"rows": rows, "errors": errors, "sweep": sweep, "names": names, "decode": decode, "sparse": sparse,
           "seconds": time.perf_counter() - start}
+
+
+def _sparse_tables(pattern: str, nb: int, heads: int):
+  """(kv_blocks, kv_valid, kept block pairs per head) of a causal pattern over nb blocks."""
+  import numpy as np  # noqa: PLC0415
+
+  from layers.attention import block_sparse as bs  # noqa: PLC0415 - needs only jax and numpy
+  if pattern == "local":  # the diagonal block and the 3 before it
+    rows = bs.local_rows(nb, True, 3, 0)
+    tables = [bs.pack_rows(rows)]
+  else:  # "random": the diagonal block, the first block and 6 random earlier ones, per head
+    rng = np.random.default_rng(0)
+    tables = []
+    for _ in range(heads):
+      rows = [sorted({i, 0} | set(rng.choice(i, size=min(6, i), replace=False).tolist()) if i else [0])
+              for i in range(nb)]
+      tables.append(bs.pack_rows(rows))
+  blocks, valid = bs.stack_heads(tables)
+  return blocks, valid, float(valid.sum()) / blocks.shape[1]
+
+
+def run_block_sparse(args, interpret: bool, start: float) -> list[dict]:
+  """Causal block-sparse attention, bf16, H=128, block 64: the Pallas kernel vs the pure-JAX engine
+  vs our dense Pallas kernel. TFLOP/s count only the kept block pairs (4 * block^2 * H each, x3.5
+  for forward+backward); `vs dense` is the dense kernel's time over ours."""
+  from layers.attention.block_sparse import block_sparse_attention  # noqa: PLC0415
+  lengths, block, h = ([128, 256], 32, 64) if interpret else (args.sparse_lengths, 64, 128)
+  out = []
+  key = jax.random.PRNGKey(5)
+  for t in lengths:
+    for pattern in ("local", "random"):
+      if time.perf_counter() - start > args.budget_s:
+        return out
+      b = max(1, args.tokens // t) if not interpret else 1
+      heads = 2 if interpret else args.heads
+      blocks, valid, pairs = _sparse_tables(pattern, -(-t // block), heads)
+      kq, kk, kv, kd, key = jax.random.split(key, 5)
+      q, k, v, do = (jax.random.normal(x, (b, t, heads, h), jnp.bfloat16) for x in (kq, kk, kv, kd))
+      seg = jnp.ones((b, t), jnp.int32)
+      flops = 4.0 * b * heads * pairs * block * block * h
+      row = {"T": t, "pattern": pattern, "B": b, "N": heads, "H": h, "block": block,
+             "density": pairs / (-(-t // block)) ** 2}
+      impls = {
+          "pallas": lambda q, k, v: block_sparse_attention_pallas(q, k, v, seg, blocks, valid, block=block,
+                                                                  causal=True,
+                                                                  interpret=True if interpret else None),
+          "engine": lambda q, k, v: block_sparse_attention(q, k, v, seg, blocks, valid, block=block, causal=True),
+          "dense": lambda q, k, v: flash_attention_pallas(q, k, v, causal=True,
+                                                          interpret=True if interpret else None),
+      }
+      for name, f in impls.items():
+        fwd, fwd_bwd = _fwd_and_fwd_bwd(f)
+        for mode, fn, fargs in (("fwd", fwd, (q, k, v)), ("fwdbwd", fwd_bwd, (q, k, v, do))):
+          try:
+            sec = _median_time(fn, fargs)
+            row[f"{name}_{mode}_ms"] = sec * 1e3
+            row[f"{name}_{mode}"] = flops * (3.5 if mode == "fwdbwd" else 1.0) / sec / 1e12
+          except Exception as e:  # noqa: BLE001
+            row[f"{name}_{mode}"] = "err"
+            row[f"{name}_{mode}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      print(json.dumps(row), flush=True)
+      out.append(row)
+  return out
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -300,6 +366,22 @@ def print_tables(result: dict, device: str) -> None:
     for c in dec["sweep"]:
       frac = f"{c['frac']:.2f}" if isinstance(c["frac"], float) else c["frac"][:60]
       print(f"| {c['block_k']} | {c['num_stages']} | {c['num_warps']} | {c['num_splits'] or 'auto'} | {frac} |")
+  if result.get("sparse"):
+    print("\n## Block-sparse attention, causal, bf16: TFLOP/s on the kept block pairs (ms per call); "
+          "'dense/ours' = dense kernel time over the block-sparse kernel's")
+    print("| T | pattern | density | pallas fwd | engine fwd | pallas f+b | engine f+b | dense/ours fwd | "
+          "dense/ours f+b |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in result["sparse"]:
+      cell = lambda k: (f"{r[k]:.1f} ({r[k + '_ms']:.2f})" if isinstance(r.get(k), float) else "err")
+      ratio = lambda m: (f"{r[f'dense_{m}_ms'] / r[f'pallas_{m}_ms']:.2f}"
+                         if isinstance(r.get(f"dense_{m}"), float) and isinstance(r.get(f"pallas_{m}"), float)
+                         else "-")
+      print(f"| {r['T']} | {r['pattern']} | {r['density']:.3f} | {cell('pallas_fwd')} | {cell('engine_fwd')} | "
+            f"{cell('pallas_fwdbwd')} | {cell('engine_fwdbwd')} | {ratio('fwd')} | {ratio('fwdbwd')} |")
+      for k in list(r):
+        if k.endswith("_error"):
+          print(f"  {k} T={r['T']} {r['pattern']}: {r[k].splitlines()[0][:200]}")
   if result["errors"]:
     print(f"\n{len(result['errors'])} failed measurements (first line of each):")
     for k, v in list(result["errors"].items())[:12]:
@@ -314,6 +396,7 @@ def main(argv=None) -> int:
   p.add_argument("--tokens", type=int, default=16384, help="B*T, constant across lengths")
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--decode_lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+  p.add_argument("--sparse_lengths", type=int, nargs="+", default=[4096, 16384])
   p.add_argument("--xla_max_t", type=int, default=8192, help="skip XLA's dense path above this length")
   p.add_argument("--budget_s", type=float, default=240.0, help="skip the remaining rows after this many seconds")
   p.add_argument("--out", default=None, help="directory for bench_kernels.json")

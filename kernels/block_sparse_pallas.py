@@ -1,0 +1,380 @@
+"""Block-sparse flash attention as Pallas kernels, driven by a per-(query block, key block) table.
+
+The contract is `layers.attention.block_sparse.block_sparse_attention`'s (its pure-JAX engine
+is the reference twin): for every query block of `block` rows, a table row lists the key
+blocks it attends to; only those K/V tiles are loaded and computed. Inside a visited tile
+the mask is built in the kernel from segment ids (0 = padding), stored positions (causal)
+and an optional band (i - before <= j <= i + after, for sliding windows).
+
+Three kernels, each a grid of independent programs over the native [B, T, N, H] layout,
+one block size for queries and keys (the table's granularity):
+
+- forward, grid (query block, head, batch): the query tile stays resident; the program
+  reads its table row (a vector of `Mp` block indices, the valid ones first, then -1),
+  and for m < count loads K/V tile row[m] and applies the online-softmax step in fp32
+  base 2. Writes out and lse.
+- dQ, grid (query block, head, batch): the same walk over the row, accumulating dS K.
+- dK/dV, grid (key block, kv head, batch): the walk over the *transposed* table: for key
+  block j, the (query head of its group, query block) pairs whose rows list j, as entries
+  g * C + i. The program owns dK/dV of its tile, so no atomics.
+
+Cost: forward 4 * B * N * (kept block pairs) * block^2 * H FLOPs, backward 2.5x; memory
+O(T * H) residuals plus the tables: [B or 1, N, C, M] int32, and the transposed table
+[B or 1, K, C, M_T] where M_T is the largest number of listers of one key block (found
+exactly for a concrete numpy table; G * C, its bound, for a table computed under jit such
+as XAttention's).
+
+Tables are passed as in `block_sparse_attention`: kv_blocks / kv_valid [B or 1, N or K or 1,
+C, M]; the valid entries of a row must be distinct. Block sizes are powers of two >= 16
+(Triton tiles). GPU: the Triton lowering; CPU: interpret mode (the tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels.flash_pallas import LN2, LOG2E, _M_INIT, _SQ, _dot, _dot_t, _pad_axis, _pow2_at_least, _resolve_interpret
+
+try:
+  from jax.experimental.pallas import triton as _pltriton
+except ImportError:  # pragma: no cover
+  _pltriton = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  block: int
+  causal: bool
+  band: tuple[int, int] | None
+  scale: float
+  interpret: bool
+  num_blocks: int  # C: query (and key) blocks
+  table_batched: bool  # the table has a batch axis of B (else 1, shared)
+  num_warps: int
+  num_stages: int
+
+
+def _compiler_params(cfg: _Config):
+  if cfg.interpret or _pltriton is None:
+    return None
+  return _pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _tile_mask(row_pos, col_pos, row_seg, col_seg, cfg: _Config, rows_are_queries: bool):
+  """[rows, cols] visibility: same nonzero segment (rows arrive with 0 remapped to -1), causal, band."""
+  mask = row_seg[:, None] == col_seg[None, :]
+  qp, kp = (row_pos[:, None], col_pos[None, :]) if rows_are_queries else (col_pos[None, :], row_pos[:, None])
+  if cfg.causal:
+    mask &= kp <= qp
+  if cfg.band is not None:
+    mask &= (kp >= qp - cfg.band[0]) & (kp <= qp + cfg.band[1])
+  return mask
+
+
+def _entry(row, m):
+  """row[m] of a loaded table row (a masked sum: a vector load plus a reduction lowers everywhere)."""
+  return jnp.sum(jnp.where(jnp.arange(row.shape[0], dtype=jnp.int32) == m, row, 0))
+
+
+def _count(row):
+  return jnp.sum((row >= 0).astype(jnp.int32))
+
+
+def _no_pad(seg):
+  return jnp.where(seg == 0, -1, seg)
+
+
+# ----------------------------------------------------------------------------- forward and dQ
+
+
+def _fwd_kernel(tbl_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, cfg: _Config):
+  bs = cfg.block
+  i = pl.program_id(0)
+  q = q_ref[...]
+  q_pos = i * bs + jnp.arange(bs, dtype=jnp.int32)
+  q_seg = _no_pad(qs_ref[...])
+  row = tbl_ref[...]
+  c = cfg.scale * LOG2E
+
+  def step(m, carry):
+    o, mx, l = carry
+    start = pl.multiple_of(_entry(row, m) * bs, bs)
+    k = k_ref[pl.ds(start, bs), :]
+    s = _dot_t(q, k) * c
+    mask = _tile_mask(q_pos, start + jnp.arange(bs, dtype=jnp.int32), q_seg, ks_ref[pl.ds(start, bs)], cfg, True)
+    s = jnp.where(mask, s, -jnp.inf)
+    m_new = jnp.maximum(mx, jnp.max(s, axis=1))
+    alpha = jnp.exp2(mx - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    v = v_ref[pl.ds(start, bs), :]
+    o = o * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    return o, m_new, l
+
+  carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bs,), _M_INIT, jnp.float32), jnp.zeros((bs,), jnp.float32))
+  o, mx, l = lax.fori_loop(0, _count(row), step, carry)
+  empty = l == 0.0
+  l_safe = jnp.where(empty, 1.0, l)
+  o_ref[...] = (o * (1.0 / l_safe)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, -jnp.inf, (mx + jnp.log2(l_safe)) * LN2)
+
+
+def _dq_kernel(tbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, *, cfg: _Config):
+  bs = cfg.block
+  i = pl.program_id(0)
+  q, do = q_ref[...], do_ref[...]
+  lse2, delta = lse_ref[...], delta_ref[...]
+  q_pos = i * bs + jnp.arange(bs, dtype=jnp.int32)
+  q_seg = _no_pad(qs_ref[...])
+  row = tbl_ref[...]
+  c = cfg.scale * LOG2E
+
+  def step(m, dq):
+    start = pl.multiple_of(_entry(row, m) * bs, bs)
+    k = k_ref[pl.ds(start, bs), :]
+    v = v_ref[pl.ds(start, bs), :]
+    s = _dot_t(q, k) * c
+    mask = _tile_mask(q_pos, start + jnp.arange(bs, dtype=jnp.int32), q_seg, ks_ref[pl.ds(start, bs)], cfg, True)
+    p = jnp.where(mask, jnp.exp2(s - lse2[:, None]), 0.0)
+    ds = p * (_dot_t(do, v) - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = lax.fori_loop(0, _count(row), step, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(tbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref, *,
+                cfg: _Config):
+  bs, nq = cfg.block, cfg.num_blocks
+  j = pl.program_id(0)
+  k, v = k_ref[...], v_ref[...]
+  k_pos = j * bs + jnp.arange(bs, dtype=jnp.int32)
+  k_seg = _no_pad(ks_ref[...])
+  row = tbl_ref[...]
+  c = cfg.scale * LOG2E
+
+  def step(m, carry):
+    dk, dv = carry
+    e = _entry(row, m)
+    g, i = lax.div(e, nq), lax.rem(e, nq)
+    start = pl.multiple_of(i * bs, bs)
+    q = q_ref[pl.ds(start, bs), g, :]
+    do = do_ref[pl.ds(start, bs), g, :]
+    lse2 = lse_ref[g, pl.ds(start, bs)]
+    delta = delta_ref[g, pl.ds(start, bs)]
+    st = _dot_t(k, q) * c  # S^T [bk, bq]
+    mask = _tile_mask(k_pos, start + jnp.arange(bs, dtype=jnp.int32), k_seg, qs_ref[pl.ds(start, bs)], cfg, False)
+    pt = jnp.where(mask, jnp.exp2(st - lse2[None, :]), 0.0)
+    dv = dv + _dot(pt.astype(do.dtype), do)
+    dst = pt * (_dot_t(v, do) - delta[None, :])
+    dk = dk + _dot(dst.astype(q.dtype), q)
+    return dk, dv
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, _count(row), step, (zeros, zeros))
+  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- calls
+
+
+def _tsel(cfg: _Config):
+  return (lambda bt: bt) if cfg.table_batched else (lambda bt: 0)
+
+
+def _forward(rows, q, k, v, seg, cfg: _Config):
+  b, tp, n, h = q.shape
+  kvh = k.shape[2]
+  g, bs, mp = n // kvh, cfg.block, rows.shape[-1]
+  tb = _tsel(cfg)
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, cfg=cfg),
+      grid=(cfg.num_blocks, n, b),
+      in_specs=[
+          pl.BlockSpec((_SQ, _SQ, _SQ, mp), lambda i, hd, bt: (tb(bt), hd, i, 0)),
+          pl.BlockSpec((_SQ, bs, _SQ, h), lambda i, hd, bt: (bt, i, hd, 0)),
+          pl.BlockSpec((_SQ, tp, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
+          pl.BlockSpec((_SQ, tp, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
+          pl.BlockSpec((_SQ, bs), lambda i, hd, bt: (bt, i)),
+          pl.BlockSpec((_SQ, tp), lambda i, hd, bt: (bt, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((_SQ, bs, _SQ, h), lambda i, hd, bt: (bt, i, hd, 0)),
+          pl.BlockSpec((_SQ, _SQ, bs), lambda i, hd, bt: (bt, hd, i)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
+      compiler_params=_compiler_params(cfg),
+      interpret=cfg.interpret,
+      name="block_sparse_fwd",
+  )(rows, q, k, v, seg, seg)
+
+
+def _backward(rows, cols, q, k, v, seg, out, lse, d_out, cfg: _Config):
+  b, tp, n, h = q.shape
+  kvh = k.shape[2]
+  g, bs = n // kvh, cfg.block
+  tb = _tsel(cfg)
+  delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0)  # rows that see nothing: every P is masked to 0
+
+  q_spec = pl.BlockSpec((_SQ, bs, _SQ, h), lambda i, hd, bt: (bt, i, hd, 0))
+  kv_spec = pl.BlockSpec((_SQ, tp, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0))
+  row_spec = pl.BlockSpec((_SQ, _SQ, bs), lambda i, hd, bt: (bt, hd, i))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg),
+      grid=(cfg.num_blocks, n, b),
+      in_specs=[pl.BlockSpec((_SQ, _SQ, _SQ, rows.shape[-1]), lambda i, hd, bt: (tb(bt), hd, i, 0)),
+                q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+                pl.BlockSpec((_SQ, bs), lambda i, hd, bt: (bt, i)),
+                pl.BlockSpec((_SQ, tp), lambda i, hd, bt: (bt, 0))],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_compiler_params(cfg),
+      interpret=cfg.interpret,
+      name="block_sparse_bwd_dq",
+  )(rows, q, k, v, d_out, lse2, delta, seg, seg)
+
+  qg_spec = pl.BlockSpec((_SQ, tp, g, h), lambda j, kh, bt: (bt, 0, kh, 0))
+  rowg_spec = pl.BlockSpec((_SQ, g, tp), lambda j, kh, bt: (bt, kh, 0))
+  kt_spec = pl.BlockSpec((_SQ, bs, _SQ, h), lambda j, kh, bt: (bt, j, kh, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, cfg=cfg),
+      grid=(cfg.num_blocks, kvh, b),
+      in_specs=[pl.BlockSpec((_SQ, _SQ, _SQ, cols.shape[-1]), lambda j, kh, bt: (tb(bt), kh, j, 0)),
+                qg_spec, kt_spec, kt_spec, qg_spec, rowg_spec, rowg_spec,
+                pl.BlockSpec((_SQ, tp), lambda j, kh, bt: (bt, 0)),
+                pl.BlockSpec((_SQ, bs), lambda j, kh, bt: (bt, j))],
+      out_specs=[kt_spec, kt_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_compiler_params(cfg),
+      interpret=cfg.interpret,
+      name="block_sparse_bwd_dkv",
+  )(cols, q, k, v, d_out, lse2, delta, seg, seg)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(rows, cols, q, k, v, seg, cfg: _Config):
+  return _forward(rows, q, k, v, seg, cfg)[0]
+
+
+def _attention_fwd(rows, cols, q, k, v, seg, cfg: _Config):
+  out, lse = _forward(rows, q, k, v, seg, cfg)
+  return out, (rows, cols, q, k, v, seg, out, lse)
+
+
+def _attention_bwd(cfg: _Config, res, d_out):
+  rows, cols, q, k, v, seg, out, lse = res
+  dq, dk, dv = _backward(rows, cols, q, k, v, seg, out, lse, d_out, cfg)
+  float0 = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+  return float0(rows), float0(cols), dq, dk, dv, float0(seg)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def compact_table(kv_blocks, kv_valid, num_heads: int, num_kv_heads: int, num_blocks: int):
+  """The engine's table layout -> rows [B or 1, N, C, Mp] int32: each row's valid blocks first, then -1.
+
+  Mp is M rounded up to a power of two >= 16 (a Triton vector). numpy in, numpy out (the
+  table is then a compile-time constant); jax in, jax out.
+  """
+  concrete = isinstance(kv_blocks, np.ndarray) and isinstance(kv_valid, np.ndarray)
+  xp = np if concrete else jnp
+  blocks, valid = xp.asarray(kv_blocks).astype(np.int32), xp.asarray(kv_valid).astype(bool)
+  if blocks.ndim != 4 or blocks.shape != valid.shape:
+    raise ValueError(f"kv_blocks {blocks.shape} and kv_valid {valid.shape} must both be [B or 1, heads, "
+                     f"{num_blocks} query blocks, M]")
+  tb, tn, tc, m = blocks.shape
+  if tn not in (1, num_kv_heads, num_heads) or tc != num_blocks:
+    raise ValueError(f"block table of shape {blocks.shape} does not fit {num_heads} query heads / {num_kv_heads} kv "
+                     f"heads and {num_blocks} blocks")
+  if tn != num_heads:  # one table per kv head (query head n reads n // G's) or one for all heads
+    pick = np.arange(num_heads) // (num_heads // num_kv_heads) if tn == num_kv_heads else np.zeros(num_heads, int)
+    blocks, valid = blocks[:, pick], valid[:, pick]
+  valid = valid & (blocks >= 0) & (blocks < num_blocks)
+  entries = xp.where(valid, blocks, -1)
+  if concrete:
+    order = np.argsort(~valid, axis=-1, kind="stable")
+  else:
+    order = jnp.argsort(~valid, axis=-1, stable=True)
+  rows = xp.take_along_axis(entries, order, axis=-1)
+  mp = _pow2_at_least(m, 16)
+  pad = [(0, 0)] * 3 + [(0, mp - m)]
+  return xp.pad(rows, pad, constant_values=-1)
+
+
+def transpose_table(rows, num_kv_heads: int):
+  """rows [B or 1, N, C, Mp] -> cols [B or 1, K, C, M_T]: for key block j of kv head kh, the
+  entries g * C + i of the (query head kh * G + g, query block i) rows that list j, then -1."""
+  concrete = isinstance(rows, np.ndarray)
+  xp = np if concrete else jnp
+  tb, n, c, _ = rows.shape
+  g = n // num_kv_heads
+  hit = xp.any(rows[..., None] == xp.arange(c, dtype=np.int32), axis=-2)  # [tb, N, C_i, C_j]
+  hit = hit.reshape(tb, num_kv_heads, g, c, c).transpose(0, 1, 4, 2, 3).reshape(tb, num_kv_heads, c, g * c)
+  lanes = xp.arange(g * c, dtype=np.int32)
+  entries = xp.where(hit, lanes, -1)
+  if concrete:
+    order = np.argsort(~hit, axis=-1, kind="stable")
+    width = _pow2_at_least(max(int(hit.sum(-1).max(initial=0)), 1), 16)
+  else:
+    order = jnp.argsort(~hit, axis=-1, stable=True)
+    width = _pow2_at_least(g * c, 16)
+  cols = xp.take_along_axis(entries, order, axis=-1)
+  if width <= cols.shape[-1]:
+    return cols[..., :width]
+  return xp.pad(cols, [(0, 0)] * 3 + [(0, width - cols.shape[-1])], constant_values=-1)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def block_sparse_attention_pallas(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_valid, *, block: int,
+                                  causal: bool, band=None, interpret: bool | None = None,
+                                  num_warps: int | None = None, num_stages: int = 2):
+  """`block_sparse_attention` through the Pallas kernels: same arguments, same result.
+
+  q [B, T, N, H]; k, v [B, T, K, H] (N a multiple of K; grouped-query heads read their
+  kv head's tiles, no copies); segment_ids [B, T] (0 = padding); kv_blocks / kv_valid
+  [B or 1, N or K or 1, ceil(T / block), M]; block a power of two >= 16. Queries that see
+  no key give zeros. Differentiable in q, k, v.
+  """
+  b, t, n, h = q_btnh.shape
+  kvh = k_bskh.shape[2]
+  if k_bskh.shape != v_bskh.shape or k_bskh.shape[:2] != (b, t) or k_bskh.shape[3] != h:
+    raise ValueError(f"q {q_btnh.shape}, k {k_bskh.shape}, v {v_bskh.shape}: block-sparse attention is "
+                     f"self-attention, expected k and v [B, T, K, H] matching q [B, T, N, H]")
+  if n % kvh:
+    raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
+  if block < 16 or block & (block - 1):
+    raise ValueError(f"block={block}: the Pallas block-sparse kernel needs a power of two >= 16")
+  nb = -(-t // block)
+  tp = nb * block
+  rows = compact_table(kv_blocks, kv_valid, n, kvh, nb)
+  if rows.shape[0] not in (1, b):
+    raise ValueError(f"block table batch {rows.shape[0]} does not fit batch {b}")
+  cols = transpose_table(rows, kvh)
+  hp = _pow2_at_least(h, 16)
+  seg = _pad_axis(jnp.asarray(segment_ids, jnp.int32), 1, tp)
+  q = _pad_axis(_pad_axis(q_btnh, 3, hp), 1, tp)
+  k = _pad_axis(_pad_axis(k_bskh, 3, hp), 1, tp)
+  v = _pad_axis(_pad_axis(v_bskh, 3, hp), 1, tp)
+  cfg = _Config(block=block, causal=bool(causal), band=None if band is None else (int(band[0]), int(band[1])),
+                scale=1.0 / math.sqrt(h), interpret=_resolve_interpret(interpret), num_blocks=nb,
+                table_batched=rows.shape[0] > 1, num_warps=num_warps or (4 if block * hp <= 64 * 64 else 8),
+                num_stages=num_stages)
+  out = _attention(jnp.asarray(rows), jnp.asarray(cols), q, k, v, seg, cfg)
+  return out[:, :t, :, :h]

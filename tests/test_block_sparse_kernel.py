@@ -1,0 +1,204 @@
+"""The block-sparse Pallas kernels (kernels/block_sparse_pallas.py) against their references.
+
+Twin: the pure-JAX engine `layers.attention.block_sparse.block_sparse_attention` (same
+arguments); truth: `reference_block_sparse_attention`, the table expanded to an explicit
+[B, N, T, T] mask and dense attention head by head. Forward values and gradients, fp32 and
+bf16, causal and bidirectional, packed segments + padding, a length that is not a multiple
+of the block, grouped-query heads with per-query-head, per-kv-head and shared tables, a
+band, a table computed under jit, and a NaN probe that proves unlisted blocks are never
+loaded. On CPU the kernels run in Pallas interpret mode (shapes are tiny); the Triton
+lowering is checked on any host.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.block_sparse_pallas import block_sparse_attention_pallas, compact_table, transpose_table
+from layers.attention import block_sparse as bs
+
+REL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+B, T, N, KV, H, BLOCK = 2, 70, 4, 2, 16, 16  # 70 = 4 full blocks + 6 rows: the last block is padded
+
+
+def _case(dtype=jnp.float32, seed=0, t=T):
+  r = np.random.default_rng(seed)
+  q = jnp.asarray(r.normal(size=(B, t, N, H)), dtype)
+  k = jnp.asarray(r.normal(size=(B, t, KV, H)), dtype)
+  v = jnp.asarray(r.normal(size=(B, t, KV, H)), dtype)
+  seg = np.ones((B, t), np.int32)
+  seg[0, t // 2:] = 2  # row 0: two packed segments, then padding
+  seg[0, t - 5:] = 0
+  seg[1, t - 12:] = 0
+  w = jnp.asarray(r.normal(size=(B, t, N, H)), jnp.float32)
+  return q, k, v, seg, w
+
+
+def _values_and_grads(fn, q, k, v, w):
+  def loss(q, k, v):
+    out = fn(q, k, v)
+    return jnp.sum(out.astype(jnp.float32) * w), out
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads
+
+
+def _check(name, got, want, dtype):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert np.all(np.isfinite(got)), f"{name}: non-finite values"
+  rel = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+  report = f"{name}: rel {rel:.2e}, max err {np.abs(got - want).max():.2e}"
+  print(report)
+  assert rel < REL[dtype], report
+
+
+def _tables(kind: str, causal: bool, nb: int):
+  rng = np.random.default_rng(11)
+  if kind == "random_per_query_head":  # [1, N, C, M]: every query head its own random blocks
+    return bs.stack_heads([bs.pack_rows(bs.random_rows(nb, causal, 2, rng)) for _ in range(N)])
+  if kind == "random_per_kv_head":  # [1, K, C, M]: shared by the query heads of a group
+    return bs.stack_heads([bs.pack_rows(bs.random_rows(nb, causal, 1, rng)) for _ in range(KV)])
+  if kind == "strided_shared":  # [1, 1, C, M]
+    return bs.stack_heads([bs.pack_rows(bs.strided_rows(nb, causal, 1, 2))])
+  raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind,causal,band,dtype,seed", [
+    ("random_per_query_head", True, None, jnp.float32, 1),
+    ("random_per_kv_head", False, None, jnp.float32, 2),
+    ("strided_shared", True, (9, 0), jnp.float32, 3),
+    ("strided_shared", False, (5, 3), jnp.float32, 4),
+    ("random_per_query_head", True, None, jnp.bfloat16, 6),
+])
+def test_matches_engine_and_dense_reference(kind, causal, band, dtype, seed):
+  q, k, v, seg, w = _case(dtype, seed=seed)
+  nb = bs.num_blocks(T, BLOCK)
+  blocks, valid = _tables(kind, causal, nb)
+  kw = dict(block=BLOCK, causal=causal, band=band)
+  got, g_got = _values_and_grads(lambda q, k, v: block_sparse_attention_pallas(q, k, v, seg, blocks, valid, **kw),
+                                 q, k, v, w)
+  f32 = lambda x: x.astype(jnp.float32)
+  want, g_want = _values_and_grads(
+      lambda q, k, v: bs.reference_block_sparse_attention(q, k, v, seg, blocks, valid, **kw), f32(q), f32(k), f32(v), w)
+  assert got.shape == q.shape and got.dtype == dtype
+  _check("out vs dense", got, want, dtype)
+  for name, a, b in zip("qkv", g_got, g_want):
+    assert a.dtype == dtype
+    _check(f"d{name} vs dense", a, b, dtype)
+  if dtype == jnp.float32:
+    twin, g_twin = _values_and_grads(lambda q, k, v: bs.block_sparse_attention(q, k, v, seg, blocks, valid, **kw),
+                                     q, k, v, w)
+    _check("out vs engine", got, twin, dtype)
+    for name, a, b in zip("qkv", g_got, g_twin):
+      _check(f"d{name} vs engine", a, b, dtype)
+  pad = seg == 0  # padding rows see nothing: exactly zero output and zero dq
+  assert np.all(np.asarray(got, np.float32)[pad] == 0) and np.all(np.asarray(g_got[0], np.float32)[pad] == 0)
+
+
+def test_unlisted_blocks_are_never_loaded():
+  """No row lists key block 2, so its K and V are NaN: a kernel that loaded the tile (even to
+  mask it) would produce NaN (0 * NaN in P V, dP = dO V^T). Results must be finite, equal the
+  dense reference on clean inputs, and dK/dV of block 2 must be exactly zero."""
+  q, k, v, seg, w = _case(seed=5)
+  seg = np.ones_like(seg)
+  nb = bs.num_blocks(T, BLOCK)
+  rows = [[j for j in range(nb) if j != 2 and j <= i] for i in range(nb)]
+  rows[2] = [0, 1]  # query block 2 keeps two earlier blocks only
+  blocks, valid = bs.stack_heads([bs.pack_rows(rows)])
+  poisoned = slice(2 * BLOCK, 3 * BLOCK)
+  k_nan, v_nan = k.at[:, poisoned].set(jnp.nan), v.at[:, poisoned].set(jnp.nan)
+  kw = dict(block=BLOCK, causal=True)
+  got, (dq, dk, dv) = _values_and_grads(
+      lambda q, k, v: block_sparse_attention_pallas(q, k, v, seg, blocks, valid, **kw), q, k_nan, v_nan, w)
+  want, (dq_r, dk_r, dv_r) = _values_and_grads(
+      lambda q, k, v: bs.reference_block_sparse_attention(q, k, v, seg, blocks, valid, **kw), q, k, v, w)
+  _check("out", got, want, jnp.float32)
+  _check("dq", dq, dq_r, jnp.float32)
+  _check("dk", dk, dk_r, jnp.float32)
+  _check("dv", dv, dv_r, jnp.float32)
+  assert np.all(np.asarray(dk[:, poisoned]) == 0) and np.all(np.asarray(dv[:, poisoned]) == 0)
+
+
+def test_table_computed_under_jit():
+  """A per-input table (as XAttention's) is a traced array: the kernel takes it as data, with
+  the transposed table bounded by G * C entries."""
+  q, k, v, seg, w = _case(seed=8)
+  nb = bs.num_blocks(T, BLOCK)
+
+  def per_input(q, k, v):  # each query block keeps its diagonal block and the block with the largest key norm
+    norms = jnp.sum(k.astype(jnp.float32) ** 2, axis=(2, 3))  # [B, T]
+    per_block = bs.pad_length(norms, nb * BLOCK).reshape(B, nb, BLOCK).sum(-1)  # [B, C]
+    best = jnp.argmax(per_block, axis=-1)  # [B]
+    diag = jnp.broadcast_to(jnp.arange(nb), (B, nb))
+    other = jnp.broadcast_to(best[:, None], (B, nb))
+    blocks = jnp.stack([diag, other], -1)[:, None]  # [B, 1, C, 2]
+    valid = jnp.stack([jnp.ones_like(diag, bool), other != diag], -1)[:, None]
+    return blocks, valid
+
+  def kernel(q, k, v):
+    blocks, valid = per_input(q, k, v)
+    return block_sparse_attention_pallas(q, k, v, seg, jax.lax.stop_gradient(blocks), valid, block=BLOCK,
+                                         causal=False)
+
+  def reference(q, k, v):
+    blocks, valid = per_input(q, k, v)
+    return bs.reference_block_sparse_attention(q, k, v, seg, blocks, valid, block=BLOCK, causal=False)
+
+  got, g_got = _values_and_grads(kernel, q, k, v, w)
+  want, g_want = _values_and_grads(reference, q, k, v, w)
+  _check("out", got, want, jnp.float32)
+  for name, a, b in zip("qkv", g_got, g_want):
+    _check(f"d{name}", a, b, jnp.float32)
+
+
+def test_tables_compact_and_transpose():
+  """Valid entries first, then -1; the transposed table lists exactly the (head, query block)
+  pairs whose rows list each key block, for concrete (numpy) and traced tables alike."""
+  nb = 5
+  blocks = np.array([[[[3, 0, 1], [1, 4, 4], [2, 2, 0], [0, 0, 0], [4, 1, 3]]]])  # [1, 1, C, 3]
+  valid = np.array([[[[True, False, True], [True, True, False], [False, True, True], [False] * 3,
+                      [True, True, True]]]])
+  rows = compact_table(blocks, valid, num_heads=2, num_kv_heads=1, num_blocks=nb)
+  assert isinstance(rows, np.ndarray) and rows.shape == (1, 2, nb, 16)
+  assert rows[0, 0, :, :3].tolist() == [[3, 1, -1], [1, 4, -1], [2, 0, -1], [-1, -1, -1], [4, 1, 3]]
+  assert np.all(rows[..., 3:] == -1) and np.all(rows[0, 1] == rows[0, 0])  # one table for both heads
+  cols = transpose_table(rows, num_kv_heads=1)
+  listers = {j: sorted(int(e) for e in cols[0, 0, j] if e >= 0) for j in range(nb)}
+  # Entries g * C + i: head 0 rows i, head 1 rows C + i.
+  want = {j: sorted([i for i in range(nb) if j in rows[0, 0, i]] + [nb + i for i in range(nb) if j in rows[0, 0, i]])
+          for j in range(nb)}
+  assert listers == want
+  traced = jax.jit(lambda b, v: transpose_table(compact_table(b, v, 2, 1, nb), 1))(jnp.asarray(blocks),
+                                                                                 jnp.asarray(valid))
+  assert {j: sorted(int(e) for e in np.asarray(traced)[0, 0, j] if e >= 0) for j in range(nb)} == want
+
+
+def test_lowers_to_triton_for_gpu():
+  """Three Triton kernels: forward and dQ over (query blocks, query heads, batch), dK/dV over
+  (key blocks, kv heads, batch)."""
+  b, t, n, kv, h, block = 2, 1000, 8, 2, 128, 64
+  nb = bs.num_blocks(t, block)
+  blocks, valid = bs.stack_heads([bs.pack_rows(bs.local_rows(nb, True, 2, 0))])
+  q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((b, t, kv, h), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  loss = lambda q, k, v, s: jnp.sum(block_sparse_attention_pallas(
+      q, k, v, s, blocks, valid, block=block, causal=True, interpret=False).astype(jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(lowering_platforms=("cuda",)).as_text()
+  grids = re.findall(r'grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32.*?name = "(\w+)"', text)
+  got = {name: tuple(int(x) for x in g) for *g, name in grids}
+  assert got == {"block_sparse_fwd": (nb, n, b), "block_sparse_bwd_dq": (nb, n, b),
+                 "block_sparse_bwd_dkv": (nb, kv, b)}, got
+
+
+def test_rejects_bad_arguments():
+  q, k, v, seg, _ = _case()
+  nb = bs.num_blocks(T, BLOCK)
+  blocks, valid = bs.stack_heads([bs.pack_rows(bs.local_rows(nb, True, 1, 0))])
+  with pytest.raises(ValueError, match="block=24"):
+    block_sparse_attention_pallas(q, k, v, seg, *bs.stack_heads([bs.pack_rows(bs.local_rows(3, True, 1, 0))]),
+                                  block=24, causal=True)
+  with pytest.raises(ValueError, match="does not fit"):
+    block_sparse_attention_pallas(q, k, v, seg, blocks[:, :, :-1], valid[:, :, :-1], block=BLOCK, causal=True)
