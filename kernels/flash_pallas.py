@@ -93,6 +93,10 @@ class _Config:
   tiling: Tiling
   scale: float  # 1/sqrt(H) of the unpadded head dim
   interpret: bool
+  # Causal by explicit token positions (q_index / kv_index arrays) instead of storage order:
+  # every tile is visited, and skipped at run time when its mask is empty.
+  has_index: bool = False
+  out_dtype: str | None = None  # forward output dtype (None: q's); ring attention merges fp32 partials
 
 
 def _dot(a, b):
@@ -134,6 +138,17 @@ def _causal_k_bounds(j, bq: int, bk: int, nq: int):
   return lo, q_full
 
 
+def _any(mask):
+  """True when any entry of a [rows, cols] mask is set (a max: reductions of bools do not lower to Triton)."""
+  return jnp.max(mask.astype(jnp.int32)) > 0
+
+
+def _visit_if_visible(step, mask_of, carry):
+  """step(mask, carry) when the tile's mask has a visible entry, else carry unchanged."""
+  mask = mask_of()
+  return lax.cond(_any(mask), lambda c: step(mask, c), lambda c: c, carry)
+
+
 def _q_block(pid, nq: int, causal: bool):
   # Causal programs of higher query blocks do more work: launching them first evens the tail.
   return nq - 1 - pid if causal else pid
@@ -142,25 +157,31 @@ def _q_block(pid, nq: int, causal: bool):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, cfg: _Config, nq: int, nk: int):
+def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, qi_ref, ki_ref, o_ref, lse_ref, *, cfg: _Config, nq: int,
+                nk: int):
   t = cfg.tiling
   bq, bk = t.block_q, t.block_k
   i = _q_block(pl.program_id(0), nq, cfg.causal)
   q = q_ref[...]
-  q_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)
+  q_pos = qi_ref[...] if cfg.has_index else i * bq + jnp.arange(bq, dtype=jnp.int32)
   q_seg = None
   if cfg.has_seg:
     qs = qs_ref[...]
     q_seg = jnp.where(qs == 0, -1, qs)
   c = cfg.scale * LOG2E
 
-  def step(j, carry, causal_tile: bool):
+  def tile_mask(start, causal_tile: bool):
+    k_pos = ki_ref[pl.ds(start, bk)] if cfg.has_index else start + jnp.arange(bk, dtype=jnp.int32)
+    k_seg = ks_ref[pl.ds(start, bk)] if cfg.has_seg else None
+    return _row_col_mask(q_pos, k_pos, q_seg, k_seg, causal_tile, True)
+
+  def step(j, carry, causal_tile: bool, mask=None):
     o, m, l = carry
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     s = _dot_t(q, k) * c
-    k_seg = ks_ref[pl.ds(start, bk)] if cfg.has_seg else None
-    mask = _row_col_mask(q_pos, start + jnp.arange(bk, dtype=jnp.int32), q_seg, k_seg, causal_tile, True)
+    if mask is None:
+      mask = tile_mask(start, causal_tile)
     if mask is not None:
       s = jnp.where(mask, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -172,7 +193,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, cfg: _Co
     return o, m_new, l
 
   carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), _M_INIT, jnp.float32), jnp.zeros((bq,), jnp.float32))
-  if cfg.causal:
+  if cfg.has_index:
+    visit = lambda j, carry: _visit_if_visible(lambda mask, c: step(j, c, True, mask),
+                                               lambda: tile_mask(pl.multiple_of(j * bk, bk), True), carry)
+    carry = lax.fori_loop(0, nk, visit, carry)
+  elif cfg.causal:
     n_full, hi = _causal_q_bounds(i, bq, bk, nk)
     carry = lax.fori_loop(0, n_full, functools.partial(step, causal_tile=False), carry)
     carry = lax.fori_loop(n_full, hi, functools.partial(step, causal_tile=True), carry)
@@ -194,7 +219,7 @@ def _compiler_params(cfg: _Config, backward: bool):
   return _pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
 
 
-def _forward(q, k, v, qseg, kseg, cfg: _Config):
+def _forward(q, k, v, qseg, kseg, qidx, kidx, cfg: _Config):
   """q [B, T, N, H], k/v [B, S, K, H] (padded) -> out [B, T, N, H], lse [B, N, T] (natural log)."""
   b, tq, n, h = q.shape
   s, kvh = k.shape[1], k.shape[2]
@@ -212,42 +237,50 @@ def _forward(q, k, v, qseg, kseg, cfg: _Config):
           pl.BlockSpec((_SQ, s, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
           pl.BlockSpec((_SQ, bq), lambda i, hd, bt: (bt, qb(i))),
           pl.BlockSpec((_SQ, s), lambda i, hd, bt: (bt, 0)),
+          pl.BlockSpec((_SQ, bq), lambda i, hd, bt: (bt, qb(i))),
+          pl.BlockSpec((_SQ, s), lambda i, hd, bt: (bt, 0)),
       ],
       out_specs=[
           pl.BlockSpec((_SQ, bq, _SQ, h), lambda i, hd, bt: (bt, qb(i), hd, 0)),
           pl.BlockSpec((_SQ, _SQ, bq), lambda i, hd, bt: (bt, hd, qb(i))),
       ],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, tq), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, cfg.out_dtype or q.dtype),
+                 jax.ShapeDtypeStruct((b, n, tq), jnp.float32)],
       compiler_params=_compiler_params(cfg, backward=False),
       interpret=cfg.interpret,
       name="flash_fwd",
-  )(q, k, v, qseg, kseg)
+  )(q, k, v, qseg, kseg, qidx, kidx)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, *, cfg: _Config, nq: int,
-               nk: int):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, qi_ref, ki_ref, dq_ref, *,
+               cfg: _Config, nq: int, nk: int):
   t = cfg.tiling
   bq, bk = t.block_q_dq, t.block_k_dq
   i = _q_block(pl.program_id(0), nq, cfg.causal)
   q, do = q_ref[...], do_ref[...]
   lse2, delta = lse_ref[...], delta_ref[...]
-  q_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)
+  q_pos = qi_ref[...] if cfg.has_index else i * bq + jnp.arange(bq, dtype=jnp.int32)
   q_seg = None
   if cfg.has_seg:
     qs = qs_ref[...]
     q_seg = jnp.where(qs == 0, -1, qs)
   c = cfg.scale * LOG2E
 
-  def step(j, dq, causal_tile: bool):
+  def tile_mask(start, causal_tile: bool):
+    k_pos = ki_ref[pl.ds(start, bk)] if cfg.has_index else start + jnp.arange(bk, dtype=jnp.int32)
+    k_seg = ks_ref[pl.ds(start, bk)] if cfg.has_seg else None
+    return _row_col_mask(q_pos, k_pos, q_seg, k_seg, causal_tile, True)
+
+  def step(j, dq, causal_tile: bool, mask=None):
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
     s = _dot_t(q, k) * c
-    k_seg = ks_ref[pl.ds(start, bk)] if cfg.has_seg else None
-    mask = _row_col_mask(q_pos, start + jnp.arange(bk, dtype=jnp.int32), q_seg, k_seg, causal_tile, True)
+    if mask is None:
+      mask = tile_mask(start, causal_tile)
     if mask is not None:
       s = jnp.where(mask, s, -jnp.inf)
     p = jnp.exp2(s - lse2[:, None])
@@ -256,7 +289,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, 
     return dq + _dot(ds.astype(k.dtype), k)
 
   dq = jnp.zeros(q.shape, jnp.float32)
-  if cfg.causal:
+  if cfg.has_index:
+    visit = lambda j, dq: _visit_if_visible(lambda mask, c: step(j, c, True, mask),
+                                            lambda: tile_mask(pl.multiple_of(j * bk, bk), True), dq)
+    dq = lax.fori_loop(0, nk, visit, dq)
+  elif cfg.causal:
     n_full, hi = _causal_q_bounds(i, bq, bk, nk)
     dq = lax.fori_loop(0, n_full, functools.partial(step, causal_tile=False), dq)
     dq = lax.fori_loop(n_full, hi, functools.partial(step, causal_tile=True), dq)
@@ -265,20 +302,25 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, 
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref, *, cfg: _Config,
-                nq: int, group: int):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, qi_ref, ki_ref, dk_ref, dv_ref, *,
+                cfg: _Config, nq: int, group: int):
   t = cfg.tiling
   bq, bk = t.block_q_dkv, t.block_k_dkv
   j = pl.program_id(0)
   k, v = k_ref[...], v_ref[...]
-  k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
+  k_pos = ki_ref[...] if cfg.has_index else j * bk + jnp.arange(bk, dtype=jnp.int32)
   k_seg = None
   if cfg.has_seg:
     ks = ks_ref[...]
     k_seg = jnp.where(ks == 0, -1, ks)
   c = cfg.scale * LOG2E
 
-  def step(i, carry, g, causal_tile: bool):
+  def tile_mask(start, causal_tile: bool):
+    q_pos = qi_ref[pl.ds(start, bq)] if cfg.has_index else start + jnp.arange(bq, dtype=jnp.int32)
+    q_seg = qs_ref[pl.ds(start, bq)] if cfg.has_seg else None
+    return _row_col_mask(k_pos, q_pos, k_seg, q_seg, causal_tile, False)
+
+  def step(i, carry, g, causal_tile: bool, mask=None):
     dk, dv = carry
     start = pl.multiple_of(i * bq, bq)
     q = q_ref[pl.ds(start, bq), g, :]
@@ -286,8 +328,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
     lse2 = lse_ref[g, pl.ds(start, bq)]
     delta = delta_ref[g, pl.ds(start, bq)]
     st = _dot_t(k, q) * c  # S^T [bk, bq]
-    q_seg = qs_ref[pl.ds(start, bq)] if cfg.has_seg else None
-    mask = _row_col_mask(k_pos, start + jnp.arange(bq, dtype=jnp.int32), k_seg, q_seg, causal_tile, False)
+    if mask is None:
+      mask = tile_mask(start, causal_tile)
     if mask is not None:
       st = jnp.where(mask, st, -jnp.inf)
     pt = jnp.exp2(st - lse2[None, :])
@@ -298,6 +340,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
     return dk, dv
 
   def per_head(g, carry):
+    if cfg.has_index:
+      visit = lambda i, c: _visit_if_visible(lambda mask, cc: step(i, cc, g, True, mask),
+                                             lambda: tile_mask(pl.multiple_of(i * bq, bq), True), c)
+      return lax.fori_loop(0, nq, visit, carry)
     if cfg.causal:
       lo, q_full = _causal_k_bounds(j, bq, bk, nq)
       carry = lax.fori_loop(lo, q_full, functools.partial(step, g=g, causal_tile=True), carry)
@@ -311,7 +357,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, qseg, kseg, out, lse, d_out, d_lse, cfg: _Config):
+def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, d_lse, cfg: _Config):
   b, tq, n, h = q.shape
   s, kvh = k.shape[1], k.shape[2]
   g = n // kvh
@@ -332,13 +378,15 @@ def _backward(q, k, v, qseg, kseg, out, lse, d_out, d_lse, cfg: _Config):
       grid=(nq, n, b),
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
                 pl.BlockSpec((_SQ, bq), lambda i, hd, bt: (bt, qb(i))),
+                pl.BlockSpec((_SQ, s), lambda i, hd, bt: (bt, 0)),
+                pl.BlockSpec((_SQ, bq), lambda i, hd, bt: (bt, qb(i))),
                 pl.BlockSpec((_SQ, s), lambda i, hd, bt: (bt, 0))],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_compiler_params(cfg, backward=True),
       interpret=cfg.interpret,
       name="flash_bwd_dq",
-  )(q, k, v, d_out, lse2, delta, qseg, kseg)
+  )(q, k, v, d_out, lse2, delta, qseg, kseg, qidx, kidx)
 
   bq, bk = t.block_q_dkv, t.block_k_dkv
   nq, nk = tq // bq, s // bk
@@ -352,32 +400,35 @@ def _backward(q, k, v, qseg, kseg, out, lse, d_out, d_lse, cfg: _Config):
       grid=(nk, kvh, b),
       in_specs=[qg_spec, kt_spec, kt_spec, qg_spec, rowg_spec, rowg_spec,
                 pl.BlockSpec((_SQ, tq), lambda j, kh, bt: (bt, 0)),
+                pl.BlockSpec((_SQ, bk), lambda j, kh, bt: (bt, j)),
+                pl.BlockSpec((_SQ, tq), lambda j, kh, bt: (bt, 0)),
                 pl.BlockSpec((_SQ, bk), lambda j, kh, bt: (bt, j))],
       out_specs=[kt_spec, kt_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=_compiler_params(cfg, backward=True),
       interpret=cfg.interpret,
       name="flash_bwd_dkv",
-  )(q, k, v, d_out, lse2, delta, qseg, kseg)
+  )(q, k, v, d_out, lse2, delta, qseg, kseg, qidx, kidx)
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, qseg, kseg, cfg: _Config):
-  return tuple(_forward(q, k, v, qseg, kseg, cfg))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attention(q, k, v, qseg, kseg, qidx, kidx, cfg: _Config):
+  return tuple(_forward(q, k, v, qseg, kseg, qidx, kidx, cfg))
 
 
-def _attention_fwd(q, k, v, qseg, kseg, cfg: _Config):
-  out, lse = _forward(q, k, v, qseg, kseg, cfg)
-  return (out, lse), (q, k, v, qseg, kseg, out, lse)
+def _attention_fwd(q, k, v, qseg, kseg, qidx, kidx, cfg: _Config):
+  out, lse = _forward(q, k, v, qseg, kseg, qidx, kidx, cfg)
+  return (out, lse), (q, k, v, qseg, kseg, qidx, kidx, out, lse)
 
 
 def _attention_bwd(cfg: _Config, res, grads):
-  q, k, v, qseg, kseg, out, lse = res
+  q, k, v, qseg, kseg, qidx, kidx, out, lse = res
   d_out, d_lse = grads
-  dq, dk, dv = _backward(q, k, v, qseg, kseg, out, lse, d_out, d_lse.astype(jnp.float32), cfg)
+  dq, dk, dv = _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out.astype(q.dtype),
+                         d_lse.astype(jnp.float32), cfg)
   float0 = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
-  return dq, dk, dv, float0(qseg), float0(kseg)
+  return dq, dk, dv, float0(qseg), float0(kseg), float0(qidx), float0(kidx)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -416,21 +467,9 @@ def _pad_axis(x, axis: int, size: int, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def flash_attention_pallas_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segment_ids=None, *, causal: bool,
-                               block_q: int | None = None, block_k: int | None = None, tiling: Tiling | None = None,
-                               interpret: bool | None = None):
-  """Fused attention: (out [B, T, N, H] in q's dtype, lse [B, T, N] fp32 natural log).
-
-  Same contract as `layers.attention.flash.flash_attention_lse` with indices 0..T-1 and
-  0..S-1: causal means key index <= query index; segment ids [B, T] / [B, S] (0 = padding,
-  both or neither); rows that see no key give out = 0, lse = -inf. Differentiable in q, k,
-  v through both outputs (the lse cotangent is what ring attention's merge sends back).
-
-  Tiles: `tiling` sets all six block sizes and launch parameters; otherwise `block_q` and
-  `block_k` (powers of two >= 16) set the query/key tiles of all three kernels, and when
-  they are None too the per-head-dim GPU defaults apply. `interpret=None` interprets on
-  CPU and compiles with Triton on GPU.
-  """
+def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, *, causal, block_q, block_k,
+             tiling, interpret, out_dtype=None):
+  """Checks, tiles and pads the inputs: (q, k, v, qseg, kseg, qidx, kidx) padded, and the static config."""
   b, t, n, h = q_btnh.shape
   bs, s, kvh, hk = k_bskh.shape
   if k_bskh.shape != v_bskh.shape or bs != b or hk != h:
@@ -440,6 +479,8 @@ def flash_attention_pallas_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_se
     raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+  if (q_index is None) != (kv_index is None):
+    raise ValueError("pass both q_index and kv_index, or neither")
   interp = _resolve_interpret(interpret)
   hp = _pow2_at_least(h, 16)
   if tiling is None:
@@ -467,14 +508,66 @@ def flash_attention_pallas_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_se
   if q_segment_ids is None:
     q_segment_ids = jnp.ones((b, t), jnp.int32)
     kv_segment_ids = jnp.ones((b, s), jnp.int32)
-  qseg = _pad_axis(q_segment_ids.astype(jnp.int32), 1, tp)
-  kseg = _pad_axis(kv_segment_ids.astype(jnp.int32), 1, sp)
-  q = _pad_axis(_pad_axis(q_btnh, 3, hp), 1, tp)
-  k = _pad_axis(_pad_axis(k_bskh, 3, hp), 1, sp)
-  v = _pad_axis(_pad_axis(v_bskh, 3, hp), 1, sp)
-  cfg = _Config(causal=bool(causal), has_seg=has_seg, tiling=tiling, scale=1.0 / math.sqrt(h), interpret=interp)
-  out, lse = _attention(q, k, v, qseg, kseg, cfg)
+  has_index = bool(causal) and q_index is not None  # positions matter only for the causal mask
+  if q_index is None:
+    q_index, kv_index = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
+  pad_tok = lambda x, size: _pad_axis(jnp.asarray(x).astype(jnp.int32), 1, size)
+  arrays = (_pad_axis(_pad_axis(q_btnh, 3, hp), 1, tp), _pad_axis(_pad_axis(k_bskh, 3, hp), 1, sp),
+            _pad_axis(_pad_axis(v_bskh, 3, hp), 1, sp), pad_tok(q_segment_ids, tp), pad_tok(kv_segment_ids, sp),
+            pad_tok(q_index, tp), pad_tok(kv_index, sp))
+  cfg = _Config(causal=bool(causal), has_seg=has_seg, tiling=tiling, scale=1.0 / math.sqrt(h), interpret=interp,
+                has_index=has_index, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name)
+  return arrays, cfg
+
+
+def flash_attention_pallas_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segment_ids=None, *, causal: bool,
+                               q_index=None, kv_index=None, block_q: int | None = None, block_k: int | None = None,
+                               tiling: Tiling | None = None, interpret: bool | None = None, out_dtype=None):
+  """Fused attention: (out [B, T, N, H] in q's dtype, lse [B, T, N] fp32 natural log).
+
+  Same contract as `layers.attention.flash.flash_attention_lse`: causal means key index <=
+  query index, where the indices are `q_index` [B, T] / `kv_index` [B, S] (true token
+  positions: zigzag layouts, ring chunks) or, when None, storage order 0..T-1 and 0..S-1;
+  segment ids [B, T] / [B, S] (0 = padding, both or neither); rows that see no key give
+  out = 0, lse = -inf. Differentiable in q, k, v through both outputs (the lse cotangent is
+  what a merge of partial results sends back). `out_dtype` overrides the output dtype
+  (fp32 partials for a later merge).
+
+  With storage order, causal tiles past the diagonal are skipped by loop bounds; with
+  explicit indices every tile's mask is built and the tile skipped at run time when it is
+  empty (its K/V are then never multiplied).
+
+  Tiles: `tiling` sets all six block sizes and launch parameters; otherwise `block_q` and
+  `block_k` (powers of two >= 16) set the query/key tiles of all three kernels, and when
+  they are None too the per-head-dim GPU defaults apply. `interpret=None` interprets on
+  CPU and compiles with Triton on GPU.
+  """
+  t, h = q_btnh.shape[1], q_btnh.shape[3]
+  arrays, cfg = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, causal=causal,
+                         block_q=block_q, block_k=block_k, tiling=tiling, interpret=interpret, out_dtype=out_dtype)
+  out, lse = _attention(*arrays, cfg)
   return out[:, :t, :, :h], jnp.swapaxes(lse, 1, 2)[:, :t]
+
+
+def flash_chunk_grads_pallas(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, out_btnh,
+                             lse_btn, d_out_btnh, *, causal: bool, block_q: int | None = None,
+                             block_k: int | None = None, tiling: Tiling | None = None,
+                             interpret: bool | None = None):
+  """(dq, dk, dv) contributions of ONE key chunk given the final (merged) out and lse: the
+  backward kernels run with P = exp(S - lse_final), which splits the softmax gradient exactly
+  over disjoint key chunks. `layers.attention.flash.flash_chunk_grads`'s contract (ring
+  attention's backward); dq in fp32 for accumulation across chunks, dk/dv in k's dtype."""
+  t, h = q_btnh.shape[1], q_btnh.shape[3]
+  s = k_bskh.shape[1]
+  arrays, cfg = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, causal=causal,
+                         block_q=block_q, block_k=block_k, tiling=tiling, interpret=interpret)
+  q, k, v, qseg, kseg, qidx, kidx = arrays
+  tp, hp = q.shape[1], q.shape[3]
+  out = _pad_axis(_pad_axis(out_btnh.astype(q.dtype), 3, hp), 1, tp)
+  d_out = _pad_axis(_pad_axis(d_out_btnh.astype(q.dtype), 3, hp), 1, tp)
+  lse = _pad_axis(jnp.swapaxes(lse_btn.astype(jnp.float32), 1, 2), 2, tp, value=-jnp.inf)  # [B, N, Tp]
+  dq, dk, dv = _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, jnp.zeros(lse.shape, jnp.float32), cfg)
+  return dq[:, :t, :, :h].astype(jnp.float32), dk[:, :s, :, :h], dv[:, :s, :, :h]
 
 
 def reference_flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segment_ids=None, *,
@@ -491,8 +584,9 @@ def reference_flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv
 
 
 def flash_attention_pallas(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segment_ids=None, *, causal: bool,
-                           block_q: int | None = None, block_k: int | None = None, tiling: Tiling | None = None,
-                           interpret: bool | None = None):
+                           q_index=None, kv_index=None, block_q: int | None = None, block_k: int | None = None,
+                           tiling: Tiling | None = None, interpret: bool | None = None):
   """Fused attention output [B, T, N, H]; see `flash_attention_pallas_lse`."""
   return flash_attention_pallas_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, causal=causal,
-                                    block_q=block_q, block_k=block_k, tiling=tiling, interpret=interpret)[0]
+                                    q_index=q_index, kv_index=kv_index, block_q=block_q, block_k=block_k,
+                                    tiling=tiling, interpret=interpret)[0]

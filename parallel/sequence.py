@@ -9,7 +9,9 @@ n = mesh.shape["sequence"], t = T / n, b = B / (data x fsdp), h_n = N / tensor.
   softmax rule; no device ever holds more than one visiting K/V chunk, so memory is
   O(T/n). The backward pass is a custom VJP: K/V travel the ring again together with
   their dK/dV accumulators, which arrive back at their owner after n hops. The inner
-  computation is `layers.attention.flash` (same block kernel, same block skipping).
+  computation is `layers.attention.flash` (same block kernel, same block skipping), or
+  with `model.attention_impl=pallas` the fused kernels of `kernels/flash_pallas.py`
+  (masking by the true positions, skipping empty tiles at run time).
   Causal load balance comes from the data layout, not from here: with
   `parallel.load_balance=true` the pipeline stores each row in zigzag order (chunk i
   and 2n-1-i on device i) and passes the true token positions as `index`, which every
@@ -50,8 +52,26 @@ def _ring_perm(n):
   return [(i, (i + 1) % n) for i in range(n)]
 
 
-def _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n):
-  part = functools.partial(flash_attention_lse, causal=causal, block_q=bq, block_k=bk, out_dtype=jnp.float32)
+def _chunk_attention(impl):
+  """(q, k, v, qseg, kseg, qidx, kidx) -> fp32 (out, lse) of one query chunk against one key chunk."""
+  if impl == "pallas":
+    from kernels.flash_pallas import flash_attention_pallas_lse
+    return lambda q, k, v, qs, ks, qi, ki, causal, bq, bk: flash_attention_pallas_lse(
+        q, k, v, qs, ks, causal=causal, q_index=qi, kv_index=ki, out_dtype=jnp.float32)
+  return lambda q, k, v, qs, ks, qi, ki, causal, bq, bk: flash_attention_lse(
+      q, k, v, qs, ks, qi, ki, causal=causal, block_q=bq, block_k=bk, out_dtype=jnp.float32)
+
+
+def _chunk_grads(impl):
+  if impl == "pallas":
+    from kernels.flash_pallas import flash_chunk_grads_pallas
+    return lambda *a, causal, bq, bk: flash_chunk_grads_pallas(*a, causal=causal)
+  return lambda *a, causal, bq, bk: flash_chunk_grads(*a, causal=causal, block_q=bq, block_k=bk)
+
+
+def _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n, impl):
+  attend = _chunk_attention(impl)
+  part = lambda q, k, v, qs, ks, qi, ki: attend(q, k, v, qs, ks, qi, ki, causal, bq, bk)
   o, lse = part(q, k, v, qseg, kseg, qidx, kidx)
   if n == 1:
     return o, lse
@@ -68,20 +88,20 @@ def _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n):
   return o, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _ring(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n):
-  return _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n)[0].astype(q.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _ring(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n, impl):
+  return _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n, impl)[0].astype(q.dtype)
 
 
-def _ring_fwd(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n):
-  o, lse = _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n)
+def _ring_fwd(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n, impl):
+  o, lse = _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n, impl)
   o = o.astype(q.dtype)
   return o, (q, k, v, qseg, kseg, qidx, kidx, o, lse)
 
 
-def _ring_bwd(causal, bq, bk, n, res, d_out):
+def _ring_bwd(causal, bq, bk, n, impl, res, d_out):
   q, k, v, qseg, kseg, qidx, kidx, o, lse = res
-  grads = functools.partial(flash_chunk_grads, q, causal=causal, block_q=bq, block_k=bk)
+  grads = functools.partial(_chunk_grads(impl), q, causal=causal, bq=bq, bk=bk)
 
   def contribution(kv):
     return grads(kv[0], kv[1], qseg, kv[2], qidx, kv[3], o, lse, d_out)
@@ -132,9 +152,10 @@ class SequenceParallel:
     return q_spec, kv_spec, tok_spec
 
   def attention(self, local_fn, q_btnh, k_btkh, v_btkh, segment_ids, index, *, causal: bool, block_q: int = 128,
-                block_k: int = 128):
+                block_k: int = 128, impl: str = "flash"):
     """`local_fn(q, k, v, q_seg, kv_seg, q_idx, kv_idx) -> out` is the mixer's single-device
-    computation (used by all_to_all and all_gather; ring always uses the flash blocks)."""
+    computation (used by all_to_all and all_gather). Ring runs the flash blocks: the fused
+    Pallas kernels when `impl="pallas"`, else the pure-JAX ones (`block_q`, `block_k`)."""
     n_heads, kv_heads = q_btnh.shape[2], k_btkh.shape[2]
     q_spec, kv_spec, tok_spec = self._specs(q_btnh, k_btkh)
     tp = lambda spec, heads: heads // (self.mesh.shape[spec[2]] if spec[2] else 1)  # heads per device
@@ -150,7 +171,8 @@ class SequenceParallel:
       v_btkh = jnp.repeat(v_btkh, n_heads // kv_heads, axis=2)
       kv_spec = q_spec
     if self.strategy == "ring":
-      body = functools.partial(self._ring_body, causal=causal, bq=block_q, bk=block_k)
+      body = functools.partial(self._ring_body, causal=causal, bq=block_q, bk=block_k,
+                               impl="pallas" if impl == "pallas" else "flash")
     elif self.strategy == "all_to_all":
       body = functools.partial(self._all_to_all_body, local_fn=local_fn)
     elif self.strategy == "all_gather":
@@ -188,8 +210,8 @@ class SequenceParallel:
                              state_spec=state, tok_spec=P(act[0], act[1]),
                              a_spec=spec((axes.MLP, axes.STATE), a_es.shape), impl=impl, chunk=chunk)
 
-  def _ring_body(self, q, k, v, seg, idx, *, causal, bq, bk):
-    return _ring(q, k, v, seg, seg, idx, idx, causal, bq, bk, self.n)
+  def _ring_body(self, q, k, v, seg, idx, *, causal, bq, bk, impl):
+    return _ring(q, k, v, seg, seg, idx, idx, causal, bq, bk, self.n, impl)
 
   def _all_to_all_body(self, q, k, v, seg, idx, *, local_fn):
     # [b, t, h, H] -> [b, T, h/n, H]: split heads across the sequence group, gather length.

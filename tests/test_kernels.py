@@ -16,7 +16,7 @@ import pytest
 
 from kernels.decode_pallas import decode_attention_pallas, reference_decode_attention
 from kernels.flash_pallas import (Tiling, flash_attention_pallas, flash_attention_pallas_lse,
-                                  reference_flash_attention_lse)
+                                  flash_chunk_grads_pallas, reference_flash_attention_lse)
 from layers.attention.exact import make_mask, reference_attention
 from layers.attention.flash import MASK_VALUE
 
@@ -140,6 +140,86 @@ def test_lse_and_its_gradient_match_dense_reference():
   _check("lse vs blockwise twin", np.asarray(l1)[fin], np.asarray(l3)[fin], jnp.float32)
 
 
+def _zigzag_index(b, t, n_chunks, seed):
+  """True positions of a zigzag-stored row (chunk i and 2n-1-i together), shifted per row."""
+  c = t // (2 * n_chunks)
+  order = np.concatenate([np.r_[np.arange(i * c, (i + 1) * c), np.arange((2 * n_chunks - 1 - i) * c,
+                                                                          (2 * n_chunks - i) * c)]
+                          for i in range(n_chunks)])
+  shift = np.random.default_rng(seed).integers(0, 5, size=(b, 1))
+  return (order[None, :] + shift).astype(np.int32)
+
+
+def test_explicit_positions_match_the_blockwise_twin():
+  """Causal masking by true positions (zigzag-stored queries against a different, zigzag-stored
+  key chunk, as ring attention sees them): out, lse and gradients through both equal the
+  pure-JAX blockwise path given the same indices; tiles with no visible pair are skipped."""
+  from layers.attention.flash import flash_attention_lse
+  q, _, _, seg = _case(b=2, t=48, n=4, kv=2, h=32, dtype=jnp.float32, seed=90)
+  _, k, v, kseg = _case(b=2, t=64, n=4, kv=2, h=32, dtype=jnp.float32, seed=91)
+  qidx, kidx = _zigzag_index(2, 48, 2, 92), _zigzag_index(2, 64, 4, 93)
+  r = np.random.default_rng(94)
+  w_o, w_l = jnp.asarray(r.normal(size=q.shape), jnp.float32), jnp.asarray(r.normal(size=(2, 48, 4)), jnp.float32)
+
+  def run(fn):
+    def loss(q, k, v):
+      o, lse = fn(q, k, v)
+      return jnp.sum(o * w_o) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_l), (o, lse)
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, grads
+
+  (o1, l1), g1 = run(lambda q, k, v: flash_attention_pallas_lse(q, k, v, seg, kseg, causal=True, q_index=qidx,
+                                                                kv_index=kidx, tiling=TILES))
+  (o2, l2), g2 = run(lambda q, k, v: flash_attention_lse(q, k, v, seg, kseg, qidx, kidx, causal=True, block_q=16,
+                                                         block_k=16))
+  np.testing.assert_array_equal(np.isneginf(np.asarray(l1)), np.isneginf(np.asarray(l2)))
+  fin = np.isfinite(np.asarray(l2))
+  _check("lse", np.asarray(l1)[fin], np.asarray(l2)[fin], jnp.float32)
+  _check("out", o1, o2, jnp.float32)
+  for name, a, b_ in zip("qkv", g1, g2):
+    _check(f"d{name}", a, b_, jnp.float32)
+  # Keys 32..63 (whole tiles of every kernel) placed after every query and poisoned with NaN: their tiles are empty for every
+  # query tile, so a kernel that skips empty tiles never multiplies them and stays finite.
+  kidx_late = kidx.copy()
+  kidx_late[:, 32:] = 1000
+  poison = lambda x: x.at[:, 32:].set(jnp.nan)  # inside the loss: the NaNs reach the kernel, not the test's grads
+  (o3, _), g3 = run(lambda q, k, v: flash_attention_pallas_lse(q, poison(k), poison(v), seg, kseg, causal=True,
+                                                               q_index=qidx, kv_index=kidx_late, tiling=TILES))
+  (o4, _), g4 = run(lambda q, k, v: flash_attention_lse(q, k, v, seg, kseg, qidx, kidx_late, causal=True,
+                                                        block_q=16, block_k=16))
+  _check("out, late keys poisoned", o3, o4, jnp.float32)
+  for name, a, b_ in zip("qkv", g3, g4):
+    _check(f"d{name}, late keys poisoned", a, b_, jnp.float32)
+
+
+def test_chunk_grads_match_the_blockwise_twin():
+  """Ring attention's backward piece: the gradient contribution of one key chunk given the final
+  (merged) out and lse equals `flash_chunk_grads`'s, for the chunks of a split key set, and
+  they sum to the full gradient."""
+  from layers.attention.flash import flash_attention_lse, flash_chunk_grads
+  q, k, v, seg = _case(b=2, t=64, n=4, kv=2, h=32, dtype=jnp.float32, seed=95)
+  idx = _zigzag_index(2, 64, 2, 96)
+  d_out = jnp.asarray(np.random.default_rng(97).normal(size=q.shape), jnp.float32)
+  full = lambda q, k, v: flash_attention_lse(q, k, v, seg, seg, idx, idx, causal=True, block_q=16, block_k=16)
+  out, lse = full(q, k, v)
+  _, pull = jax.vjp(lambda q, k, v: full(q, k, v)[0], q, k, v)
+  want_dq, want_dk, want_dv = pull(d_out)
+  dq_sum = 0.0
+  for lo, hi in ((0, 32), (32, 64)):
+    chunk = (k[:, lo:hi], v[:, lo:hi], seg, seg[:, lo:hi], idx, idx[:, lo:hi], out, lse, d_out)
+    got = jax.jit(lambda *a: flash_chunk_grads_pallas(q, *a[:2], a[2], a[3], a[4], a[5], *a[6:], causal=True,
+                                                      tiling=TILES))(*chunk)
+    twin = flash_chunk_grads(q, *chunk[:2], chunk[2], chunk[3], chunk[4], chunk[5], *chunk[6:], causal=True,
+                             block_q=16, block_k=16)
+    for name, a, b_ in zip(("dq", "dk", "dv"), got, twin):
+      _check(f"{name} [{lo}:{hi}] vs twin", a, b_, jnp.float32)
+    _check(f"dk [{lo}:{hi}] vs full", got[1], want_dk[:, lo:hi], jnp.float32)
+    _check(f"dv [{lo}:{hi}] vs full", got[2], want_dv[:, lo:hi], jnp.float32)
+    dq_sum = dq_sum + got[0]
+  _check("dq summed over chunks vs full", dq_sum, want_dq, jnp.float32)
+
+
+
 @pytest.mark.parametrize("h,causal", [(128, False), (256, True), (96, True)])
 def test_head_dims_with_default_tiles(h, causal):
   """Head dims 128 and 256 with the GPU default tiles (clamped to the short length), and 96,
@@ -209,6 +289,12 @@ def test_lowers_to_triton_for_gpu():
   got = {name: tuple(int(x) for x in g) for *g, name in grids}
   # Defaults for H=128: forward 128-row query tiles, dQ 128, dK/dV 128-row key tiles; 1000 -> 1024.
   assert got == {"flash_fwd": (8, n, b), "flash_bwd_dq": (8, n, b), "flash_bwd_dkv": (8, kv, b)}, got
+  # With explicit positions (ring attention's chunks) the run-time tile skip lowers too.
+  loss_idx = lambda q, k, v, s: jnp.sum(flash_attention_pallas(
+      q, k, v, s, s, causal=True, q_index=s, kv_index=s, interpret=False).astype(jnp.float32))
+  text = jax.jit(jax.grad(loss_idx, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert len(re.findall(r'name = "flash_(fwd|bwd_dq|bwd_dkv)"', text)) == 3
 
 
 def test_rejects_bad_arguments():

@@ -47,6 +47,18 @@ CASES = [("ring", (1, 1, 1, 8)), ("ring", (2, 1, 1, 4)), ("ring", (1, 1, 2, 4)),
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("strategy,shape", CASES, ids=[f"{s}-{'x'.join(map(str, m))}" for s, m in CASES])
 def test_equals_exact_attention_values_and_gradients(strategy, shape, causal):
+  _check_strategy(strategy, shape, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_ring_on_the_pallas_kernel_equals_exact_attention(causal):
+  """Ring attention whose per-chunk step is the fused Pallas kernel (interpret mode here):
+  masking by true positions in the zigzag layout, fp32 partials merged, the backward's
+  per-chunk gradients from the kernel's backward given the merged lse."""
+  _check_strategy("ring", (1, 1, 2, 4), causal, impl="pallas")
+
+
+def _check_strategy(strategy, shape, causal, impl="flash"):
   mesh = _mesh(shape)
   n = shape[3]
   b, t, heads, kv = 2, 64, 8, 4
@@ -61,7 +73,7 @@ def test_equals_exact_attention_values_and_gradients(strategy, shape, causal):
   def sharded(q, k, v):
     local = lambda *a: _local_flash(*a, causal)
     return sp.attention(local, q, k, v, jnp.asarray(stored(seg)), jnp.asarray(idx), causal=causal, block_q=8,
-                        block_k=8)
+                        block_k=8, impl=impl)
 
   def dense(q, k, v):
     full = np.broadcast_to(np.arange(t), (b, t))

@@ -101,11 +101,11 @@ class Attention(Mixer):
     if sp is not None:
       return sp.attention(self.local_attention, q_btnh, k_btkh, v_btkh, ctx.segment_ids, index,
                           causal=self.spec.causal, block_q=self.spec.option("block_q", 128),
-                          block_k=self.spec.option("block_k", 128))
-    if self.impl() == "pallas" and ctx.index is None:  # the fused kernel masks by storage order
+                          block_k=self.spec.option("block_k", 128), impl=self.impl())
+    if self.impl() == "pallas":  # storage order (no ctx.index): the kernel's diagonal loop bounds
       from kernels.flash_pallas import flash_attention_pallas
       return flash_attention_pallas(q_btnh, k_btkh, v_btkh, ctx.segment_ids, ctx.segment_ids,
-                                    causal=self.spec.causal)
+                                    causal=self.spec.causal, q_index=ctx.index, kv_index=ctx.index)
     return self.local_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, ctx.segment_ids, index, index)
 
   def impl(self) -> str:
@@ -117,7 +117,11 @@ class Attention(Mixer):
 
   def local_attention(self, q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index):
     """Single-device attention of queries against keys (possibly a different set of tokens)."""
-    if self.impl() in ("flash", "pallas"):  # arbitrary index layouts: the pure-JAX blocks
+    if self.impl() == "pallas":
+      from kernels.flash_pallas import flash_attention_pallas
+      return flash_attention_pallas(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, causal=self.spec.causal,
+                                    q_index=q_index, kv_index=kv_index)
+    if self.impl() == "flash":
       return flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index,
                                  causal=self.spec.causal, block_q=self.spec.option("block_q", 128),
                                  block_k=self.spec.option("block_k", 128),
