@@ -31,10 +31,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from layers import axes
-from layers.attention.flash import flash_attention_lse, flash_chunk_grads, merge_partials
+from layers.attention.flash import (chunk_grad_accumulators, flash_attention_lse, flash_chunk_grads, merge_partials,
+                                    unblock_chunk_grads)
 from parallel import mesh as mesh_lib
 
 STRATEGIES = ("auto", "ring", "all_to_all", "all_gather", "scan")
@@ -62,11 +64,28 @@ def _chunk_attention(impl):
       q, k, v, qs, ks, qi, ki, causal=causal, block_q=bq, block_k=bk, out_dtype=jnp.float32)
 
 
-def _chunk_grads(impl):
+def _chunk_grads(impl, q, k, qseg, qidx, o, lse, d_out, causal, bq, bk):
+  """(init, add, finish) of the ring backward's fp32 (dq, dk, dv) accumulators.
+
+  add(kv, acc) adds the gradient contributions of the visiting chunk kv = (k, v, kseg, kidx)
+  given the final out/lse. The pure-JAX path keeps the accumulators in the blocks' own
+  layout and adds into them inside its block loops (no per-step contribution arrays, no
+  layout copies); the Pallas path adds the kernels' per-chunk results.
+  """
+  t, s = q.shape[1], k.shape[1]
   if impl == "pallas":
     from kernels.flash_pallas import flash_chunk_grads_pallas
-    return lambda *a, causal, bq, bk: flash_chunk_grads_pallas(*a, causal=causal)
-  return lambda *a, causal, bq, bk: flash_chunk_grads(*a, causal=causal, block_q=bq, block_k=bk)
+
+    def add(kv, acc):
+      dq, dk, dv = flash_chunk_grads_pallas(q, kv[0], kv[1], qseg, kv[2], qidx, kv[3], o, lse, d_out, causal=causal)
+      return acc[0] + dq, acc[1] + dk.astype(jnp.float32), acc[2] + dv.astype(jnp.float32)
+
+    init = lambda: tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, k))
+    return init, add, lambda acc: acc
+  init = lambda: chunk_grad_accumulators(q.shape, k.shape, block_q=bq, block_k=bk)
+  add = lambda kv, acc: flash_chunk_grads(q, kv[0], kv[1], qseg, kv[2], qidx, kv[3], o, lse, d_out, causal=causal,
+                                          block_q=bq, block_k=bk, acc=acc)
+  return init, add, lambda acc: unblock_chunk_grads(acc, t, s)
 
 
 def _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n, impl):
@@ -88,45 +107,27 @@ def _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n, impl):
   return o, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _ring(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n, impl):
-  return _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n, impl)[0].astype(q.dtype)
-
-
-def _ring_fwd(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n, impl):
-  o, lse = _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n, impl)
-  o = o.astype(q.dtype)
-  return o, (q, k, v, qseg, kseg, qidx, kidx, o, lse)
-
-
 def _ring_bwd(causal, bq, bk, n, impl, res, d_out):
   q, k, v, qseg, kseg, qidx, kidx, o, lse = res
-  grads = functools.partial(_chunk_grads(impl), q, causal=causal, bq=bq, bk=bk)
-
-  def contribution(kv):
-    return grads(kv[0], kv[1], qseg, kv[2], qidx, kv[3], o, lse, d_out)
-
-  dq, dk, dv = contribution((k, v, kseg, kidx))
-  dq = dq.astype(jnp.float32)
-  acc = (dk.astype(jnp.float32), dv.astype(jnp.float32))
+  init, add, finish = _chunk_grads(impl, q, k, qseg, qidx, o, lse, d_out, causal, bq, bk)
+  dq, dk, dv = add((k, v, kseg, kidx), init())
 
   def step(carry, _):
-    dq, kv, acc = carry
-    # The chunk and its gradient accumulators travel together: [b, t, K, H] each.
+    dq, kv, dkv = carry
+    # The chunk and its dK/dV accumulators travel together ([b, t, K, H] each, the latter
+    # fp32, in the accumulators' layout); dq stays.
     kv = tuple(jax.lax.ppermute(x, AXIS, _ring_perm(n)) for x in kv)
-    acc = tuple(jax.lax.ppermute(x, AXIS, _ring_perm(n)) for x in acc)
-    dq_j, dk_j, dv_j = contribution(kv)
-    return (dq + dq_j, kv, (acc[0] + dk_j, acc[1] + dv_j)), None
+    dkv = tuple(jax.lax.ppermute(x, AXIS, _ring_perm(n)) for x in dkv)
+    dq, dk, dv = add(kv, (dq, *dkv))
+    return (dq, kv, (dk, dv)), None
 
   if n > 1:
-    (dq, _, acc), _ = jax.lax.scan(step, (dq, (k, v, kseg, kidx), acc), None, length=n - 1)
-    acc = tuple(jax.lax.ppermute(x, AXIS, _ring_perm(n)) for x in acc)  # last hop: back to the owner
+    (dq, _, (dk, dv)), _ = jax.lax.scan(step, (dq, (k, v, kseg, kidx), (dk, dv)), None, length=n - 1)
+    dk, dv = (jax.lax.ppermute(x, AXIS, _ring_perm(n)) for x in (dk, dv))  # last hop: back to the owner
+  dq, dk, dv = finish((dq, dk, dv))
   zero = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
-  return (dq.astype(q.dtype), acc[0].astype(k.dtype), acc[1].astype(v.dtype), zero(qseg), zero(kseg), zero(qidx),
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero(qseg), zero(kseg), zero(qidx),
           zero(kidx))
-
-
-_ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 # -- the strategy object installed while tracing the model -----------------------------------
@@ -171,9 +172,10 @@ class SequenceParallel:
       v_btkh = jnp.repeat(v_btkh, n_heads // kv_heads, axis=2)
       kv_spec = q_spec
     if self.strategy == "ring":
-      body = functools.partial(self._ring_body, causal=causal, bq=block_q, bk=block_k,
-                               impl="pallas" if impl == "pallas" else "flash")
-    elif self.strategy == "all_to_all":
+      return self._ring(q_btnh, k_btkh, v_btkh, segment_ids.astype(jnp.int32), index.astype(jnp.int32),
+                        (q_spec, kv_spec, tok_spec), causal=causal, bq=block_q, bk=block_k,
+                        impl="pallas" if impl == "pallas" else "flash")
+    if self.strategy == "all_to_all":
       body = functools.partial(self._all_to_all_body, local_fn=local_fn)
     elif self.strategy == "all_gather":
       body = functools.partial(self._all_gather_body, local_fn=local_fn)
@@ -210,8 +212,43 @@ class SequenceParallel:
                              state_spec=state, tok_spec=P(act[0], act[1]),
                              a_spec=spec((axes.MLP, axes.STATE), a_es.shape), impl=impl, chunk=chunk)
 
-  def _ring_body(self, q, k, v, seg, idx, *, causal, bq, bk, impl):
-    return _ring(q, k, v, seg, seg, idx, idx, causal, bq, bk, self.n, impl)
+  def _ring(self, q, k, v, seg, idx, specs, *, causal, bq, bk, impl):
+    """Ring attention with its custom VJP outside the shard_maps: a forward shard_map (out and
+    lse) and a backward shard_map (dq, dk, dv around the ring). Differentiating *through* a
+    shard_map instead would make JAX sum the input cotangents over every mesh axis the inputs
+    are not split along (an all-reduce, and its buffers, per gradient even for axes of size 1)."""
+    q_spec, kv_spec, tok_spec = specs
+    lse_spec = P(*q_spec[:3])  # [b, t, N]
+    n = self.n
+    smap = lambda f, ins, outs: jax.shard_map(f, mesh=self.mesh, in_specs=ins, out_specs=outs, check_vma=False)
+
+    def forward_local(q, k, v, seg, idx):
+      o, lse = _ring_forward(q, k, v, seg, seg, idx, idx, causal, bq, bk, n, impl)
+      return o.astype(q.dtype), lse
+
+    def backward_local(q, k, v, seg, idx, o, lse, d_out):
+      return _ring_bwd(causal, bq, bk, n, impl, (q, k, v, seg, seg, idx, idx, o, lse), d_out)[:3]
+
+    forward = smap(forward_local, (q_spec, kv_spec, kv_spec, tok_spec, tok_spec), (q_spec, lse_spec))
+    backward = smap(backward_local, (q_spec, kv_spec, kv_spec, tok_spec, tok_spec, q_spec, lse_spec, q_spec),
+                    (q_spec, kv_spec, kv_spec))
+
+    @jax.custom_vjp
+    def ring(q, k, v, seg, idx):
+      return forward(q, k, v, seg, idx)[0]
+
+    def ring_fwd(q, k, v, seg, idx):
+      o, lse = forward(q, k, v, seg, idx)
+      return o, (q, k, v, seg, idx, o, lse)
+
+    def ring_bwd(res, d_out):
+      q, k, v, seg, idx, o, lse = res
+      dq, dk, dv = backward(q, k, v, seg, idx, o, lse, d_out)
+      zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+      return dq, dk, dv, zero(seg), zero(idx)
+
+    ring.defvjp(ring_fwd, ring_bwd)
+    return ring(q, k, v, seg, idx)
 
   def _all_to_all_body(self, q, k, v, seg, idx, *, local_fn):
     # [b, t, h, H] -> [b, T, h/n, H]: split heads across the sequence group, gather length.

@@ -136,7 +136,9 @@ def _forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk):
   return _unblocks(o), _unblocks(lse, axis=3)
 
 
-def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk, d_lse=None):
+def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk, d_lse=None, acc=None):
+  """(dq, dk, dv) in fp32; with `acc` = blocked (dq, dk, dv) accumulators (see
+  `chunk_grad_accumulators`), adds into them and returns them blocked."""
   b, tq, kvh, g, h = q.shape
   scale = 1.0 / math.sqrt(h)
   # delta_i = rowsum(dO * O): the softmax Jacobian's correction term, [B, K, G, Tq].
@@ -156,7 +158,7 @@ def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk, 
   nq, nk = qb.shape[0], kb.shape[0]
 
   def dq_block(args):  # pass 1: dQ, query block by query block
-    q_blk, qs, qi, do_blk, lse_blk, dl_blk = args
+    q_blk, qs, qi, do_blk, lse_blk, dl_blk, dq0 = args
 
     def body(j, dq):
       def visit(dq):
@@ -167,10 +169,10 @@ def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk, 
                                preferred_element_type=jnp.float32) * scale
       return jax.lax.cond(_maybe_visible(qs, qi, ksb[j], kib[j], causal), visit, lambda x: x, dq)
 
-    return jax.lax.fori_loop(0, nk, body, jnp.zeros(q_blk.shape, jnp.float32))
+    return jax.lax.fori_loop(0, nk, body, dq0)
 
   def dkv_block(args):  # pass 2: dK and dV, key block by key block
-    k_blk, v_blk, ks, ki = args
+    k_blk, v_blk, ks, ki, dk0, dv0 = args
 
     def body(i, carry):
       def visit(carry):
@@ -183,12 +185,17 @@ def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk, 
         return dk, dv
       return jax.lax.cond(_maybe_visible(qsb[i], qib[i], ks, ki, causal), visit, lambda c: c, carry)
 
-    zeros = jnp.zeros(k_blk.shape, jnp.float32)
-    return jax.lax.fori_loop(0, nq, body, (zeros, zeros))
+    return jax.lax.fori_loop(0, nq, body, (dk0, dv0))
 
-  dq = _unblocks(jax.lax.map(dq_block, (qb, qsb, qib, dob, lseb, deltab)))
-  dk, dv = jax.lax.map(dkv_block, (kb, vb, ksb, kib))
-  return dq, _unblocks(dk), _unblocks(dv)
+  if acc is None:
+    dq0, dk0, dv0 = (jnp.zeros(x.shape, jnp.float32) for x in (qb, kb, vb))
+  else:
+    dq0, dk0, dv0 = acc
+  dq = jax.lax.map(dq_block, (qb, qsb, qib, dob, lseb, deltab, dq0))
+  dk, dv = jax.lax.map(dkv_block, (kb, vb, ksb, kib, dk0, dv0))
+  if acc is not None:
+    return dq, dk, dv
+  return _unblocks(dq), _unblocks(dk), _unblocks(dv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -269,12 +276,17 @@ def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_
 
 
 def flash_chunk_grads(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, out_btnh, lse_btn,
-                      d_out_btnh, *, causal: bool, block_q: int = 128, block_k: int = 128):
+                      d_out_btnh, *, causal: bool, block_q: int = 128, block_k: int = 128, acc=None):
   """Gradient contributions (dq, dk, dv) of ONE key chunk, given the final (merged) out and lse.
 
   With P = exp(S - lse_final) the softmax gradient splits exactly over disjoint key
   chunks, so ring attention's backward sums these over the chunks that visit a device
   (dq) and carries dk/dv around the ring back to the chunk's owner.
+
+  Returns fp32 [B, T, N, H], [B, S, K, H] x2; or, given `acc` (blocked fp32 accumulators
+  from `chunk_grad_accumulators`), the accumulators with this chunk's contributions added,
+  still blocked: the ring keeps them in that layout, so no step materialises a separate
+  contribution or a layout copy (`unblock_chunk_grads` at the end).
   """
   (q, k, v, qseg, kseg, qidx, kidx), (bq, bk, tp) = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids,
                                                              kv_segment_ids, q_index, kv_index, block_q, block_k)
@@ -283,6 +295,26 @@ def flash_chunk_grads(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_i
   out = pad_length(out_btnh, tp).reshape(q.shape)
   d_out = pad_length(d_out_btnh, tp).reshape(q.shape)
   lse = jnp.moveaxis(pad_length(lse_btn, tp, value=-jnp.inf).reshape(b, tp, kvh, n // kvh), 1, -1)
+  if acc is not None:
+    return _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk, acc=acc)
   dq, dk, dv = _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk)
   s = k_bskh.shape[1]
   return dq.reshape(b, tp, n, h)[:, :t], dk[:, :s], dv[:, :s]
+
+
+def chunk_grad_accumulators(q_shape, k_shape, *, block_q: int = 128, block_k: int = 128):
+  """Zero blocked fp32 (dq, dk, dv) accumulators for `flash_chunk_grads(..., acc=)`:
+  [T/bq, B, bq, K, G, H] and [S/bk, B, bk, K, H] x2 (lengths rounded up to whole blocks)."""
+  b, t, n, h = q_shape
+  s, kvh = k_shape[1], k_shape[2]
+  bq, bk = min(block_q, t), min(block_k, s)
+  nq, nk = -(-t // bq), -(-s // bk)
+  return (jnp.zeros((nq, b, bq, kvh, n // kvh, h), jnp.float32), jnp.zeros((nk, b, bk, kvh, h), jnp.float32),
+          jnp.zeros((nk, b, bk, kvh, h), jnp.float32))
+
+
+def unblock_chunk_grads(acc, t: int, s: int):
+  """Blocked accumulators -> (dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, H]) in fp32."""
+  dq, dk, dv = (_unblocks(x) for x in acc)
+  b, tp, kvh, g, h = dq.shape
+  return dq.reshape(b, tp, kvh * g, h)[:, :t], dk[:, :s], dv[:, :s]
