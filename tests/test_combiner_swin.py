@@ -320,7 +320,10 @@ def test_user_errors_are_one_sentence():
     sw(x, ctx)
   with pytest.raises(ValueError, match="combiner.summary='deepset-max'"):
     C.Combiner(_spec(True, summary="deepset-max"), rngs=nnx.Rngs(0))
-  with pytest.raises(NotImplementedError, match="decod"):
-    C.Combiner(_spec(True), rngs=nnx.Rngs(0))(x, MixContext(segment_ids=ctx.segment_ids, positions=ctx.positions,
-                                                            decode=True))
+  with pytest.raises(ValueError, match="combiner decodes only causally"):  # causal: tests/test_sparse_decode.py
+    C.Combiner(_spec(False), rngs=nnx.Rngs(0))(x, MixContext(segment_ids=ctx.segment_ids, positions=ctx.positions,
+                                                             decode=True))
+  with pytest.raises(NotImplementedError, match="Swin does not support incremental decoding"):
+    S.Swin(_spec(True, window=4), rngs=nnx.Rngs(0))(x, MixContext(segment_ids=ctx.segment_ids,
+                                                                   positions=ctx.positions, decode=True))
   assert C.Combiner.SEQUENCE_STRATEGIES == S.Swin.SEQUENCE_STRATEGIES == ("auto",)

@@ -264,8 +264,8 @@ def test_user_errors_are_one_sentence():
     P.Longformer(_spec(True, window=0), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="global_positions"):
     P.Longformer(_spec(True, window=2, global_positions=(-1,)), rngs=nnx.Rngs(0))
-  with pytest.raises(NotImplementedError, match="decod"):
-    P.Longformer(_spec(True, window=2), rngs=nnx.Rngs(0)).init_cache(1, 8, jnp.float32)
+  with pytest.raises(ValueError, match="longformer decodes only causally"):  # causal: tests/test_sparse_decode.py
+    P.Longformer(_spec(False, window=2), rngs=nnx.Rngs(0)).init_cache(1, 8, jnp.float32)
   # Attention's ring / all-to-all paths would ignore the pattern: only "auto" is offered, and a
   # permuted (zigzag) layout is refused rather than silently scrambling the pattern.
   assert P.SparseTransformer.SEQUENCE_STRATEGIES == P.Longformer.SEQUENCE_STRATEGIES == ("auto",)

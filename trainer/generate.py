@@ -189,7 +189,9 @@ def run(argv) -> int:
                     f"{p + args.max_new_tokens - 1}-token context, longer than task.seq_len={spec.seq_len}; "
                     f"use --max_new_tokens <= {spec.seq_len - p + 1}")
   try:
-    model.encoder.init_cache(args.num_samples, p + args.max_new_tokens - 1)
+    # A cache of the trained length, not just the context: sparse patterns that depend on the
+    # row length (BigBird's last global blocks, automatic strides) are then the trained ones.
+    model.encoder.init_cache(args.num_samples, spec.seq_len)
   except NotImplementedError as e:
     raise UserError(f"{e}; choose a config whose mixers all support decoding") from None
   generate = make_sampler(model, p, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

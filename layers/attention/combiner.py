@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from layers.attention.decode import PatternCacheMixin, causal_visibility, map_query_chunks, masked_attention_lse
 from layers.attention.exact import Attention, make_mask
 from layers.attention.flash import MASK_VALUE, flash_attention_lse, merge_partials
 from layers.attention.flash import pad_length
@@ -89,7 +90,6 @@ def combiner_attention(q_btnh, k_btkh, v_btkh, segment_ids, *, span: int, causal
   if span < 1:
     raise ValueError(f"combiner.span={span} must be >= 1")
   b, t, n, h = q_btnh.shape
-  kvh = k_btkh.shape[2]
   s = span
   tp = -(-t // s) * s
   r = tp // s
@@ -103,25 +103,38 @@ def combiner_attention(q_btnh, k_btkh, v_btkh, segment_ids, *, span: int, causal
                                    causal=causal)
   o_d, lse_d = o_d.reshape(b, tp, n, h), lse_d.reshape(b, tp, n)
 
-  # Span summaries: two slots per span (last segment, first segment).
+  kbar_n, vbar, visible_seg, sum_idx = span_summaries(q, k, v, seg, span=s, summary=summary)
+  o_s, lse_s = flash_attention_lse(q, kbar_n, vbar, seg, visible_seg, row_index(b, tp), sum_idx, causal=causal)
+  out, _ = merge_partials(o_d.astype(jnp.float32), lse_d, o_s.astype(jnp.float32), lse_s)
+  return out[:, :t].astype(q_btnh.dtype)
+
+
+def span_summaries(q_btnh, k_btkh, v_btkh, segment_ids, *, span: int, summary: str):
+  """The 2R summary slots of a row of R = T / span whole spans (T a multiple of the span):
+  (kbar [B, 2R, N, H], vbar [B, 2R, N, H] (per query head), the segment each slot is
+  visible to [B, 2R] (0 = none), and its index [B, 2R] for causality: summary r counts as
+  (r+1)*s, so "index <= i" means r < span(i))."""
+  b, tp, n, h = q_btnh.shape
+  kvh = k_btkh.shape[2]
+  s = span
+  r = tp // s
+  seg = segment_ids.astype(jnp.int32)
+  rows = lambda x: x.reshape((b * r, s) + x.shape[2:])
+  # Two slots per span (last segment, first segment).
   slot_seg = _span_slots(seg.reshape(b, r, s))  # [B, R, 2]
   member = seg.reshape(b, r, 1, s) == slot_seg[..., None]  # [B, R, 2, s]; slot 0 never matches a real token
   member = member & (slot_seg[..., None] > 0)
   m = member[..., None, None]  # [B, R, 2, s, 1, 1]
-  qbar = pool(q.reshape(b, r, 1, s, n, h), m, summary, axis=3)  # [B, R, 2, N, H]
-  kbar = pool(k.reshape(b, r, 1, s, kvh, h), m, summary, axis=3)  # [B, R, 2, K, H]
+  qbar = pool(q_btnh.reshape(b, r, 1, s, n, h), m, summary, axis=3)  # [B, R, 2, N, H]
+  kbar = pool(k_btkh.reshape(b, r, 1, s, kvh, h), m, summary, axis=3)  # [B, R, 2, K, H]
   # vbar = attention of each pooled query over its span's members (segment ids do the
   # member selection: the slot's segment against the span's tokens).
-  vbar, _ = flash_attention_lse(qbar.reshape(b * r, 2, n, h), rows(k), rows(v), slot_seg.reshape(b * r, 2),
-                                rows(seg), row_index(b * r, 2), local_idx, causal=False)
+  vbar, _ = flash_attention_lse(qbar.reshape(b * r, 2, n, h), rows(k_btkh), rows(v_btkh), slot_seg.reshape(b * r, 2),
+                                rows(seg), row_index(b * r, 2), row_index(b * r, s), causal=False)
   visible_seg = slot_seg.at[..., 1].set(jnp.where(slot_seg[..., 1] == slot_seg[..., 0], 0, slot_seg[..., 1]))
   kbar_n = jnp.repeat(kbar, n // kvh, axis=3).reshape(b, 2 * r, n, h)  # vbar is per query head
-  # Summary r counts as index (r+1)*s, so causal "index <= i" means r < span(i).
   sum_idx = jnp.broadcast_to(jnp.repeat((jnp.arange(r, dtype=jnp.int32) + 1) * s, 2), (b, 2 * r))
-  o_s, lse_s = flash_attention_lse(q, kbar_n, vbar.reshape(b, 2 * r, n, h), seg, visible_seg.reshape(b, 2 * r),
-                                   row_index(b, tp), sum_idx, causal=causal)
-  out, _ = merge_partials(o_d.astype(jnp.float32), lse_d, o_s.astype(jnp.float32), lse_s)
-  return out[:, :t].astype(q_btnh.dtype)
+  return kbar_n, vbar.reshape(b, 2 * r, n, h), visible_seg.reshape(b, 2 * r), sum_idx
 
 
 def combiner_probabilities(q_btnh, k_btkh, segment_ids, *, span: int, causal: bool,
@@ -183,9 +196,20 @@ def reference_combiner(q_btnh, k_btkh, v_btkh, segment_ids, *, span: int, causal
   return jnp.einsum("bnij,bjnh->binh", p, v).astype(q_btnh.dtype)
 
 
-class Combiner(WholeSequenceMixin, Attention):
+class Combiner(PatternCacheMixin, WholeSequenceMixin, Attention):
   """Combiner-Fixed (config `model.combiner.*`): span s (0 = ceil(sqrt(T))) and summary
-  (activation-pooling of the span's queries and keys, default identity-max)."""
+  (activation-pooling of the span's queries and keys, default identity-max).
+
+  Causal models decode (`init_cache(batch, max_len, dtype)`, then calls with ctx.decode),
+  exactly: dense caches of max_len slots for K, V and the (rotated) queries, which the
+  span summaries pool. A new query at position p attends directly to the cached keys of
+  its own span (<= p) and, through the same single softmax, to the summaries of the
+  spans before its own, recomputed from the cache with `span_summaries` (those spans are
+  complete once p arrives; the span s = 0 resolves to ceil(sqrt(max_len))). This equals
+  the full causal forward over max_len tokens at the same positions; padding is not
+  stored (see `decode.PatternCacheMixin`). Cost O(max_len) per decoded token (recomputing
+  the summaries is O(max_len * H) per head, plus the dense pass over the cache).
+  """
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
@@ -198,6 +222,33 @@ class Combiner(WholeSequenceMixin, Attention):
   def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
     self._check_context(ctx)
     return super().__call__(x_btd, ctx)
+
+  def decode_name(self) -> str:
+    return "combiner"
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    super().init_cache(batch, max_len, dtype)
+    self.cached_query = nnx.Cache(jnp.zeros((batch, max_len, self.spec.num_heads, self.spec.head_dim), dtype))
+
+  def attend_cached(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
+    position, seg = self.append_to_cache(ctx, cached_key=k_btkh, cached_value=v_btkh, cached_query=q_btnh)
+    keys, values, kv_seg = self.cached_key[...], self.cached_value[...], self.cached_segment_ids[...]
+    size = kv_seg.shape[1]
+    s = auto_period(self.span, size)
+    tp = -(-size // s) * s
+    kbar, vbar, visible_seg, sum_idx = span_summaries(
+        *(pad_length(x, tp) for x in (self.cached_query[...], keys, values, kv_seg)), span=s, summary=self.summary)
+    own_span = jnp.arange(size) // s
+
+    def run(q, pos, seg):
+      direct = causal_visibility(pos, seg, kv_seg) & (own_span[None, None, :] == (pos // s)[:, :, None])
+      o_d, lse_d = masked_attention_lse(q, keys, values, direct[:, None])
+      summaries = ((visible_seg[:, None, :] == seg[:, :, None]) & (seg[:, :, None] != 0)
+                   & (sum_idx[:, None, :] <= pos[:, :, None]))
+      o_s, lse_s = masked_attention_lse(q, kbar, vbar, summaries[:, None])
+      return merge_partials(o_d, lse_d, o_s, lse_s)[0]
+
+    return map_query_chunks(run, (q_btnh, position, seg), self.DECODE_CHUNK).astype(q_btnh.dtype)
 
   def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
     return combiner_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, span=auto_period(self.span, q_btnh.shape[1]),

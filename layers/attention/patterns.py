@@ -20,6 +20,10 @@ aligned to the row (the tasks pad, they do not pack, so row index = sequence pos
 
 Every fast path has a dense twin (`reference_*`) that builds the explicit [B, T, T]
 mask and calls `exact.reference_attention`.
+
+Causal models of both decode (`decode.PatternCacheMixin`): each new query attends over a
+dense cache with its row of the same rules (`sparse_transformer_rules`, `longformer_window`),
+built for a row of the cache's max_len tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from layers import axes
+from layers.attention.decode import PatternCacheMixin, causal_visibility, map_query_chunks, masked_attention_lse
 from layers.attention.exact import Attention, make_mask, reference_attention, rope
 from layers.attention.flash import MASK_VALUE, NEG_INF, flash_attention_lse, merge_partials, pad_length
 from layers.core import Dense
@@ -244,19 +249,36 @@ def sparse_transformer_attention(q_btnh, k_btkh, v_btkh, segment_ids, *, pattern
   return jnp.concatenate([_sub_pattern(1, *g1, *args)[0], _sub_pattern(2, *g2, *args)[0]], axis=2)
 
 
+def sparse_transformer_rules(i, j, *, pattern: str, stride: int, c: int, causal: bool):
+  """A1 and A2 as predicates on query / key row indices i, j (numpy or jax integer arrays
+  that broadcast against each other; a result may have only j's shape, so callers broadcast
+  it). Causality and segments are applied by the caller."""
+  l, c = stride, min(c, stride)
+  if pattern == "strided":
+    lo, hi = _strided_band(causal, l)
+    return (i - j >= lo) & (i - j <= hi), (i - j) % l == 0
+  return (i // l) == (j // l), j % l >= l - c
+
+
 def sparse_transformer_masks(segment_ids, *, pattern: str, stride: int, c: int, causal: bool):
   """Dense boolean [B, T, T] masks of A1 and A2 (the reference's definition)."""
   b, t = segment_ids.shape
-  l, c = stride, min(c, stride)
   idx = row_index(b, t)
   base = make_mask(segment_ids, segment_ids, idx, idx, causal)
   i, j = np.arange(t)[:, None], np.arange(t)[None, :]
-  if pattern == "strided":
-    lo, hi = _strided_band(causal, l)
-    a1, a2 = (i - j >= lo) & (i - j <= hi), (i - j) % l == 0
-  else:
-    a1, a2 = (i // l) == (j // l), np.broadcast_to(j % l >= l - c, (t, t))
+  a1, a2 = sparse_transformer_rules(i, j, pattern=pattern, stride=stride, c=c, causal=causal)
   return base & jnp.asarray(a1), base & jnp.asarray(a2)
+
+
+def sparse_transformer_head_masks(a1, a2, *, num_heads: int, head_mode: str, layer_index: int = 0):
+  """Which of A1 / A2 each query head uses, as masks [..., N or 1, T, S] from [..., T, S] ones
+  (split: the first ceil(N/2) heads A1, the rest A2; merged: A1 u A2; alternate: by layer)."""
+  if head_mode == "alternate":
+    return (a1 if layer_index % 2 == 0 else a2)[..., None, :, :]
+  if head_mode == "merged":
+    return (a1 | a2)[..., None, :, :]
+  first = jnp.arange(num_heads) < num_heads - num_heads // 2
+  return jnp.where(first[:, None, None], a1[..., None, :, :], a2[..., None, :, :])
 
 
 def reference_sparse_transformer(q_btnh, k_btkh, v_btkh, segment_ids, *, pattern: str, stride: int, c: int,
@@ -273,18 +295,20 @@ def reference_sparse_transformer(q_btnh, k_btkh, v_btkh, segment_ids, *, pattern
 
 
 class WholeSequenceMixin:
-  """For mixers whose pattern is laid out on the stored row: no decode cache (that would
-  need a pattern-aware cache), only compiler-propagated sequence sharding ("auto":
-  Attention's ring / all-to-all paths attend to full key sets, not to these patterns),
-  and tokens in storage order (a permuted layout, ctx.index, would scramble the pattern)."""
+  """For mixers whose pattern is laid out on the stored row: only compiler-propagated
+  sequence sharding ("auto": Attention's ring / all-to-all paths attend to full key sets,
+  not to these patterns), tokens in storage order (a permuted layout, ctx.index, would
+  scramble the pattern), and no decode cache unless the mixer also takes
+  `decode.PatternCacheMixin` (which sets SUPPORTS_DECODE)."""
 
   SEQUENCE_STRATEGIES = ("auto",)
+  SUPPORTS_DECODE = False
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
     raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding (decode=True)")
 
   def _check_context(self, ctx: MixContext) -> None:
-    if ctx.decode:
+    if ctx.decode and not self.SUPPORTS_DECODE:
       raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding (decode=True)")
     if getattr(ctx, "index", None) is not None:
       raise NotImplementedError(f"{type(self).__name__} needs tokens in storage order; a permuted layout "
@@ -296,11 +320,20 @@ def auto_period(option: int, t: int) -> int:
   return int(option) if option else max(1, math.isqrt(max(t - 1, 0)) + 1)
 
 
-class SparseTransformer(WholeSequenceMixin, Attention):
+class SparseTransformer(PatternCacheMixin, WholeSequenceMixin, Attention):
   """Sparse Transformer factorised attention (config `model.sparse_transformer.*`):
   `pattern` "strided" (default) | "fixed", `stride` l (default 0 = ceil(sqrt(T))), `c`
   (fixed: summary columns per block, default 8, clipped to l), `head_mode` "split"
-  (default) | "merged" | "alternate"."""
+  (default) | "merged" | "alternate".
+
+  Causal models decode (`init_cache(batch, max_len, dtype)`, then calls with ctx.decode):
+  a dense KV cache of max_len slots, and each new query attends over it with its row of
+  the pattern built for a row of max_len tokens (the stride l = 0 resolves to
+  ceil(sqrt(max_len))), so prefill + token-by-token decoding equals the full causal
+  forward over max_len tokens at the same positions. Padding is not stored (see
+  `decode.PatternCacheMixin`): a right-padded prompt decodes as its unpadded sequence.
+  Cost O(max_len) per decoded token (the dense path), whatever the pattern's sparsity.
+  """
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
@@ -315,6 +348,16 @@ class SparseTransformer(WholeSequenceMixin, Attention):
   def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
     self._check_context(ctx)
     return super().__call__(x_btd, ctx)
+
+  def decode_name(self) -> str:
+    return "sparse_transformer"
+
+  def decode_pattern(self, position_bt, size: int):
+    a1, a2 = sparse_transformer_rules(position_bt[:, :, None], jnp.arange(size)[None, None, :], pattern=self.pattern,
+                                      stride=auto_period(self.stride, size), c=self.c, causal=True)
+    a1, a2 = (jnp.broadcast_to(a, position_bt.shape + (size,)) for a in (a1, a2))
+    return sparse_transformer_head_masks(a1, a2, num_heads=self.spec.num_heads, head_mode=self.head_mode,
+                                         layer_index=self.spec.layer_index)
 
   def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
     return sparse_transformer_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, pattern=self.pattern,
@@ -371,18 +414,29 @@ def longformer_attention(q_btnh, k_btkh, v_btkh, qg_btnh, kg_btkh, vg_btkh, segm
   return out.at[:, gidx].set(rows_g.astype(out.dtype))
 
 
+def longformer_window(i, j, *, window: int, causal: bool, dilation: int = 1):
+  """Is key row j in query row i's (dilated) window? i, j: broadcasting numpy or jax integer arrays."""
+  off = i - j
+  steps = off // dilation
+  lo, hi = (0, window - 1) if causal else (-(window // 2), window // 2)
+  return (off % dilation == 0) & (steps >= lo) & (steps <= hi)
+
+
+def global_indicator(global_positions, t: int) -> np.ndarray:
+  """Bool [t]: which rows of a length-t row are global."""
+  is_global = np.zeros(t, bool)
+  is_global[global_index(global_positions, t)] = True
+  return is_global
+
+
 def longformer_mask(segment_ids, *, window: int, global_positions=(), causal: bool, dilation: int = 1):
   """Dense [B, T, T] mask of the ordinary rows (window u global keys) and the global-row indicator [T]."""
   b, t = segment_ids.shape
   idx = row_index(b, t)
   base = make_mask(segment_ids, segment_ids, idx, idx, causal)
   i, j = np.arange(t)[:, None], np.arange(t)[None, :]
-  off = i - j
-  steps = off // dilation
-  lo, hi = (0, window - 1) if causal else (-(window // 2), window // 2)
-  in_window = (off % dilation == 0) & (steps >= lo) & (steps <= hi)
-  is_global = np.zeros(t, bool)
-  is_global[global_index(global_positions, t)] = True
+  in_window = longformer_window(i, j, window=window, causal=causal, dilation=dilation)
+  is_global = global_indicator(global_positions, t)
   return base & jnp.asarray(in_window | is_global[None, :]), base, is_global
 
 
@@ -396,10 +450,20 @@ def reference_longformer(q_btnh, k_btkh, v_btkh, qg_btnh, kg_btkh, vg_btkh, segm
   return jnp.where(jnp.asarray(is_global)[None, :, None, None], out_g, out)
 
 
-class Longformer(WholeSequenceMixin, Attention):
+class Longformer(PatternCacheMixin, WholeSequenceMixin, Attention):
   """Longformer attention (config `model.longformer.*`): `window` w (default 256),
   `dilation` d (default 1) and `global_positions` (row indices, default (0,): the CLS /
-  first token; () for none), whose rows use their own Q/K/V projections."""
+  first token; () for none), whose rows use their own Q/K/V projections.
+
+  Causal models decode (`init_cache(batch, max_len, dtype)`, then calls with ctx.decode):
+  dense caches of max_len slots for K/V and for the global projections K_g/V_g. A new
+  query at an ordinary position attends with Q over K/V restricted to its window and the
+  global positions (< max_len); a query at a global position attends with Q_g over K_g/V_g
+  of every earlier token, the same roles as the forward. This equals the full causal
+  forward over max_len tokens at the same positions; padding is not stored (see
+  `decode.PatternCacheMixin`). Cost O(max_len) per decoded token (two dense passes over
+  the cache).
+  """
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
@@ -416,12 +480,49 @@ class Longformer(WholeSequenceMixin, Attention):
     self.key_global = Dense((d,), (kv, h), in_axes=e, out_axes=(axes.KV_HEADS, axes.HEAD_DIM), rngs=rngs)
     self.value_global = Dense((d,), (kv, h), in_axes=e, out_axes=(axes.KV_HEADS, axes.HEAD_DIM), rngs=rngs)
 
+  def decode_name(self) -> str:
+    return "longformer"
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    super().init_cache(batch, max_len, dtype)
+    if global_indicator(self.global_positions, max_len).any():  # K_g / V_g only serve global queries
+      kv, h = self.spec.num_kv_heads, self.spec.head_dim
+      self.cached_global_key = nnx.Cache(jnp.zeros((batch, max_len, kv, h), dtype))
+      self.cached_global_value = nnx.Cache(jnp.zeros((batch, max_len, kv, h), dtype))
+
+  def attend_cached_global(self, q, k, v, qg, kg, vg, ctx: MixContext) -> jax.Array:
+    """Decoding: ordinary queries (Q over K/V: window u global keys), global queries (Q_g over
+    K_g/V_g: every earlier token), as in `longformer_attention`."""
+    size = self.cached_segment_ids.shape[1] if getattr(self, "cached_segment_ids", None) is not None else 0
+    is_global_np = global_indicator(self.global_positions, size)
+    has_global = bool(is_global_np.any())
+    extra = dict(cached_global_key=kg, cached_global_value=vg) if has_global else {}
+    position, seg = self.append_to_cache(ctx, cached_key=k, cached_value=v, **extra)
+    kv_seg = self.cached_segment_ids[...]
+    is_global = jnp.asarray(is_global_np)
+    keys, values = self.cached_key[...], self.cached_value[...]
+    keys_g, values_g = (self.cached_global_key[...], self.cached_global_value[...]) if has_global else (None, None)
+
+    def run(q, qg, pos, seg):
+      visible = causal_visibility(pos, seg, kv_seg)
+      window = longformer_window(pos[:, :, None], jnp.arange(size)[None, None, :], window=self.window, causal=True,
+                                 dilation=self.dilation)
+      out = masked_attention_lse(q, keys, values, (visible & (window | is_global[None, None, :]))[:, None])[0]
+      if not has_global:
+        return out
+      out_g = masked_attention_lse(qg, keys_g, values_g, visible[:, None])[0]
+      return jnp.where(is_global[jnp.clip(pos, 0, size - 1)][:, :, None, None], out_g, out)
+
+    return map_query_chunks(run, (q, qg, position, seg), self.DECODE_CHUNK).astype(q.dtype)
+
   def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
     self._check_context(ctx)
     q, k, v = self.query(x_btd), self.key(x_btd), self.value(x_btd)
     qg, kg, vg = self.query_global(x_btd), self.key_global(x_btd), self.value_global(x_btd)
     if self.spec.positions == "rope":
       q, k, qg, kg = (rope(a, ctx.positions) for a in (q, k, qg, kg))
+    if ctx.decode:
+      return self.out(self.attend_cached_global(q, k, v, qg, kg, vg, ctx))
     y = longformer_attention(q, k, v, qg, kg, vg, ctx.segment_ids, window=self.window,
                              global_positions=self.global_positions, causal=self.spec.causal,
                              dilation=self.dilation)
