@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from layers.attention.decode import PatternCacheMixin, block_mask_rows
 from layers.attention.exact import Attention, make_mask, reference_attention
 from layers.attention.flash import MASK_VALUE, NEG_INF, pad_length
 from layers.mixer_base import MixContext, MixerSpec
@@ -207,7 +208,7 @@ def num_blocks(length: int, block: int) -> int:
 
 
 def block_sparse_attention(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_valid, *, block: int, causal: bool,
-                           band: Band = None) -> jax.Array:
+                           band: Band = None, impl: str = "flash") -> jax.Array:
   """Softmax attention of each query block over only the key blocks its table row lists.
 
   q [B, T, N, H]; k, v [B, T, K, H] with N a multiple of K (grouped-query: query head n
@@ -219,7 +220,14 @@ def block_sparse_attention(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_va
   causal: key index <= query index inside the visited blocks; band (before, after):
   additionally i - before <= j <= i + after. Queries that see no key give zeros.
   Lengths need not be multiples of `block` (padded internally with segment id 0).
+  impl="pallas" runs the fused kernels of `kernels/block_sparse_pallas.py` (same contract)
+  when `block` is a power of two >= 16 (a Triton tile); otherwise, and for any other impl,
+  this pure-JAX engine.
   """
+  if impl == "pallas" and block >= 16 and not block & (block - 1):
+    from kernels.block_sparse_pallas import block_sparse_attention_pallas
+    return block_sparse_attention_pallas(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_valid, block=block,
+                                         causal=causal, band=band)
   b, t, n, h = q_btnh.shape
   kvh = k_bskh.shape[2]
   if n % kvh:
@@ -342,6 +350,16 @@ def random_rows(nb: int, causal: bool, num_random: int, rng: np.random.Generator
   return rows
 
 
+def head_block_mask(kv_blocks, kv_valid, num_blocks_: int, num_heads: int, num_kv_heads: int) -> jax.Array:
+  """A table's block mask per query head, [B or 1, N or 1, C, C]: a table given per kv head
+  serves its group of query heads, a single table every head (as the engine reads it)."""
+  blocks = block_table_mask(kv_blocks, kv_valid, num_blocks_)
+  heads = blocks.shape[1]
+  if heads == 1 or heads == num_heads:
+    return blocks
+  return blocks[:, np.arange(num_heads) // (num_heads // num_kv_heads)]
+
+
 PATTERNS = ("local", "strided", "random", "full")
 TableFn = Callable[[int], tuple[np.ndarray, np.ndarray]]
 
@@ -352,7 +370,7 @@ def check_storage_order(ctx: MixContext, name: str) -> None:
                               f"a permuted layout (ctx.index, e.g. zigzag sequence parallelism) is not supported")
 
 
-class BlockSparseAttention(Attention):
+class BlockSparseAttention(PatternCacheMixin, Attention):
   """Attention restricted to a fixed block table (config group `model.block_sparse`).
 
   Options: `block` (rows per block, default 64); `pattern`:
@@ -364,7 +382,12 @@ class BlockSparseAttention(Attention):
     "full"    - every block (dense attention through the engine; for tests and ablations).
   A table can also be given programmatically: `table=fn` with fn(num_blocks) -> (kv_blocks, kv_valid) in the
   engine's layout (numpy, [1, heads, num_blocks, M]).
-  Incremental decoding is not supported (init_cache raises).
+
+  Causal models decode (`init_cache(batch, max_len, dtype)`, then calls with ctx.decode): a dense KV cache of
+  max_len slots; the query at position p attends over it with row p // block of the table built for
+  ceil(max_len / block) blocks (so "random" draws the same blocks as a forward over max_len tokens), which
+  equals the full causal forward over max_len tokens at the same positions. Padding is not stored (see
+  `decode.PatternCacheMixin`). Cost O(max_len) per decoded token (the dense path), whatever M is.
   """
 
   # Blocks are contiguous runs of stored tokens: only compiler-propagated sharding ("auto") of
@@ -388,8 +411,14 @@ class BlockSparseAttention(Attention):
                        f"{self.radius}, stride={self.stride}, num_random={self.num_random}")
     self.table_fn = table
 
-  def init_cache(self, batch: int, max_len: int, dtype) -> None:
-    raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding")
+  def decode_name(self) -> str:
+    return "block_sparse"
+
+  def decode_pattern(self, position_bt, size: int):
+    nb = num_blocks(size, self.block)
+    blocks, valid = self.block_table(nb)
+    mask = head_block_mask(blocks, valid, nb, self.spec.num_heads, self.spec.num_kv_heads)
+    return block_mask_rows(mask, position_bt, self.block, size)
 
   def block_table(self, nb: int) -> tuple[np.ndarray, np.ndarray]:
     """(kv_blocks, kv_valid) [1, heads, nb, M] for a sequence of `nb` blocks."""
@@ -409,7 +438,7 @@ class BlockSparseAttention(Attention):
     check_storage_order(ctx, "block_sparse")
     blocks, valid = self.block_table(num_blocks(q_btnh.shape[1], self.block))
     return block_sparse_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, blocks, valid, block=self.block,
-                                  causal=self.spec.causal)
+                                  causal=self.spec.causal, impl=self.impl())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -551,7 +580,8 @@ class XAttention(Attention):
   there too, so every token sees itself. The selection is not differentiated.
   Cost: estimation O(T^2 H / S) (scores [B, N, T/S, T/S]), attention O(rho T^2 H) for
   block density rho (steps beyond the longest kept row are skipped).
-  Incremental decoding is not supported (init_cache raises).
+  Incremental decoding is not supported (init_cache and decode calls raise): the selection scores whole
+  query blocks against the input, which a query arriving one token at a time does not have.
   """
 
   # Blocks are contiguous runs of stored tokens: only compiler-propagated sharding ("auto") of
@@ -570,8 +600,14 @@ class XAttention(Attention):
     if not 0.0 < self.threshold:
       raise ValueError(f"model.xattention.threshold={self.threshold} must be > 0 (1.0 = every block)")
 
+  DECODE_ERROR = ("xattention does not support incremental decoding (decode=True): it selects key blocks per "
+                  "input by scoring whole query blocks, which a query arriving one token at a time does not have")
+
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
-    raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding")
+    raise NotImplementedError(self.DECODE_ERROR)
+
+  def attend_cached(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
+    raise NotImplementedError(self.DECODE_ERROR)
 
   def block_table(self, q_btnh, k_btkh, segment_ids):
     """(kv_blocks, kv_valid) [B, N, C, M] for this input."""
@@ -586,4 +622,4 @@ class XAttention(Attention):
     check_storage_order(ctx, "xattention")
     blocks, valid = self.block_table(q_btnh, k_btkh, ctx.segment_ids)
     return block_sparse_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, blocks, valid, block=self.block,
-                                  causal=self.spec.causal)
+                                  causal=self.spec.causal, impl=self.impl())

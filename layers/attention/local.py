@@ -26,6 +26,7 @@ from flax import nnx
 
 from layers.attention.block_sparse import (band_mask, block_sparse_attention, check_storage_order, num_blocks,
                                            pack_rows, per_head_reference_attention, stack_heads)
+from layers.attention.decode import PatternCacheMixin, block_mask_rows
 from layers.attention.exact import Attention, make_mask, reference_attention
 from layers.attention.flash import flash_attention_lse
 from layers.mixer_base import MixContext, MixerSpec
@@ -120,7 +121,7 @@ class LocalAttention(Attention):
     band = window_band(self.window, self.spec.causal)
     blocks, valid = local_block_table(num_blocks(q_btnh.shape[1], self.block), self.block, band)
     return block_sparse_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, blocks, valid, block=self.block,
-                                  causal=self.spec.causal, band=band)
+                                  causal=self.spec.causal, band=band, impl=self.impl())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,33 +175,49 @@ def bigbird_block_table(nb: int, num_heads: int, *, num_global: int, num_random:
   return stack_heads(tables)
 
 
-def reference_bigbird_attention(q_btnh, k_btkh, v_btkh, segment_ids, *, block: int, num_global: int,
-                                random_blocks: list[list[list[int]]], causal: bool) -> jax.Array:
-  """BigBird with the explicit [N, T, T] mask built from its rules, head by head."""
-  b, t, n, h = q_btnh.shape
-  nb = num_blocks(t, block)
+def bigbird_block_mask(nb: int, num_global: int, random_blocks: list[list[list[int]]]) -> np.ndarray:
+  """BigBird's pattern as a block mask [N, nb, nb] from its rules (sliding, global rows and
+  columns, random blocks); causality is applied token by token on top."""
   glob = np.zeros(nb, bool)
   glob[global_blocks(nb, num_global)] = True
   bi, bj = np.arange(nb)[:, None], np.arange(nb)[None, :]
+  masks = []
+  for rows in random_blocks:
+    blocks = (np.abs(bi - bj) <= 1) | glob[:, None] | glob[None, :]
+    for i, row in enumerate(rows):
+      blocks[i, row] = True
+    masks.append(blocks)
+  return np.stack(masks)
+
+
+def reference_bigbird_attention(q_btnh, k_btkh, v_btkh, segment_ids, *, block: int, num_global: int,
+                                random_blocks: list[list[list[int]]], causal: bool) -> jax.Array:
+  """BigBird with the explicit [N, T, T] mask built from its rules, head by head."""
+  t = q_btnh.shape[1]
   index = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
   base = make_mask(segment_ids, segment_ids, index, index, causal)
-  masks = []
-  for head in range(n):
-    blocks = (np.abs(bi - bj) <= 1) | glob[:, None] | glob[None, :]
-    for i, row in enumerate(random_blocks[head]):
-      blocks[i, row] = True
-    masks.append(np.repeat(np.repeat(blocks, block, 0), block, 1)[:t, :t])
-  return per_head_reference_attention(q_btnh, k_btkh, v_btkh, base[:, None] & np.stack(masks)[None])
+  blocks = bigbird_block_mask(num_blocks(t, block), num_global, random_blocks)
+  masks = np.repeat(np.repeat(blocks, block, 1), block, 2)[:, :t, :t]
+  return per_head_reference_attention(q_btnh, k_btkh, v_btkh, base[:, None] & masks[None])
 
 
-class BigBirdAttention(Attention):
+class BigBirdAttention(PatternCacheMixin, Attention):
   """BigBird ITC block-sparse attention (config group `model.bigbird`).
 
   Options: `block` (b, default 64), `num_global` (g global blocks: first ceil(g/2), last
   floor(g/2); default 2), `num_random` (r random blocks per query block and head,
   default 3), `seed` (with the layer index, fixes the random blocks; default 0).
   Cost: O(T * (3 + g + r) * b) for the ordinary rows plus O(g * b * T) for the global
-  rows. Incremental decoding is not supported (init_cache raises).
+  rows.
+
+  Causal models decode (`init_cache(batch, max_len, dtype)`, then calls with ctx.decode).
+  The pattern depends on the row's length (the last floor(g/2) global blocks and the
+  random draws are for nb = ceil(T / b) blocks), so decoding with a cache of max_len slots
+  is defined as the full causal forward over a row of max_len tokens: the pattern is built
+  for ceil(max_len / b) blocks and the query at position p attends over a dense KV cache
+  with that pattern's row for p (a global block's row is every earlier token). Prefill +
+  token-by-token decoding equals that forward at the same positions; padding is not
+  stored (see `decode.PatternCacheMixin`). Cost O(max_len) per decoded token.
   """
 
   # Blocks are contiguous runs of stored tokens: only compiler-propagated sharding ("auto") of
@@ -217,8 +234,13 @@ class BigBirdAttention(Attention):
       raise ValueError(f"model.bigbird needs block >= 1, num_global >= 0 and num_random >= 0; got block="
                        f"{self.block}, num_global={self.num_global}, num_random={self.num_random}")
 
-  def init_cache(self, batch: int, max_len: int, dtype) -> None:
-    raise NotImplementedError(f"{type(self).__name__} does not support incremental decoding")
+  def decode_name(self) -> str:
+    return "bigbird"
+
+  def decode_pattern(self, position_bt, size: int):
+    nb = num_blocks(size, self.block)
+    mask = bigbird_block_mask(nb, self.num_global, self.random_blocks(nb))[None]
+    return block_mask_rows(mask, position_bt, self.block, size)
 
   def random_blocks(self, nb: int) -> list[list[list[int]]]:
     return bigbird_random_blocks(nb, self.spec.num_heads, num_global=self.num_global, num_random=self.num_random,
@@ -232,7 +254,7 @@ class BigBirdAttention(Attention):
                                         num_random=self.num_random, seed=self.seed,
                                         layer_index=self.spec.layer_index, causal=self.spec.causal)
     out = block_sparse_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, blocks, valid, block=self.block,
-                                 causal=self.spec.causal)
+                                 causal=self.spec.causal, impl=self.impl())
     rows = np.concatenate([np.arange(j * self.block, (j + 1) * self.block) for j in global_blocks(nb, self.num_global)]
                           + [np.zeros(0, np.int64)])
     rows = rows[rows < t]
@@ -241,6 +263,11 @@ class BigBirdAttention(Attention):
     # Global query rows see every key: dense (blockwise) attention for just those rows.
     index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     seg = jnp.asarray(ctx.segment_ids)
-    out_glob, _ = flash_attention_lse(q_btnh[:, rows], k_btkh, v_btkh, seg[:, rows], seg, index[:, rows], index,
-                                      causal=self.spec.causal, block_q=self.block, block_k=self.block)
+    if self.impl() == "pallas":
+      from kernels.flash_pallas import flash_attention_pallas
+      out_glob = flash_attention_pallas(q_btnh[:, rows], k_btkh, v_btkh, seg[:, rows], seg, causal=self.spec.causal,
+                                        q_index=index[:, rows], kv_index=index)
+    else:
+      out_glob, _ = flash_attention_lse(q_btnh[:, rows], k_btkh, v_btkh, seg[:, rows], seg, index[:, rows], index,
+                                        causal=self.spec.causal, block_q=self.block, block_k=self.block)
     return out.at[:, rows].set(out_glob.astype(out.dtype))
