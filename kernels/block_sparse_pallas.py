@@ -41,7 +41,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.flash_pallas import LN2, LOG2E, _M_INIT, _SQ, _dot, _dot_t, _pad_axis, _pow2_at_least, _resolve_interpret
+from kernels.flash_pallas import (LOG2E, _SQ, _dot, _dot_t, _online_finish, _online_init, _online_step, _pad_axis,
+                                  _pow2_at_least, _resolve_interpret)
 
 try:
   from jax.experimental.pallas import triton as _pltriton
@@ -105,26 +106,13 @@ def _fwd_kernel(tbl_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *,
   c = cfg.scale * LOG2E
 
   def step(m, carry):
-    o, mx, l = carry
     start = pl.multiple_of(_entry(row, m) * bs, bs)
     k = k_ref[pl.ds(start, bs), :]
     s = _dot_t(q, k) * c
     mask = _tile_mask(q_pos, start + jnp.arange(bs, dtype=jnp.int32), q_seg, ks_ref[pl.ds(start, bs)], cfg, True)
-    s = jnp.where(mask, s, -jnp.inf)
-    m_new = jnp.maximum(mx, jnp.max(s, axis=1))
-    alpha = jnp.exp2(mx - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l = l * alpha + jnp.sum(p, axis=1)
-    v = v_ref[pl.ds(start, bs), :]
-    o = o * alpha[:, None] + _dot(p.astype(v.dtype), v)
-    return o, m_new, l
+    return _online_step(carry, jnp.where(mask, s, -jnp.inf), lambda: v_ref[pl.ds(start, bs), :])
 
-  carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bs,), _M_INIT, jnp.float32), jnp.zeros((bs,), jnp.float32))
-  o, mx, l = lax.fori_loop(0, _count(row), step, carry)
-  empty = l == 0.0
-  l_safe = jnp.where(empty, 1.0, l)
-  o_ref[...] = (o * (1.0 / l_safe)[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, -jnp.inf, (mx + jnp.log2(l_safe)) * LN2)
+  _online_finish(lax.fori_loop(0, _count(row), step, _online_init(bs, q.shape[1])), o_ref, lse_ref)
 
 
 def _dq_kernel(tbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, *, cfg: _Config):

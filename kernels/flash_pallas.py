@@ -149,6 +149,32 @@ def _visit_if_visible(step, mask_of, carry):
   return lax.cond(_any(mask), lambda c: step(mask, c), lambda c: c, carry)
 
 
+def _online_step(carry, s, load_v):
+  """One online-softmax step in base 2: carry (o [rows, H] fp32, m, l [rows]); s the tile's
+  scores [rows, cols], already scaled by log2(e)/sqrt(H) and masked to -inf; load_v() loads
+  the V tile (after the exponentials, as a pipelined kernel wants)."""
+  o, m, l = carry
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.exp2(s - m_new[:, None])
+  l = l * alpha + jnp.sum(p, axis=1)
+  v = load_v()
+  return o * alpha[:, None] + _dot(p.astype(v.dtype), v), m_new, l
+
+
+def _online_init(rows: int, h: int):
+  return jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), _M_INIT, jnp.float32), jnp.zeros((rows,), jnp.float32)
+
+
+def _online_finish(carry, o_ref, lse_ref):
+  """Writes out = o / l and lse (natural log); rows that saw no key get 0 and -inf."""
+  o, m, l = carry
+  empty = l == 0.0
+  l_safe = jnp.where(empty, 1.0, l)
+  o_ref[...] = (o * (1.0 / l_safe)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
+
+
 def _q_block(pid, nq: int, causal: bool):
   # Causal programs of higher query blocks do more work: launching them first evens the tail.
   return nq - 1 - pid if causal else pid
@@ -176,7 +202,6 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, qi_ref, ki_ref, o_ref, lse_
     return _row_col_mask(q_pos, k_pos, q_seg, k_seg, causal_tile, True)
 
   def step(j, carry, causal_tile: bool, mask=None):
-    o, m, l = carry
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     s = _dot_t(q, k) * c
@@ -184,15 +209,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, qi_ref, ki_ref, o_ref, lse_
       mask = tile_mask(start, causal_tile)
     if mask is not None:
       s = jnp.where(mask, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l = l * alpha + jnp.sum(p, axis=1)
-    v = v_ref[pl.ds(start, bk), :]
-    o = o * alpha[:, None] + _dot(p.astype(v.dtype), v)
-    return o, m_new, l
+    return _online_step(carry, s, lambda: v_ref[pl.ds(start, bk), :])
 
-  carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), _M_INIT, jnp.float32), jnp.zeros((bq,), jnp.float32))
+  carry = _online_init(bq, q.shape[1])
   if cfg.has_index:
     visit = lambda j, carry: _visit_if_visible(lambda mask, c: step(j, c, True, mask),
                                                lambda: tile_mask(pl.multiple_of(j * bk, bk), True), carry)
@@ -203,11 +222,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, qi_ref, ki_ref, o_ref, lse_
     carry = lax.fori_loop(n_full, hi, functools.partial(step, causal_tile=True), carry)
   else:
     carry = lax.fori_loop(0, nk, functools.partial(step, causal_tile=False), carry)
-  o, m, l = carry
-  empty = l == 0.0  # no visible key (padding rows): out 0, lse -inf
-  l_safe = jnp.where(empty, 1.0, l)
-  o_ref[...] = (o * (1.0 / l_safe)[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
+  _online_finish(carry, o_ref, lse_ref)  # no visible key (padding rows): out 0, lse -inf
 
 
 def _compiler_params(cfg: _Config, backward: bool):

@@ -66,3 +66,23 @@ def check_values_and_grads(f_layer, f_ref, params, x, tol=2e-5, gtol=5e-5, every
     if every_param_used:
       assert np.abs(np.asarray(g_want[0][name])).max() > 0, name
   assert_close(g_got[1], g_want[1], gtol, "dx")
+
+
+def values_and_grads(fn, q, k, v, w, w_lse=None):
+  """fn(q, k, v) and the gradients of sum(out * w), from one jit (one interpret-mode compile).
+
+  When fn returns (out, lse), pass `w_lse` too: the loss adds sum(lse * w_lse) over the
+  finite entries (what a merge of partial results backpropagates), and the value is (out, lse).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  def loss(q, k, v):
+    res = fn(q, k, v)
+    if w_lse is None:
+      return jnp.sum(res.astype(jnp.float32) * w), res
+    o, lse = res
+    return jnp.sum(o.astype(jnp.float32) * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_lse), res
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads

@@ -19,6 +19,7 @@ import pytest
 
 from kernels.block_sparse_pallas import block_sparse_attention_pallas, compact_table, transpose_table
 from layers.attention import block_sparse as bs
+from tests.helpers import values_and_grads
 
 REL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 B, T, N, KV, H, BLOCK = 2, 70, 4, 2, 16, 16  # 70 = 4 full blocks + 6 rows: the last block is padded
@@ -35,14 +36,6 @@ def _case(dtype=jnp.float32, seed=0, t=T):
   seg[1, t - 12:] = 0
   w = jnp.asarray(r.normal(size=(B, t, N, H)), jnp.float32)
   return q, k, v, seg, w
-
-
-def _values_and_grads(fn, q, k, v, w):
-  def loss(q, k, v):
-    out = fn(q, k, v)
-    return jnp.sum(out.astype(jnp.float32) * w), out
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-  return out, grads
 
 
 def _check(name, got, want, dtype):
@@ -77,10 +70,10 @@ def test_matches_engine_and_dense_reference(kind, causal, band, dtype, seed):
   nb = bs.num_blocks(T, BLOCK)
   blocks, valid = _tables(kind, causal, nb)
   kw = dict(block=BLOCK, causal=causal, band=band)
-  got, g_got = _values_and_grads(lambda q, k, v: block_sparse_attention_pallas(q, k, v, seg, blocks, valid, **kw),
+  got, g_got = values_and_grads(lambda q, k, v: block_sparse_attention_pallas(q, k, v, seg, blocks, valid, **kw),
                                  q, k, v, w)
   f32 = lambda x: x.astype(jnp.float32)
-  want, g_want = _values_and_grads(
+  want, g_want = values_and_grads(
       lambda q, k, v: bs.reference_block_sparse_attention(q, k, v, seg, blocks, valid, **kw), f32(q), f32(k), f32(v), w)
   assert got.shape == q.shape and got.dtype == dtype
   _check("out vs dense", got, want, dtype)
@@ -88,7 +81,7 @@ def test_matches_engine_and_dense_reference(kind, causal, band, dtype, seed):
     assert a.dtype == dtype
     _check(f"d{name} vs dense", a, b, dtype)
   if dtype == jnp.float32:
-    twin, g_twin = _values_and_grads(lambda q, k, v: bs.block_sparse_attention(q, k, v, seg, blocks, valid, **kw),
+    twin, g_twin = values_and_grads(lambda q, k, v: bs.block_sparse_attention(q, k, v, seg, blocks, valid, **kw),
                                      q, k, v, w)
     _check("out vs engine", got, twin, dtype)
     for name, a, b in zip("qkv", g_got, g_twin):
@@ -110,9 +103,9 @@ def test_unlisted_blocks_are_never_loaded():
   poisoned = slice(2 * BLOCK, 3 * BLOCK)
   k_nan, v_nan = k.at[:, poisoned].set(jnp.nan), v.at[:, poisoned].set(jnp.nan)
   kw = dict(block=BLOCK, causal=True)
-  got, (dq, dk, dv) = _values_and_grads(
+  got, (dq, dk, dv) = values_and_grads(
       lambda q, k, v: block_sparse_attention_pallas(q, k, v, seg, blocks, valid, **kw), q, k_nan, v_nan, w)
-  want, (dq_r, dk_r, dv_r) = _values_and_grads(
+  want, (dq_r, dk_r, dv_r) = values_and_grads(
       lambda q, k, v: bs.reference_block_sparse_attention(q, k, v, seg, blocks, valid, **kw), q, k, v, w)
   _check("out", got, want, jnp.float32)
   _check("dq", dq, dq_r, jnp.float32)
@@ -146,8 +139,8 @@ def test_table_computed_under_jit():
     blocks, valid = per_input(q, k, v)
     return bs.reference_block_sparse_attention(q, k, v, seg, blocks, valid, block=BLOCK, causal=False)
 
-  got, g_got = _values_and_grads(kernel, q, k, v, w)
-  want, g_want = _values_and_grads(reference, q, k, v, w)
+  got, g_got = values_and_grads(kernel, q, k, v, w)
+  want, g_want = values_and_grads(reference, q, k, v, w)
   _check("out", got, want, jnp.float32)
   for name, a, b in zip("qkv", g_got, g_want):
     _check(f"d{name}", a, b, jnp.float32)

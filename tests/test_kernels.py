@@ -19,6 +19,7 @@ from kernels.flash_pallas import (Tiling, flash_attention_pallas, flash_attentio
                                   flash_chunk_grads_pallas, reference_flash_attention_lse)
 from layers.attention.exact import make_mask, reference_attention
 from layers.attention.flash import MASK_VALUE
+from tests.helpers import values_and_grads
 
 # ||got - want|| / ||want|| against an fp32 reference computed from the same (upcast) inputs:
 # fp32 arithmetic lands far below 1e-5; bf16 operands (inputs, P and dS rounded to bf16) near 3e-3.
@@ -63,15 +64,6 @@ def _check(name, got, want, dtype):
   assert rel < REL[dtype], report
 
 
-def _values_and_grads(fn, q, k, v, w):
-  """fn(q, k, v) and the gradients of sum(fn * w), from one jit (one interpret-mode compile)."""
-  def loss(q, k, v):
-    out = fn(q, k, v)
-    return jnp.sum(out.astype(jnp.float32) * w), out
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-  return out, grads
-
-
 @pytest.mark.parametrize("dtype,causal,case", [
     (jnp.float32, True, "gqa_segments_odd"),
     (jnp.float32, False, "gqa_segments_odd"),
@@ -85,8 +77,8 @@ def test_values_and_gradients_match_dense_reference(dtype, causal, case):
     q, k, v, seg = _case(b=1, t=64, n=2, kv=2, h=64, dtype=dtype, seed=3 + causal, segments=False)
   w = jnp.asarray(np.random.default_rng(7).normal(size=q.shape), jnp.float32)
   pallas = lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=causal, tiling=TILES)
-  got, g_got = _values_and_grads(pallas, q, k, v, w)
-  want, g_want = _values_and_grads(lambda q, k, v: _dense(q, k, v, seg, causal), q, k, v, w)
+  got, g_got = values_and_grads(pallas, q, k, v, w)
+  want, g_want = values_and_grads(lambda q, k, v: _dense(q, k, v, seg, causal), q, k, v, w)
   assert got.dtype == dtype and got.shape == q.shape
   _check("out", got, want, dtype)
   for name, a, b in zip("qkv", g_got, g_want):
@@ -119,12 +111,7 @@ def test_lse_and_its_gradient_match_dense_reference():
   r = np.random.default_rng(12)
   w_o, w_l = jnp.asarray(r.normal(size=q.shape), jnp.float32), jnp.asarray(r.normal(size=(b, t, 4)), jnp.float32)
 
-  def run(fn):
-    def loss(q, k, v):
-      o, lse = fn(q, k, v)
-      return jnp.sum(o * w_o) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_l), (o, lse)
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    return out, grads
+  run = lambda fn, q=q, k=k, v=v: values_and_grads(fn, q, k, v, w_o, w_l)
 
   (o1, l1), g1 = run(lambda q, k, v: flash_attention_pallas_lse(q, k, v, seg, seg, causal=True, tiling=TILES))
   (o2, l2), g2 = run(lambda q, k, v: _dense_with_lse(q, k, v, seg, True))
@@ -161,12 +148,7 @@ def test_explicit_positions_match_the_blockwise_twin():
   r = np.random.default_rng(94)
   w_o, w_l = jnp.asarray(r.normal(size=q.shape), jnp.float32), jnp.asarray(r.normal(size=(2, 48, 4)), jnp.float32)
 
-  def run(fn):
-    def loss(q, k, v):
-      o, lse = fn(q, k, v)
-      return jnp.sum(o * w_o) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_l), (o, lse)
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    return out, grads
+  run = lambda fn, q=q, k=k, v=v: values_and_grads(fn, q, k, v, w_o, w_l)
 
   (o1, l1), g1 = run(lambda q, k, v: flash_attention_pallas_lse(q, k, v, seg, kseg, causal=True, q_index=qidx,
                                                                 kv_index=kidx, tiling=TILES))
@@ -233,8 +215,8 @@ def test_head_dims_with_default_tiles(h, causal):
     _check("out", got, want, jnp.bfloat16)
     return
   w = jnp.asarray(np.random.default_rng(21).normal(size=q.shape), jnp.float32)
-  got, g_got = _values_and_grads(pallas, q, k, v, w)
-  want, g_want = _values_and_grads(dense, q, k, v, w)
+  got, g_got = values_and_grads(pallas, q, k, v, w)
+  want, g_want = values_and_grads(dense, q, k, v, w)
   _check("out", got, want, jnp.bfloat16)
   for name, a, b in zip("qkv", g_got, g_want):
     _check(f"d{name}", a, b, jnp.bfloat16)
@@ -247,8 +229,8 @@ def test_gpu_default_tiles_at_realistic_length(h, causal):
   query and key blocks per program, grouped-query heads, packed segments, bf16."""
   q, k, v, seg = _case(b=2, t=1000, n=8, kv=2, h=h, dtype=jnp.bfloat16, seed=50 + h + causal)
   w = jnp.asarray(np.random.default_rng(51).normal(size=q.shape), jnp.float32)
-  got, g_got = _values_and_grads(lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=causal), q, k, v, w)
-  want, g_want = _values_and_grads(lambda q, k, v: _dense(q, k, v, seg, causal), q, k, v, w)
+  got, g_got = values_and_grads(lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=causal), q, k, v, w)
+  want, g_want = values_and_grads(lambda q, k, v: _dense(q, k, v, seg, causal), q, k, v, w)
   _check("out", got, want, jnp.bfloat16)
   for name, a, b in zip("qkv", g_got, g_want):
     _check(f"d{name}", a, b, jnp.bfloat16)
@@ -262,9 +244,9 @@ def test_causal_tiles_beyond_the_diagonal_are_never_loaded():
   k = k.at[:, 32:].set(jnp.nan)
   v = v.at[:, 32:].set(jnp.nan)
   w = jnp.asarray(np.random.default_rng(31).normal(size=q.shape), jnp.float32)
-  got, (dq, dk, dv) = _values_and_grads(
+  got, (dq, dk, dv) = values_and_grads(
       lambda q, k, v: flash_attention_pallas(q, k, v, causal=True, tiling=TILES), q, k, v, w)
-  want, (dq_r, dk_r, dv_r) = _values_and_grads(
+  want, (dq_r, dk_r, dv_r) = values_and_grads(
       lambda q, k, v: _dense(q, k, v, None, True), q, k[:, :32], v[:, :32], w)
   _check("out", got, want, jnp.float32)
   _check("dq", dq, dq_r, jnp.float32)
