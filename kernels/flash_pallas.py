@@ -460,8 +460,9 @@ def _resolve_interpret(interpret: bool | None) -> bool:
     return True
   if backend == "gpu":
     return False
-  raise NotImplementedError(f"the Pallas kernels in kernels/ have a GPU (Triton) path only, none for backend "
-                            f"{backend!r} yet; pass interpret=True or use layers.attention.flash")
+  raise NotImplementedError(f"this Pallas kernel has a GPU (Triton) path only, none for backend {backend!r} (the "
+                            f"TPU flash kernels are kernels/flash_tpu.py); pass interpret=True or use "
+                            f"layers.attention.flash")
 
 
 def _pow2_at_least(x: int, lo: int) -> int:
@@ -557,11 +558,29 @@ def flash_attention_pallas_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_se
   they are None too the per-head-dim GPU defaults apply. `interpret=None` interprets on
   CPU and compiles with Triton on GPU.
   """
+  if interpret is None and jax.default_backend() == "tpu":
+    return _on_tpu(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, causal=causal,
+                   out_dtype=out_dtype)
   t, h = q_btnh.shape[1], q_btnh.shape[3]
   arrays, cfg = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, causal=causal,
                          block_q=block_q, block_k=block_k, tiling=tiling, interpret=interpret, out_dtype=out_dtype)
   out, lse = _attention(*arrays, cfg)
   return out[:, :t, :, :h], jnp.swapaxes(lse, 1, 2)[:, :t]
+
+
+def _on_tpu(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, *, causal, out_dtype):
+  """On a TPU: the Mosaic kernels (kernels/flash_tpu.py) for storage-order masks; explicit
+  positions (which those kernels do not take yet) go to the pure-JAX blockwise path."""
+  if q_index is None or not causal:
+    from kernels.flash_tpu import flash_attention_tpu_lse
+    out, lse = flash_attention_tpu_lse(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
+    return out.astype(out_dtype or q.dtype), lse
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  if q_segment_ids is None:
+    q_segment_ids, kv_segment_ids = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)
+  return flash_attention_lse(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, causal=causal,
+                             out_dtype=out_dtype)
 
 
 def flash_chunk_grads_pallas(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, out_btnh,

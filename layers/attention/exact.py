@@ -109,10 +109,10 @@ class Attention(Mixer):
     return self.local_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, ctx.segment_ids, index, index)
 
   def impl(self) -> str:
-    """`auto` -> the Pallas kernel on GPU, the pure-JAX blockwise path elsewhere."""
+    """`auto` -> the Pallas kernels on GPU (Triton) and TPU (Mosaic), the pure-JAX blockwise path elsewhere."""
     impl = self.spec.attention_impl
     if impl == "auto":
-      impl = "pallas" if jax.default_backend() == "gpu" else "flash"
+      impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "flash"
     return impl
 
   def local_attention(self, q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index):

@@ -1,0 +1,343 @@
+"""Fused flash attention for TPU as Pallas (Mosaic) kernels; the TPU interpreter on CPU.
+
+The same contract as `kernels/flash_pallas.py` (the GPU/Triton kernels), laid out the way
+Mosaic wants it: heads before length ([B, N, T, H], transposed outside the kernels) so a
+tile is (rows, H) in VMEM, and the key loop a grid dimension marked "arbitrary" (TPU grids
+run sequentially on a core, so the online-softmax state lives in VMEM scratch across those
+steps instead of in a loop carry):
+
+- forward, grid (batch, head, query block, key block): m, l and the fp32 accumulator in
+  scratch; out and lse written on the last key block.
+- dK/dV, grid (batch, kv head, key block, query head of the group, query block): dK and
+  dV accumulate in scratch over the G query heads and all query blocks, recomputing P^T
+  from the saved lse (grouped-query attention without copies of K/V).
+- dQ, grid (batch, head, query block, key block), accumulating dS K.
+
+Causal tiles past the diagonal are skipped (`pl.when`), and their block index is clamped
+to the last needed one so the pipeline does not even fetch them (a repeated block index
+is not re-copied). Segment ids (0 = padding) are read per tile and the mask is built in
+the kernel; lengths that are not multiples of the blocks are padded with segment id 0.
+
+Tested in the TPU interpreter (`pltpu.InterpretParams`) on CPU against the pure-JAX
+blockwise flash and the dense reference, and lowered to Mosaic (`tpu_custom_call`) on any
+host; it has not run on a TPU yet. Block sizes: multiples of 8 (sublanes), 128 by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+_M_INIT = -1e30  # finite start for the running max (see kernels/flash_pallas.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  causal: bool
+  block_q: int
+  block_k: int
+  scale: float
+  interpret: bool
+
+
+def _params(cfg: _Config, semantics):
+  return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+              interpret=pltpu.InterpretParams() if cfg.interpret else False)
+
+
+def _mask(cfg: _Config, i, j, q_seg, k_seg):
+  """[bq, bk] visibility of query block i against key block j: same nonzero segment, causal."""
+  bq, bk = cfg.block_q, cfg.block_k
+  mask = (q_seg == k_seg) & (q_seg != 0)  # [bq, 1] vs [1, bk]
+  if cfg.causal:
+    rows = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    mask &= cols <= rows
+  return mask
+
+
+def _needed(cfg: _Config, i, j):
+  """Whether key block j can be visible from query block i (causal: it starts at or before the block's last row)."""
+  if not cfg.causal:
+    return True
+  return j * cfg.block_k <= (i + 1) * cfg.block_q - 1
+
+
+# Integer division by lax.div (truncating; every operand here is >= 0): jnp's floor division
+# brings in `sign`, whose Mosaic lowering asks which TPU generation it runs on.
+
+
+def _last_k(cfg: _Config, i, nk: int):
+  """The last key block query block i needs (the clamp that stops the pipeline fetching the rest)."""
+  if not cfg.causal:
+    return nk - 1
+  return jnp.minimum(lax.div((i + 1) * cfg.block_q - 1, cfg.block_k), nk - 1)
+
+
+def _first_q(cfg: _Config, j):
+  """The first query block that can see key block j."""
+  if not cfg.causal:
+    return 0
+  return lax.div(j * cfg.block_k, cfg.block_q)
+
+
+def _dot_t(a, b):
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, cfg: _Config):
+  i, j = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, _M_INIT, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when(_needed(cfg, i, j))
+  def _step():
+    s = _dot_t(q_ref[...], k_ref[...]) * cfg.scale  # [bq, bk]
+    mask = _mask(cfg, i, j, qs_ref[...], ks_ref[...])
+    s = jnp.where(mask, s, -jnp.inf)
+    m = m_sc[...]
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new)
+    l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
+    acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v_ref.dtype), v_ref[...])
+    m_sc[...] = m_new
+
+  @pl.when(j == pl.num_programs(3) - 1)
+  def _finish():
+    l = l_sc[...]
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc_sc[...] / l_safe).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l_safe))
+
+
+def _forward(q, k, v, qseg, kseg, cfg: _Config):
+  """q [B, N, T, H], k/v [B, K, S, H], qseg [B, T, 1], kseg [B, 1, S] -> out [B, N, T, H], lse [B, N, T, 1]."""
+  b, n, t, h = q.shape
+  kvh, s = k.shape[1], k.shape[2]
+  g, bq, bk = n // kvh, cfg.block_q, cfg.block_k
+  nq, nk = t // bq, s // bk
+  kj = lambda i, j: jnp.minimum(j, _last_k(cfg, i, nk))
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, cfg=cfg),
+      grid=(b, n, nq, nk),
+      in_specs=[
+          pl.BlockSpec((None, None, bq, h), lambda bt, hd, i, j: (bt, hd, i, 0)),
+          pl.BlockSpec((None, None, bk, h), lambda bt, hd, i, j: (bt, lax.div(hd, g), kj(i, j), 0)),
+          pl.BlockSpec((None, None, bk, h), lambda bt, hd, i, j: (bt, lax.div(hd, g), kj(i, j), 0)),
+          pl.BlockSpec((None, bq, 1), lambda bt, hd, i, j: (bt, i, 0)),
+          pl.BlockSpec((None, 1, bk), lambda bt, hd, i, j: (bt, 0, kj(i, j))),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, bq, h), lambda bt, hd, i, j: (bt, hd, i, 0)),
+          pl.BlockSpec((None, None, bq, 1), lambda bt, hd, i, j: (bt, hd, i, 0)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t, 1), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                      pltpu.VMEM((bq, h), jnp.float32)],
+      name="flash_tpu_fwd",
+      **_params(cfg, ("parallel", "parallel", "parallel", "arbitrary")),
+  )(q, k, v, qseg, kseg)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, dq_sc, *, cfg: _Config):
+  i, j = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+  @pl.when(_needed(cfg, i, j))
+  def _step():
+    k = k_ref[...]
+    s = _dot_t(q_ref[...], k) * cfg.scale
+    mask = _mask(cfg, i, j, qs_ref[...], ks_ref[...])
+    p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
+    ds = p * (_dot_t(do_ref[...], v_ref[...]) - delta_ref[...])
+    dq_sc[...] += _dot(ds.astype(k.dtype), k)
+
+  @pl.when(j == pl.num_programs(3) - 1)
+  def _finish():
+    dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref, dk_sc, dv_sc, *,
+                cfg: _Config):
+  j, gi, i = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+  first = (gi == 0) & (i == 0)
+  last = (gi == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1)
+
+  @pl.when(first)
+  def _init():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+  @pl.when(_needed(cfg, i, j))
+  def _step():
+    q, do = q_ref[...], do_ref[...]
+    s = _dot_t(q, k_ref[...]) * cfg.scale  # [bq, bk]
+    mask = _mask(cfg, i, j, qs_ref[...], ks_ref[...])
+    p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
+    # dV += P^T dO and dK += dS^T Q: contractions over the query rows.
+    contract_rows = lambda a, b_: lax.dot_general(a, b_, (((0,), (0,)), ((), ())),
+                                                  preferred_element_type=jnp.float32)
+    dv_sc[...] += contract_rows(p.astype(do.dtype), do)
+    ds = p * (_dot_t(do, v_ref[...]) - delta_ref[...])
+    dk_sc[...] += contract_rows(ds.astype(q.dtype), q)
+
+  @pl.when(last)
+  def _finish():
+    dk_ref[...] = (dk_sc[...] * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _backward(q, k, v, qseg, kseg, out, lse, d_out, d_lse, cfg: _Config):
+  b, n, t, h = q.shape
+  kvh, s = k.shape[1], k.shape[2]
+  g, bq, bk = n // kvh, cfg.block_q, cfg.block_k
+  nq, nk = t // bq, s // bk
+  # delta = rowsum(dO * O) - dlse, [B, N, T, 1]; lse of empty rows -> 0 (all their P are masked).
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True) - d_lse
+  lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+  kj = lambda i, j: jnp.minimum(j, _last_k(cfg, i, nk))
+  row = lambda bt, hd, i, j: (bt, hd, i, 0)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg),
+      grid=(b, n, nq, nk),
+      in_specs=[
+          pl.BlockSpec((None, None, bq, h), row),
+          pl.BlockSpec((None, None, bk, h), lambda bt, hd, i, j: (bt, lax.div(hd, g), kj(i, j), 0)),
+          pl.BlockSpec((None, None, bk, h), lambda bt, hd, i, j: (bt, lax.div(hd, g), kj(i, j), 0)),
+          pl.BlockSpec((None, None, bq, h), row),
+          pl.BlockSpec((None, None, bq, 1), row),
+          pl.BlockSpec((None, None, bq, 1), row),
+          pl.BlockSpec((None, bq, 1), lambda bt, hd, i, j: (bt, i, 0)),
+          pl.BlockSpec((None, 1, bk), lambda bt, hd, i, j: (bt, 0, kj(i, j))),
+      ],
+      out_specs=pl.BlockSpec((None, None, bq, h), row),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32)],
+      name="flash_tpu_bwd_dq",
+      **_params(cfg, ("parallel", "parallel", "parallel", "arbitrary")),
+  )(q, k, v, d_out, lse, delta, qseg, kseg)
+
+  # Query blocks before the first one that sees key block j are clamped to it (not fetched).
+  qi = lambda j, i: jnp.minimum(jnp.maximum(i, _first_q(cfg, j)), nq - 1)  # (a key block no query sees: nq - 1)
+  qrow = lambda bt, kh, j, gi, i: (bt, kh * g + gi, qi(j, i), 0)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, cfg=cfg),
+      grid=(b, kvh, nk, g, nq),
+      in_specs=[
+          pl.BlockSpec((None, None, bq, h), qrow),
+          pl.BlockSpec((None, None, bk, h), lambda bt, kh, j, gi, i: (bt, kh, j, 0)),
+          pl.BlockSpec((None, None, bk, h), lambda bt, kh, j, gi, i: (bt, kh, j, 0)),
+          pl.BlockSpec((None, None, bq, h), qrow),
+          pl.BlockSpec((None, None, bq, 1), qrow),
+          pl.BlockSpec((None, None, bq, 1), qrow),
+          pl.BlockSpec((None, bq, 1), lambda bt, kh, j, gi, i: (bt, qi(j, i), 0)),
+          pl.BlockSpec((None, 1, bk), lambda bt, kh, j, gi, i: (bt, 0, j)),
+      ],
+      out_specs=[pl.BlockSpec((None, None, bk, h), lambda bt, kh, j, gi, i: (bt, kh, j, 0))] * 2,
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32), pltpu.VMEM((bk, h), jnp.float32)],
+      name="flash_tpu_bwd_dkv",
+      **_params(cfg, ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+  )(q, k, v, d_out, lse, delta, qseg, kseg)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, qseg, kseg, cfg: _Config):
+  return tuple(_forward(q, k, v, qseg, kseg, cfg))
+
+
+def _attention_fwd(q, k, v, qseg, kseg, cfg: _Config):
+  out, lse = _forward(q, k, v, qseg, kseg, cfg)
+  return (out, lse), (q, k, v, qseg, kseg, out, lse)
+
+
+def _attention_bwd(cfg: _Config, res, grads):
+  q, k, v, qseg, kseg, out, lse = res
+  d_out, d_lse = grads
+  dq, dk, dv = _backward(q, k, v, qseg, kseg, out, lse, d_out.astype(q.dtype), d_lse.astype(jnp.float32), cfg)
+  float0 = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+  return dq, dk, dv, float0(qseg), float0(kseg)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _fit(block: int, length: int) -> int:
+  """A block no longer than the length rounded up to a multiple of 8 (sublanes)."""
+  return min(block, -(-length // 8) * 8)
+
+
+def flash_attention_tpu_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segment_ids=None, *, causal: bool,
+                            block_q: int = 128, block_k: int = 128, interpret: bool | None = None):
+  """Fused attention on TPU: (out [B, T, N, H] in q's dtype, lse [B, T, N] fp32).
+
+  `kernels.flash_pallas.flash_attention_pallas_lse`'s contract with storage-order indices
+  (causal: key index <= query index); segment ids [B, T] / [B, S] (0 = padding, both or
+  neither); rows that see no key give out = 0, lse = -inf; differentiable in q, k, v
+  through both outputs. Blocks: multiples of 8, trimmed to short lengths. `interpret=None`
+  compiles with Mosaic on TPU and runs the TPU interpreter elsewhere.
+  """
+  b, t, n, h = q_btnh.shape
+  s, kvh = k_bskh.shape[1], k_bskh.shape[2]
+  if k_bskh.shape != v_bskh.shape or k_bskh.shape[0] != b or k_bskh.shape[3] != h:
+    raise ValueError(f"q {q_btnh.shape}, k {k_bskh.shape}, v {v_bskh.shape}: expected q [B, T, N, H] and k, v "
+                     f"[B, S, K, H] with the same B and H")
+  if n % kvh:
+    raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+  for name, size in (("block_q", block_q), ("block_k", block_k)):
+    if size < 8 or size % 8:
+      raise ValueError(f"{name}={size}: TPU tiles must be positive multiples of 8")
+  if interpret is None:
+    interpret = jax.default_backend() != "tpu"
+  bq, bk = _fit(block_q, t), _fit(block_k, s)
+  tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
+  if q_segment_ids is None:
+    q_segment_ids, kv_segment_ids = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)
+  pad = lambda x, size: jnp.pad(x, [(0, 0), (0, size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+  qseg = pad(jnp.asarray(q_segment_ids, jnp.int32), tp)[:, :, None]  # [B, Tp, 1]
+  kseg = pad(jnp.asarray(kv_segment_ids, jnp.int32), sp)[:, None, :]  # [B, 1, Sp]
+  heads_first = lambda x, size: jnp.swapaxes(pad(x, size), 1, 2)  # [B, T, N, H] -> [B, N, Tp, H]
+  cfg = _Config(causal=bool(causal), block_q=bq, block_k=bk, scale=1.0 / math.sqrt(h), interpret=bool(interpret))
+  out, lse = _attention(heads_first(q_btnh, tp), heads_first(k_bskh, sp), heads_first(v_bskh, sp), qseg, kseg, cfg)
+  return jnp.swapaxes(out, 1, 2)[:, :t], jnp.swapaxes(lse[..., 0], 1, 2)[:, :t]
+
+
+def flash_attention_tpu(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segment_ids=None, *, causal: bool,
+                        block_q: int = 128, block_k: int = 128, interpret: bool | None = None):
+  """Fused attention output [B, T, N, H]; see `flash_attention_tpu_lse`."""
+  return flash_attention_tpu_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, causal=causal,
+                                 block_q=block_q, block_k=block_k, interpret=interpret)[0]

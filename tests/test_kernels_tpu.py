@@ -1,0 +1,150 @@
+"""The TPU (Mosaic) flash attention kernels (kernels/flash_tpu.py) in the TPU interpreter.
+
+Against the dense reference and the pure-JAX blockwise twin: out, lse and gradients through
+both, fp32 and bf16, causal and bidirectional, grouped-query heads, packed segments and
+padding, a length that is not a multiple of the blocks; causal tiles past the diagonal are
+neither computed nor fetched (NaN probe); the kernels lower to Mosaic on any host.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.flash_pallas import reference_flash_attention_lse
+from kernels.flash_tpu import flash_attention_tpu, flash_attention_tpu_lse
+from layers.attention.exact import make_mask, reference_attention
+from tests.helpers import values_and_grads
+
+REL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+
+
+def _case(b, t, n, kv, h, dtype, seed, s=None, segments=True):
+  s = t if s is None else s
+  r = np.random.default_rng(seed)
+  q = jnp.asarray(r.normal(size=(b, t, n, h)), dtype)
+  k = jnp.asarray(r.normal(size=(b, s, kv, h)), dtype)
+  v = jnp.asarray(r.normal(size=(b, s, kv, h)), dtype)
+  seg = None
+  if segments:
+    seg = np.ones((b, t), np.int32)
+    seg[0, t // 2:] = 2
+    seg[0, t - 4:] = 0
+    seg[-1, t - 9:] = 0
+  return q, k, v, seg
+
+
+def _check(name, got, want, dtype):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert np.all(np.isfinite(got)), f"{name}: non-finite values"
+  rel = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+  print(f"{name}: rel {rel:.2e}")
+  assert rel < REL[dtype], f"{name}: rel {rel:.2e}"
+
+
+@pytest.mark.parametrize("dtype,causal", [(jnp.float32, True), (jnp.float32, False), (jnp.bfloat16, True)],
+                         ids=["fp32-causal", "fp32-bidirectional", "bf16-causal"])
+def test_values_lse_and_gradients_match_references(dtype, causal):
+  q, k, v, seg = _case(b=2, t=45, n=4, kv=2, h=32, dtype=dtype, seed=1 + causal)
+  r = np.random.default_rng(3)
+  w_o, w_l = jnp.asarray(r.normal(size=q.shape), jnp.float32), jnp.asarray(r.normal(size=(2, 45, 4)), jnp.float32)
+  (o1, l1), g1 = values_and_grads(lambda q, k, v: flash_attention_tpu_lse(q, k, v, seg, seg, causal=causal,
+                                                                          block_q=16, block_k=8), q, k, v, w_o, w_l)
+  f32 = lambda x: x.astype(jnp.float32)
+  (o2, l2), g2 = values_and_grads(lambda q, k, v: reference_flash_attention_lse(q, k, v, seg, seg, causal=causal,
+                                                                                block=16),
+                                  f32(q), f32(k), f32(v), w_o, w_l)
+  assert o1.dtype == dtype and o1.shape == q.shape and l1.shape == (2, 45, 4)
+  np.testing.assert_array_equal(np.isneginf(np.asarray(l1)), np.broadcast_to((seg == 0)[..., None], l1.shape))
+  fin = np.isfinite(np.asarray(l2))
+  _check("lse", np.asarray(l1)[fin], np.asarray(l2)[fin], dtype)
+  _check("out", o1, o2, dtype)
+  for name, a, b_ in zip("qkv", g1, g2):
+    assert a.dtype == dtype
+    _check(f"d{name}", a, b_, dtype)
+  idx = np.broadcast_to(np.arange(45), (2, 45))
+  dense = reference_attention(f32(q), f32(k), f32(v), make_mask(seg, seg, idx, idx, causal))
+  _check("out vs dense", o1, dense, dtype)
+  pad = seg == 0
+  assert np.all(np.asarray(o1, np.float32)[pad] == 0) and np.all(np.asarray(g1[0], np.float32)[pad] == 0)
+
+
+def test_causal_tiles_beyond_the_diagonal_are_never_fetched():
+  """Queries 0..31 against keys 0..63, causal: keys 32..63 are NaN. Any fetched tile past the
+  diagonal (even masked) would poison the result; the clamped block index keeps them out."""
+  q, k, v, _ = _case(b=1, t=32, s=64, n=2, kv=1, h=32, dtype=jnp.float32, seed=30, segments=False)
+  poison = lambda x: x.at[:, 32:].set(jnp.nan)
+  w = jnp.asarray(np.random.default_rng(31).normal(size=q.shape), jnp.float32)
+  got, (dq, dk, dv) = values_and_grads(
+      lambda q, k, v: flash_attention_tpu(q, poison(k), poison(v), causal=True, block_q=16, block_k=16), q, k, v, w)
+  idx_q, idx_k = np.arange(32)[None], np.arange(32)[None]
+  ones = np.ones((1, 32), np.int32)
+  want, (dq_r, dk_r, dv_r) = values_and_grads(
+      lambda q, k, v: reference_attention(q, k[:, :32], v[:, :32], make_mask(ones, ones, idx_q, idx_k, True)),
+      q, k, v, w)
+  _check("out", got, want, jnp.float32)
+  _check("dq", dq, dq_r, jnp.float32)
+  _check("dk", dk[:, :32], dk_r[:, :32], jnp.float32)
+  _check("dv", dv[:, :32], dv_r[:, :32], jnp.float32)
+
+
+def test_lowers_to_mosaic():
+  """The three kernels lower to Mosaic TPU custom calls on any host (compiling them needs a TPU)."""
+  b, t, n, kv, h = 2, 1000, 8, 2, 128
+  q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((b, t, kv, h), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  loss = lambda q, k, v, s: jnp.sum(flash_attention_tpu(q, k, v, s, s, causal=True, interpret=False).astype(
+      jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(lowering_platforms=("tpu",)).as_text()
+  assert sorted(re.findall(r'kernel_name = "(\w+)"', text)) == ["flash_tpu_bwd_dkv", "flash_tpu_bwd_dq",
+                                                               "flash_tpu_fwd"]
+
+
+def test_rejects_bad_arguments():
+  q, k, v, seg = _case(b=1, t=32, n=4, kv=2, h=32, dtype=jnp.float32, seed=40)
+  with pytest.raises(ValueError, match="multiples of 8"):
+    flash_attention_tpu(q, k, v, seg, seg, causal=True, block_q=12)
+  with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+    flash_attention_tpu(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2), causal=True)
+  with pytest.raises(ValueError, match="both"):
+    flash_attention_tpu(q, k, v, seg, None, causal=True)
+
+
+def test_attention_auto_on_a_tpu_runs_these_kernels(monkeypatch):
+  """With a TPU backend, `attention_impl=auto` (and `pallas`) send storage-order attention to
+  these kernels; explicit positions (permuted rows) go to the pure-JAX blockwise path. The
+  backend is faked here and the kernels interpreted; results equal the dense mixer's."""
+  from flax import nnx
+
+  import kernels.flash_tpu as tpu_module
+  from layers.attention.exact import Attention
+  from layers.mixer_base import MixContext, MixerSpec
+  calls = []
+  real, real_backend = tpu_module.flash_attention_tpu_lse, jax.default_backend
+  monkeypatch.setattr(tpu_module, "flash_attention_tpu_lse",
+                      lambda *a, **k: calls.append(1) or real(*a, **dict(k, interpret=True)))
+  b, t, d = 2, 24, 32
+  r = np.random.default_rng(7)
+  x = jnp.asarray(r.normal(size=(b, t, d)), jnp.float32)
+  seg = np.ones((b, t), np.int32)
+  seg[0, 10:] = 2
+  seg[1, 20:] = 0
+  perm = np.broadcast_to(np.arange(t)[::-1].copy(), (b, t))
+  outs = {}
+  for impl in ("xla", "auto"):
+    spec = MixerSpec(d_model=d, num_heads=4, num_kv_heads=2, causal=True, positions="rope", layer_index=0,
+                     num_layers=1, max_len=64, attention_impl=impl)
+    mixer = Attention(spec, rngs=nnx.Rngs(0))
+    for order, index in (("storage", None), ("permuted", jnp.asarray(perm, jnp.int32))):
+      pos = np.broadcast_to(np.arange(t), (b, t)) if index is None else index
+      ctx = MixContext(segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos), index=index)
+      if impl == "auto":
+        monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+      outs[impl, order] = np.asarray(mixer(x, ctx))
+      monkeypatch.setattr(jax, "default_backend", real_backend)
+  assert len(calls) == 1  # the storage-order call only: the permuted one took the blockwise path
+  for order in ("storage", "permuted"):
+    np.testing.assert_allclose(outs["auto", order], outs["xla", order], atol=2e-5, rtol=2e-5, err_msg=order)
