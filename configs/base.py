@@ -179,7 +179,8 @@ def get_config(arg=None):
   c.model.lmu.norm = "batchnorm"  # "batchnorm" (LMUFormer's projection BN, statistics in the train state) | "none"
   c.model.synthesizer.fixed = False  # random kind: R drawn at init and not trained (kept outside the params)
   # How `attention` computes: "xla" (dense reference), "flash" (pure-JAX blockwise, O(T) memory),
-  # "pallas" (fused kernel; GPU, interpret mode elsewhere) or "auto" (pallas on GPU, else flash).
+  # "pallas" (fused kernels: Triton on GPU, Mosaic on TPU, interpret mode elsewhere; also the ring's
+  # inner step and the block-sparse mixers' kernel) or "auto" (pallas on GPU and TPU, else flash).
   c.model.attention_impl = "xla"
 
   c.optimizer = ml_collections.ConfigDict()
