@@ -41,7 +41,8 @@ echo "== CPU-platform tests under this machine's packages"
 JAX_PLATFORMS=cpu timeout "$(budget 240)" "$PY" -m pytest -q -p no:cacheprovider -n 12 -k "not lowers_to_triton" \
   tests/test_config.py tests/test_decode.py tests/test_mesh.py tests/test_block_sparse.py \
   tests/test_attention.py tests/test_tasks.py tests/test_train.py tests/test_errors.py tests/test_kernels.py \
-  tests/test_flash.py tests/test_sequence_parallel.py tests/test_models.py 2>&1 \
+  tests/test_flash.py tests/test_sequence_parallel.py tests/test_models.py tests/test_kernels_tpu.py \
+  tests/test_block_sparse_kernel.py tests/test_sparse_decode.py 2>&1 \
   | tail -15 | tee "$OUT/tests.txt"
 echo "== default job on the GPU, bf16, attention through the Pallas kernel (attention_impl=auto)"
 rm -rf /tmp/gpu_default
