@@ -100,11 +100,18 @@ class LanguageModel(nnx.Module):
                prepare=False) -> jax.Array:
     x = self.encoder(batch["inputs"], batch["segment_ids"], batch["positions"], index_bt=batch.get("index"),
                      dropout_rng=dropout_rng, training=training, decode=decode, step=step, prepare=prepare)
+    if "score_positions" in batch and not decode:
+      # Tasks whose loss sits at a few known positions (MQAR's queries) name them: logits
+      # [B, P, V] there only, never [B, T, V] (the head is most of a small model's cost).
+      x = jnp.take_along_axis(x, batch["score_positions"][..., None].astype(jnp.int32), axis=1)
     logits = self.encoder.embed.attend(x) if self.head is None else self.head(x)
     return logits.astype(jnp.float32)
 
   @staticmethod
   def targets_and_weights(batch):
+    if "score_positions" in batch:  # the logits are at those positions only
+      pick = lambda a: jnp.take_along_axis(a, batch["score_positions"].astype(jnp.int32), axis=1)
+      return pick(batch["targets"]), pick(batch["weights"])
     return batch["targets"], batch["weights"]
 
 

@@ -90,3 +90,39 @@ def test_aux_losses_and_extra_state_flow_through_apply(monkeypatch):
   assert all(float(v) == 1.0 for v in new_extra.values())
   _, _, eval_extra = fm.apply(params, extra, batch, training=False)
   assert all(float(v) == 0.0 for v in eval_extra.values())
+
+
+def test_scored_positions_give_the_dense_loss_and_gradients():
+  """An LM batch that names its loss positions (`score_positions`, MQAR's queries) computes
+  logits there only; loss, accuracy and gradients equal the dense [B, T, V] computation,
+  also when rows are stored permuted (zigzag) and the positions remapped by the pipeline."""
+  import jax
+
+  from trainer import steps
+  from trainer.data.mqar import MQAR
+  from trainer.data.pipeline import permute_rows
+  from parallel.sequence import zigzag_permutation
+  task = MQAR(seq_len=64, seed=0, vocab_size=128, num_pairs=8)
+  batch = task.batch("train", np.arange(4))
+  assert batch["score_positions"].shape == (4, 8)
+  np.testing.assert_array_equal(np.take_along_axis(batch["weights"], batch["score_positions"], 1), 1.0)
+  fm = FunctionalModel(build_model(_spec("lm", vocab_size=128, num_classes=128, max_len=64), seed=0))
+  params, extra = fm.init_params(), fm.init_extra()
+
+  def loss(params, batch):
+    logits, _, _ = fm.apply(params, extra, batch)
+    nll, correct, count = steps.cross_entropy(logits, *fm.targets_and_weights(batch))
+    return nll / count, (correct / count, logits.shape)
+
+  dense = {k: v for k, v in batch.items() if k != "score_positions"}
+  perm = zigzag_permutation(64, 2)
+  cases = {"scored": batch, "scored+zigzag": permute_rows(batch, perm)}
+  (want, (acc_want, shape_want)), g_want = jax.value_and_grad(loss, has_aux=True)(params, dense)
+  assert shape_want == (4, 64, 128)
+  for name, b in cases.items():
+    (got, (acc, shape)), g = jax.value_and_grad(loss, has_aux=True)(params, b)
+    assert shape == (4, 8, 128), name
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(float(acc), float(acc_want), err_msg=name)
+    for k in g_want:
+      np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_want[k]), atol=1e-6, rtol=1e-4, err_msg=f"{name} {k}")

@@ -88,8 +88,11 @@ class MQAR(Task):
     targets[query_pos] = values
     weights = np.zeros(seq_len, np.float32)
     weights[query_pos] = 1.0
+    # The only positions with a loss: the LM head computes logits there alone (a [B, 16, V]
+    # product instead of [B, T, V]; see LanguageModel).
     return {"inputs": inputs, "targets": targets, "weights": weights,
-            "segment_ids": np.ones(seq_len, np.int32), "positions": np.arange(seq_len, dtype=np.int32)}
+            "segment_ids": np.ones(seq_len, np.int32), "positions": np.arange(seq_len, dtype=np.int32),
+            "score_positions": np.sort(query_pos).astype(np.int32)}
 
   def example(self, split: str, index: int) -> dict[str, np.ndarray]:
     for attempt in range(MAX_ATTEMPTS):

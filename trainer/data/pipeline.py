@@ -23,14 +23,19 @@ def batch_shardings(task: Task, batch_size: int, mesh: Mesh, rules, perm=None) -
   shapes = {k: jax.ShapeDtypeStruct((batch_size,) + v.shape, v.dtype) for k, v in ex.items()}
   if perm is not None:
     shapes["index"] = jax.ShapeDtypeStruct((batch_size, len(perm)), np.int32)
-  shard = {k: NamedSharding(mesh, mesh_lib.batch_spec(len(s.shape), mesh, rules)) for k, s in shapes.items()}
+  # score_positions [B, P] index the length axis but are not laid out along it: batch axes only.
+  shard = {k: NamedSharding(mesh, mesh_lib.batch_spec(len(s.shape), mesh, rules, seq_dim=k != "score_positions"))
+           for k, s in shapes.items()}
   return shapes, shard
 
 
 def permute_rows(batch: dict, perm: np.ndarray) -> dict:
   """Stores every [rows, T, ...] array in the order `perm` and adds `index` (= true positions)."""
   t = len(perm)
-  out = {k: (v[:, perm] if v.ndim >= 2 and v.shape[1] == t else v) for k, v in batch.items()}
+  out = {k: (v[:, perm] if v.ndim >= 2 and v.shape[1] == t and k != "score_positions" else v)
+         for k, v in batch.items()}
+  if "score_positions" in batch:  # true position p is stored at j with perm[j] = p
+    out["score_positions"] = np.argsort(perm).astype(np.int32)[batch["score_positions"]]
   out["index"] = np.broadcast_to(perm.astype(np.int32), (next(iter(batch.values())).shape[0], t)).copy()
   return out
 
