@@ -569,18 +569,10 @@ def flash_attention_pallas_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_se
 
 
 def _on_tpu(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, *, causal, out_dtype):
-  """On a TPU: the Mosaic kernels (kernels/flash_tpu.py) for storage-order masks; explicit
-  positions (which those kernels do not take yet) go to the pure-JAX blockwise path."""
-  if q_index is None or not causal:
-    from kernels.flash_tpu import flash_attention_tpu_lse
-    out, lse = flash_attention_tpu_lse(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
-    return out.astype(out_dtype or q.dtype), lse
-  b, t = q.shape[:2]
-  s = k.shape[1]
-  if q_segment_ids is None:
-    q_segment_ids, kv_segment_ids = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)
-  return flash_attention_lse(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, causal=causal,
-                             out_dtype=out_dtype)
+  """On a TPU the same contract runs on the Mosaic kernels of kernels/flash_tpu.py."""
+  from kernels.flash_tpu import flash_attention_tpu_lse
+  return flash_attention_tpu_lse(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, q_index=q_index,
+                                 kv_index=kv_index, out_dtype=out_dtype)
 
 
 def flash_chunk_grads_pallas(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, out_btnh,
@@ -591,6 +583,10 @@ def flash_chunk_grads_pallas(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_i
   backward kernels run with P = exp(S - lse_final), which splits the softmax gradient exactly
   over disjoint key chunks. `layers.attention.flash.flash_chunk_grads`'s contract (ring
   attention's backward); dq in fp32 for accumulation across chunks, dk/dv in k's dtype."""
+  if interpret is None and jax.default_backend() == "tpu":
+    from kernels.flash_tpu import flash_chunk_grads_tpu
+    return flash_chunk_grads_tpu(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, out_btnh,
+                                 lse_btn, d_out_btnh, causal=causal)
   t, h = q_btnh.shape[1], q_btnh.shape[3]
   s = k_bskh.shape[1]
   arrays, cfg = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, causal=causal,

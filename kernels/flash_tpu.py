@@ -15,8 +15,12 @@ steps instead of in a loop carry):
 
 Causal tiles past the diagonal are skipped (`pl.when`), and their block index is clamped
 to the last needed one so the pipeline does not even fetch them (a repeated block index
-is not re-copied). Segment ids (0 = padding) are read per tile and the mask is built in
-the kernel; lengths that are not multiples of the blocks are padded with segment id 0.
+is not re-copied). With explicit token positions (`q_index`, `kv_index`: ring chunks,
+zigzag rows) the causal mask uses them and a tile is computed only when its mask has a
+visible entry. Segment ids (0 = padding) are read per tile and the mask is built in the
+kernel; lengths that are not multiples of the blocks are padded with segment id 0.
+`flash_chunk_grads_tpu` is ring attention's backward step (one key chunk's gradients from
+the final lse).
 
 Tested in the TPU interpreter (`pltpu.InterpretParams`) on CPU against the pure-JAX
 blockwise flash and the dense reference, and lowered to Mosaic (`tpu_custom_call`) on any
@@ -46,6 +50,10 @@ class _Config:
   block_k: int
   scale: float
   interpret: bool
+  # Causal by explicit token positions (ring chunks, zigzag rows) instead of storage order:
+  # every tile is fetched, and computed only when its mask has a visible entry.
+  has_index: bool = False
+  out_dtype: str | None = None  # forward output dtype (None: q's); ring attention merges fp32 partials
 
 
 def _params(cfg: _Config, semantics):
@@ -53,11 +61,14 @@ def _params(cfg: _Config, semantics):
               interpret=pltpu.InterpretParams() if cfg.interpret else False)
 
 
-def _mask(cfg: _Config, i, j, q_seg, k_seg):
-  """[bq, bk] visibility of query block i against key block j: same nonzero segment, causal."""
+def _mask(cfg: _Config, i, j, q_seg, k_seg, q_idx, k_idx):
+  """[bq, bk] visibility of query block i against key block j: same nonzero segment, causal
+  (by the position tiles q_idx [bq, 1] / k_idx [1, bk] when the call has them)."""
   bq, bk = cfg.block_q, cfg.block_k
   mask = (q_seg == k_seg) & (q_seg != 0)  # [bq, 1] vs [1, bk]
-  if cfg.causal:
+  if cfg.causal and cfg.has_index:
+    mask &= k_idx <= q_idx
+  elif cfg.causal:
     rows = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     mask &= cols <= rows
@@ -66,9 +77,14 @@ def _mask(cfg: _Config, i, j, q_seg, k_seg):
 
 def _needed(cfg: _Config, i, j):
   """Whether key block j can be visible from query block i (causal: it starts at or before the block's last row)."""
-  if not cfg.causal:
+  if not cfg.causal or cfg.has_index:
     return True
   return j * cfg.block_k <= (i + 1) * cfg.block_q - 1
+
+
+def _when_visible(mask):
+  """Decorator: run the tile's body only if its mask has a visible entry (a max: Mosaic reduces ints)."""
+  return pl.when(jnp.max(mask.astype(jnp.int32)) > 0)
 
 
 # Integer division by lax.div (truncating; every operand here is >= 0): jnp's floor division
@@ -77,14 +93,14 @@ def _needed(cfg: _Config, i, j):
 
 def _last_k(cfg: _Config, i, nk: int):
   """The last key block query block i needs (the clamp that stops the pipeline fetching the rest)."""
-  if not cfg.causal:
+  if not cfg.causal or cfg.has_index:
     return nk - 1
   return jnp.minimum(lax.div((i + 1) * cfg.block_q - 1, cfg.block_k), nk - 1)
 
 
 def _first_q(cfg: _Config, j):
   """The first query block that can see key block j."""
-  if not cfg.causal:
+  if not cfg.causal or cfg.has_index:
     return 0
   return lax.div(j * cfg.block_k, cfg.block_q)
 
@@ -100,7 +116,8 @@ def _dot(a, b):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, cfg: _Config):
+def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, qi_ref, ki_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
+                cfg: _Config):
   i, j = pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
@@ -111,16 +128,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_sc, l_sc,
 
   @pl.when(_needed(cfg, i, j))
   def _step():
-    s = _dot_t(q_ref[...], k_ref[...]) * cfg.scale  # [bq, bk]
-    mask = _mask(cfg, i, j, qs_ref[...], ks_ref[...])
-    s = jnp.where(mask, s, -jnp.inf)
-    m = m_sc[...]
-    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new)
-    l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-    acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v_ref.dtype), v_ref[...])
-    m_sc[...] = m_new
+    mask = _mask(cfg, i, j, qs_ref[...], ks_ref[...], qi_ref[...], ki_ref[...])
+
+    @_when_visible(mask)
+    def _visible():
+      _fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, mask, cfg)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -131,8 +143,21 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_sc, l_sc,
     lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l_safe))
 
 
-def _forward(q, k, v, qseg, kseg, cfg: _Config):
-  """q [B, N, T, H], k/v [B, K, S, H], qseg [B, T, 1], kseg [B, 1, S] -> out [B, N, T, H], lse [B, N, T, 1]."""
+def _fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, mask, cfg: _Config):
+  """One online-softmax step of the resident query tile against one K/V tile."""
+  s = jnp.where(mask, _dot_t(q_ref[...], k_ref[...]) * cfg.scale, -jnp.inf)  # [bq, bk]
+  m = m_sc[...]
+  m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+  alpha = jnp.exp(m - m_new)
+  p = jnp.exp(s - m_new)
+  l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
+  acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v_ref.dtype), v_ref[...])
+  m_sc[...] = m_new
+
+
+def _forward(q, k, v, qseg, kseg, qidx, kidx, cfg: _Config):
+  """q [B, N, T, H], k/v [B, K, S, H], qseg/qidx [B, T, 1], kseg/kidx [B, 1, S] -> out [B, N, T, H],
+  lse [B, N, T, 1]."""
   b, n, t, h = q.shape
   kvh, s = k.shape[1], k.shape[2]
   g, bq, bk = n // kvh, cfg.block_q, cfg.block_k
@@ -147,23 +172,27 @@ def _forward(q, k, v, qseg, kseg, cfg: _Config):
           pl.BlockSpec((None, None, bk, h), lambda bt, hd, i, j: (bt, lax.div(hd, g), kj(i, j), 0)),
           pl.BlockSpec((None, bq, 1), lambda bt, hd, i, j: (bt, i, 0)),
           pl.BlockSpec((None, 1, bk), lambda bt, hd, i, j: (bt, 0, kj(i, j))),
+          pl.BlockSpec((None, bq, 1), lambda bt, hd, i, j: (bt, i, 0)),
+          pl.BlockSpec((None, 1, bk), lambda bt, hd, i, j: (bt, 0, kj(i, j))),
       ],
       out_specs=[
           pl.BlockSpec((None, None, bq, h), lambda bt, hd, i, j: (bt, hd, i, 0)),
           pl.BlockSpec((None, None, bq, 1), lambda bt, hd, i, j: (bt, hd, i, 0)),
       ],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t, 1), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, cfg.out_dtype or q.dtype),
+                 jax.ShapeDtypeStruct((b, n, t, 1), jnp.float32)],
       scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                       pltpu.VMEM((bq, h), jnp.float32)],
       name="flash_tpu_fwd",
       **_params(cfg, ("parallel", "parallel", "parallel", "arbitrary")),
-  )(q, k, v, qseg, kseg)
+  )(q, k, v, qseg, kseg, qidx, kidx)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, dq_sc, *, cfg: _Config):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, qi_ref, ki_ref, dq_ref, dq_sc, *,
+               cfg: _Config):
   i, j = pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
@@ -172,20 +201,23 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, 
 
   @pl.when(_needed(cfg, i, j))
   def _step():
-    k = k_ref[...]
-    s = _dot_t(q_ref[...], k) * cfg.scale
-    mask = _mask(cfg, i, j, qs_ref[...], ks_ref[...])
-    p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
-    ds = p * (_dot_t(do_ref[...], v_ref[...]) - delta_ref[...])
-    dq_sc[...] += _dot(ds.astype(k.dtype), k)
+    mask = _mask(cfg, i, j, qs_ref[...], ks_ref[...], qi_ref[...], ki_ref[...])
+
+    @_when_visible(mask)
+    def _visible():
+      k = k_ref[...]
+      s = _dot_t(q_ref[...], k) * cfg.scale
+      p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
+      ds = p * (_dot_t(do_ref[...], v_ref[...]) - delta_ref[...])
+      dq_sc[...] += _dot(ds.astype(k.dtype), k)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
     dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref, dk_sc, dv_sc, *,
-                cfg: _Config):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, qi_ref, ki_ref, dk_ref, dv_ref, dk_sc,
+                dv_sc, *, cfg: _Config):
   j, gi, i = pl.program_id(2), pl.program_id(3), pl.program_id(4)
   first = (gi == 0) & (i == 0)
   last = (gi == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1)
@@ -197,16 +229,19 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
 
   @pl.when(_needed(cfg, i, j))
   def _step():
-    q, do = q_ref[...], do_ref[...]
-    s = _dot_t(q, k_ref[...]) * cfg.scale  # [bq, bk]
-    mask = _mask(cfg, i, j, qs_ref[...], ks_ref[...])
-    p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
-    # dV += P^T dO and dK += dS^T Q: contractions over the query rows.
-    contract_rows = lambda a, b_: lax.dot_general(a, b_, (((0,), (0,)), ((), ())),
-                                                  preferred_element_type=jnp.float32)
-    dv_sc[...] += contract_rows(p.astype(do.dtype), do)
-    ds = p * (_dot_t(do, v_ref[...]) - delta_ref[...])
-    dk_sc[...] += contract_rows(ds.astype(q.dtype), q)
+    mask = _mask(cfg, i, j, qs_ref[...], ks_ref[...], qi_ref[...], ki_ref[...])
+
+    @_when_visible(mask)
+    def _visible():
+      q, do = q_ref[...], do_ref[...]
+      s = _dot_t(q, k_ref[...]) * cfg.scale  # [bq, bk]
+      p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
+      # dV += P^T dO and dK += dS^T Q: contractions over the query rows.
+      contract_rows = lambda a, b_: lax.dot_general(a, b_, (((0,), (0,)), ((), ())),
+                                                    preferred_element_type=jnp.float32)
+      dv_sc[...] += contract_rows(p.astype(do.dtype), do)
+      ds = p * (_dot_t(do, v_ref[...]) - delta_ref[...])
+      dk_sc[...] += contract_rows(ds.astype(q.dtype), q)
 
   @pl.when(last)
   def _finish():
@@ -214,7 +249,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, qseg, kseg, out, lse, d_out, d_lse, cfg: _Config):
+def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, d_lse, cfg: _Config):
   b, n, t, h = q.shape
   kvh, s = k.shape[1], k.shape[2]
   g, bq, bk = n // kvh, cfg.block_q, cfg.block_k
@@ -237,13 +272,15 @@ def _backward(q, k, v, qseg, kseg, out, lse, d_out, d_lse, cfg: _Config):
           pl.BlockSpec((None, None, bq, 1), row),
           pl.BlockSpec((None, bq, 1), lambda bt, hd, i, j: (bt, i, 0)),
           pl.BlockSpec((None, 1, bk), lambda bt, hd, i, j: (bt, 0, kj(i, j))),
+          pl.BlockSpec((None, bq, 1), lambda bt, hd, i, j: (bt, i, 0)),
+          pl.BlockSpec((None, 1, bk), lambda bt, hd, i, j: (bt, 0, kj(i, j))),
       ],
       out_specs=pl.BlockSpec((None, None, bq, h), row),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32)],
       name="flash_tpu_bwd_dq",
       **_params(cfg, ("parallel", "parallel", "parallel", "arbitrary")),
-  )(q, k, v, d_out, lse, delta, qseg, kseg)
+  )(q, k, v, d_out, lse, delta, qseg, kseg, qidx, kidx)
 
   # Query blocks before the first one that sees key block j are clamped to it (not fetched).
   qi = lambda j, i: jnp.minimum(jnp.maximum(i, _first_q(cfg, j)), nq - 1)  # (a key block no query sees: nq - 1)
@@ -260,32 +297,35 @@ def _backward(q, k, v, qseg, kseg, out, lse, d_out, d_lse, cfg: _Config):
           pl.BlockSpec((None, None, bq, 1), qrow),
           pl.BlockSpec((None, bq, 1), lambda bt, kh, j, gi, i: (bt, qi(j, i), 0)),
           pl.BlockSpec((None, 1, bk), lambda bt, kh, j, gi, i: (bt, 0, j)),
+          pl.BlockSpec((None, bq, 1), lambda bt, kh, j, gi, i: (bt, qi(j, i), 0)),
+          pl.BlockSpec((None, 1, bk), lambda bt, kh, j, gi, i: (bt, 0, j)),
       ],
       out_specs=[pl.BlockSpec((None, None, bk, h), lambda bt, kh, j, gi, i: (bt, kh, j, 0))] * 2,
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32), pltpu.VMEM((bk, h), jnp.float32)],
       name="flash_tpu_bwd_dkv",
       **_params(cfg, ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
-  )(q, k, v, d_out, lse, delta, qseg, kseg)
+  )(q, k, v, d_out, lse, delta, qseg, kseg, qidx, kidx)
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, qseg, kseg, cfg: _Config):
-  return tuple(_forward(q, k, v, qseg, kseg, cfg))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attention(q, k, v, qseg, kseg, qidx, kidx, cfg: _Config):
+  return tuple(_forward(q, k, v, qseg, kseg, qidx, kidx, cfg))
 
 
-def _attention_fwd(q, k, v, qseg, kseg, cfg: _Config):
-  out, lse = _forward(q, k, v, qseg, kseg, cfg)
-  return (out, lse), (q, k, v, qseg, kseg, out, lse)
+def _attention_fwd(q, k, v, qseg, kseg, qidx, kidx, cfg: _Config):
+  out, lse = _forward(q, k, v, qseg, kseg, qidx, kidx, cfg)
+  return (out, lse), (q, k, v, qseg, kseg, qidx, kidx, out, lse)
 
 
 def _attention_bwd(cfg: _Config, res, grads):
-  q, k, v, qseg, kseg, out, lse = res
+  q, k, v, qseg, kseg, qidx, kidx, out, lse = res
   d_out, d_lse = grads
-  dq, dk, dv = _backward(q, k, v, qseg, kseg, out, lse, d_out.astype(q.dtype), d_lse.astype(jnp.float32), cfg)
+  dq, dk, dv = _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out.astype(q.dtype),
+                         d_lse.astype(jnp.float32), cfg)
   float0 = lambda x: np.zeros(x.shape, jax.dtypes.float0)
-  return dq, dk, dv, float0(qseg), float0(kseg)
+  return dq, dk, dv, float0(qseg), float0(kseg), float0(qidx), float0(kidx)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -299,16 +339,9 @@ def _fit(block: int, length: int) -> int:
   return min(block, -(-length // 8) * 8)
 
 
-def flash_attention_tpu_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segment_ids=None, *, causal: bool,
-                            block_q: int = 128, block_k: int = 128, interpret: bool | None = None):
-  """Fused attention on TPU: (out [B, T, N, H] in q's dtype, lse [B, T, N] fp32).
-
-  `kernels.flash_pallas.flash_attention_pallas_lse`'s contract with storage-order indices
-  (causal: key index <= query index); segment ids [B, T] / [B, S] (0 = padding, both or
-  neither); rows that see no key give out = 0, lse = -inf; differentiable in q, k, v
-  through both outputs. Blocks: multiples of 8, trimmed to short lengths. `interpret=None`
-  compiles with Mosaic on TPU and runs the TPU interpreter elsewhere.
-  """
+def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, *, causal, block_q,
+             block_k, interpret, out_dtype=None):
+  """Checks, pads and lays out the inputs heads-first: (q, k, v, qseg, kseg, qidx, kidx) and the config."""
   b, t, n, h = q_btnh.shape
   s, kvh = k_bskh.shape[1], k_bskh.shape[2]
   if k_bskh.shape != v_bskh.shape or k_bskh.shape[0] != b or k_bskh.shape[3] != h:
@@ -318,6 +351,8 @@ def flash_attention_tpu_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segme
     raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+  if (q_index is None) != (kv_index is None):
+    raise ValueError("pass both q_index and kv_index, or neither")
   for name, size in (("block_q", block_q), ("block_k", block_k)):
     if size < 8 or size % 8:
       raise ValueError(f"{name}={size}: TPU tiles must be positive multiples of 8")
@@ -327,17 +362,64 @@ def flash_attention_tpu_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segme
   tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
   if q_segment_ids is None:
     q_segment_ids, kv_segment_ids = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)
+  has_index = bool(causal) and q_index is not None
+  if q_index is None:
+    q_index, kv_index = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
   pad = lambda x, size: jnp.pad(x, [(0, 0), (0, size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-  qseg = pad(jnp.asarray(q_segment_ids, jnp.int32), tp)[:, :, None]  # [B, Tp, 1]
-  kseg = pad(jnp.asarray(kv_segment_ids, jnp.int32), sp)[:, None, :]  # [B, 1, Sp]
+  rows = lambda x: pad(jnp.asarray(x, jnp.int32), tp)[:, :, None]  # [B, Tp, 1]
+  cols = lambda x: pad(jnp.asarray(x, jnp.int32), sp)[:, None, :]  # [B, 1, Sp]
   heads_first = lambda x, size: jnp.swapaxes(pad(x, size), 1, 2)  # [B, T, N, H] -> [B, N, Tp, H]
-  cfg = _Config(causal=bool(causal), block_q=bq, block_k=bk, scale=1.0 / math.sqrt(h), interpret=bool(interpret))
-  out, lse = _attention(heads_first(q_btnh, tp), heads_first(k_bskh, sp), heads_first(v_bskh, sp), qseg, kseg, cfg)
+  cfg = _Config(causal=bool(causal), block_q=bq, block_k=bk, scale=1.0 / math.sqrt(h), interpret=bool(interpret),
+                has_index=has_index, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name)
+  arrays = (heads_first(q_btnh, tp), heads_first(k_bskh, sp), heads_first(v_bskh, sp), rows(q_segment_ids),
+            cols(kv_segment_ids), rows(q_index), cols(kv_index))
+  return arrays, cfg
+
+
+def flash_attention_tpu_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segment_ids=None, *, causal: bool,
+                            q_index=None, kv_index=None, block_q: int = 128, block_k: int = 128,
+                            interpret: bool | None = None, out_dtype=None):
+  """Fused attention on TPU: (out [B, T, N, H] in q's dtype, lse [B, T, N] fp32).
+
+  `kernels.flash_pallas.flash_attention_pallas_lse`'s contract: causal means key index <=
+  query index, the indices being `q_index` [B, T] / `kv_index` [B, S] (true positions:
+  ring chunks, zigzag rows; then every tile is fetched and computed only if its mask has a
+  visible entry) or, when None, storage order (tiles past the diagonal neither computed nor
+  fetched); segment ids [B, T] / [B, S] (0 = padding, both or neither); rows that see no key
+  give out = 0, lse = -inf; differentiable in q, k, v through both outputs; `out_dtype`
+  overrides the output dtype. Blocks: multiples of 8, trimmed to short lengths.
+  `interpret=None` compiles with Mosaic on TPU and runs the TPU interpreter elsewhere.
+  """
+  t = q_btnh.shape[1]
+  arrays, cfg = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, causal=causal,
+                         block_q=block_q, block_k=block_k, interpret=interpret, out_dtype=out_dtype)
+  out, lse = _attention(*arrays, cfg)
   return jnp.swapaxes(out, 1, 2)[:, :t], jnp.swapaxes(lse[..., 0], 1, 2)[:, :t]
 
 
+def flash_chunk_grads_tpu(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, out_btnh,
+                          lse_btn, d_out_btnh, *, causal: bool, block_q: int = 128, block_k: int = 128,
+                          interpret: bool | None = None):
+  """(dq fp32, dk, dv) contributions of ONE key chunk given the final (merged) out and lse: ring
+  attention's backward step, `layers.attention.flash.flash_chunk_grads`'s contract."""
+  t, s = q_btnh.shape[1], k_bskh.shape[1]
+  arrays, cfg = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, causal=causal,
+                         block_q=block_q, block_k=block_k, interpret=interpret)
+  q = arrays[0]
+  tp = q.shape[2]
+  heads_first = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), [(0, 0), (0, 0), (0, tp - t), (0, 0)])
+  lse = jnp.pad(jnp.swapaxes(lse_btn.astype(jnp.float32), 1, 2), [(0, 0), (0, 0), (0, tp - t)],
+                constant_values=-jnp.inf)[..., None]
+  out, d_out = heads_first(out_btnh.astype(q.dtype)), heads_first(d_out_btnh.astype(q.dtype))
+  dq, dk, dv = _backward(*arrays, out, lse, d_out, jnp.zeros(lse.shape, jnp.float32), cfg)
+  back = lambda x, n: jnp.swapaxes(x, 1, 2)[:, :n]
+  return back(dq, t).astype(jnp.float32), back(dk, s), back(dv, s)
+
+
 def flash_attention_tpu(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segment_ids=None, *, causal: bool,
-                        block_q: int = 128, block_k: int = 128, interpret: bool | None = None):
+                        q_index=None, kv_index=None, block_q: int = 128, block_k: int = 128,
+                        interpret: bool | None = None):
   """Fused attention output [B, T, N, H]; see `flash_attention_tpu_lse`."""
   return flash_attention_tpu_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, causal=causal,
-                                 block_q=block_q, block_k=block_k, interpret=interpret)[0]
+                                 q_index=q_index, kv_index=kv_index, block_q=block_q, block_k=block_k,
+                                 interpret=interpret)[0]

@@ -174,7 +174,7 @@ class SequenceParallel:
     if self.strategy == "ring":
       return self._ring(q_btnh, k_btkh, v_btkh, segment_ids.astype(jnp.int32), index.astype(jnp.int32),
                         (q_spec, kv_spec, tok_spec), causal=causal, bq=block_q, bk=block_k,
-                        impl="pallas" if impl == "pallas" and jax.default_backend() != "tpu" else "flash")
+                        impl="pallas" if impl == "pallas" else "flash")
     if self.strategy == "all_to_all":
       body = functools.partial(self._all_to_all_body, local_fn=local_fn)
     elif self.strategy == "all_gather":

@@ -86,3 +86,13 @@ def values_and_grads(fn, q, k, v, w, w_lse=None):
 
   (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
   return out, grads
+
+
+def zigzag_index(b, t, n_chunks, seed):
+  """True positions of a zigzag-stored row (chunk i and 2n-1-i together), shifted per row."""
+  c = t // (2 * n_chunks)
+  order = np.concatenate([np.r_[np.arange(i * c, (i + 1) * c), np.arange((2 * n_chunks - 1 - i) * c,
+                                                                          (2 * n_chunks - i) * c)]
+                          for i in range(n_chunks)])
+  shift = np.random.default_rng(seed).integers(0, 5, size=(b, 1))
+  return (order[None, :] + shift).astype(np.int32)

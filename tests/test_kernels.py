@@ -19,7 +19,7 @@ from kernels.flash_pallas import (Tiling, flash_attention_pallas, flash_attentio
                                   flash_chunk_grads_pallas, reference_flash_attention_lse)
 from layers.attention.exact import make_mask, reference_attention
 from layers.attention.flash import MASK_VALUE
-from tests.helpers import values_and_grads
+from tests.helpers import values_and_grads, zigzag_index
 
 # ||got - want|| / ||want|| against an fp32 reference computed from the same (upcast) inputs:
 # fp32 arithmetic lands far below 1e-5; bf16 operands (inputs, P and dS rounded to bf16) near 3e-3.
@@ -127,16 +127,6 @@ def test_lse_and_its_gradient_match_dense_reference():
   _check("lse vs blockwise twin", np.asarray(l1)[fin], np.asarray(l3)[fin], jnp.float32)
 
 
-def _zigzag_index(b, t, n_chunks, seed):
-  """True positions of a zigzag-stored row (chunk i and 2n-1-i together), shifted per row."""
-  c = t // (2 * n_chunks)
-  order = np.concatenate([np.r_[np.arange(i * c, (i + 1) * c), np.arange((2 * n_chunks - 1 - i) * c,
-                                                                          (2 * n_chunks - i) * c)]
-                          for i in range(n_chunks)])
-  shift = np.random.default_rng(seed).integers(0, 5, size=(b, 1))
-  return (order[None, :] + shift).astype(np.int32)
-
-
 def test_explicit_positions_match_the_blockwise_twin():
   """Causal masking by true positions (zigzag-stored queries against a different, zigzag-stored
   key chunk, as ring attention sees them): out, lse and gradients through both equal the
@@ -144,7 +134,7 @@ def test_explicit_positions_match_the_blockwise_twin():
   from layers.attention.flash import flash_attention_lse
   q, _, _, seg = _case(b=2, t=48, n=4, kv=2, h=32, dtype=jnp.float32, seed=90)
   _, k, v, kseg = _case(b=2, t=64, n=4, kv=2, h=32, dtype=jnp.float32, seed=91)
-  qidx, kidx = _zigzag_index(2, 48, 2, 92), _zigzag_index(2, 64, 4, 93)
+  qidx, kidx = zigzag_index(2, 48, 2, 92), zigzag_index(2, 64, 4, 93)
   r = np.random.default_rng(94)
   w_o, w_l = jnp.asarray(r.normal(size=q.shape), jnp.float32), jnp.asarray(r.normal(size=(2, 48, 4)), jnp.float32)
 
@@ -180,7 +170,7 @@ def test_chunk_grads_match_the_blockwise_twin():
   they sum to the full gradient."""
   from layers.attention.flash import flash_attention_lse, flash_chunk_grads
   q, k, v, seg = _case(b=2, t=64, n=4, kv=2, h=32, dtype=jnp.float32, seed=95)
-  idx = _zigzag_index(2, 64, 2, 96)
+  idx = zigzag_index(2, 64, 2, 96)
   d_out = jnp.asarray(np.random.default_rng(97).normal(size=q.shape), jnp.float32)
   full = lambda q, k, v: flash_attention_lse(q, k, v, seg, seg, idx, idx, causal=True, block_q=16, block_k=16)
   out, lse = full(q, k, v)

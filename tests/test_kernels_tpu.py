@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from kernels.flash_pallas import reference_flash_attention_lse
-from kernels.flash_tpu import flash_attention_tpu, flash_attention_tpu_lse
+from kernels.flash_tpu import flash_attention_tpu, flash_attention_tpu_lse, flash_chunk_grads_tpu
 from layers.attention.exact import make_mask, reference_attention
-from tests.helpers import values_and_grads
+from tests.helpers import values_and_grads, zigzag_index
 
 REL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
@@ -90,6 +90,47 @@ def test_causal_tiles_beyond_the_diagonal_are_never_fetched():
   _check("dv", dv[:, :32], dv_r[:, :32], jnp.float32)
 
 
+def test_explicit_positions_and_chunk_grads_match_the_blockwise_twin():
+  """Ring attention's two pieces on the TPU kernels: causal by true positions (zigzag-stored
+  queries against a zigzag-stored key chunk of another length) with out, lse and gradients
+  equal to the pure-JAX blockwise path; and one key chunk's gradient contributions from the
+  final lse equal `flash_chunk_grads`'s, summing to the full gradient over the chunks."""
+  from layers.attention.flash import flash_attention_lse, flash_chunk_grads
+  q, _, _, seg = _case(b=2, t=48, n=4, kv=2, h=32, dtype=jnp.float32, seed=90)
+  _, k, v, kseg = _case(b=2, t=64, n=4, kv=2, h=32, dtype=jnp.float32, seed=91)
+  qidx, kidx = zigzag_index(2, 48, 2, 92), zigzag_index(2, 64, 4, 93)
+  r = np.random.default_rng(94)
+  w_o, w_l = jnp.asarray(r.normal(size=q.shape), jnp.float32), jnp.asarray(r.normal(size=(2, 48, 4)), jnp.float32)
+  (o1, l1), g1 = values_and_grads(lambda q, k, v: flash_attention_tpu_lse(
+      q, k, v, seg, kseg, causal=True, q_index=qidx, kv_index=kidx, block_q=16, block_k=16), q, k, v, w_o, w_l)
+  (o2, l2), g2 = values_and_grads(lambda q, k, v: flash_attention_lse(
+      q, k, v, seg, kseg, qidx, kidx, causal=True, block_q=16, block_k=16), q, k, v, w_o, w_l)
+  np.testing.assert_array_equal(np.isneginf(np.asarray(l1)), np.isneginf(np.asarray(l2)))
+  fin = np.isfinite(np.asarray(l2))
+  _check("lse", np.asarray(l1)[fin], np.asarray(l2)[fin], jnp.float32)
+  _check("out", o1, o2, jnp.float32)
+  for name, a, b_ in zip("qkv", g1, g2):
+    _check(f"d{name}", a, b_, jnp.float32)
+
+  q, k, v, seg = _case(b=2, t=64, n=4, kv=2, h=32, dtype=jnp.float32, seed=95)
+  idx = zigzag_index(2, 64, 2, 96)
+  d_out = jnp.asarray(np.random.default_rng(97).normal(size=q.shape), jnp.float32)
+  full = lambda q, k, v: flash_attention_lse(q, k, v, seg, seg, idx, idx, causal=True, block_q=16, block_k=16)
+  out, lse = full(q, k, v)
+  want_dq, want_dk, want_dv = jax.vjp(lambda q, k, v: full(q, k, v)[0], q, k, v)[1](d_out)
+  dq_sum = 0.0
+  for lo, hi in ((0, 32), (32, 64)):
+    chunk = (k[:, lo:hi], v[:, lo:hi], seg, seg[:, lo:hi], idx, idx[:, lo:hi], out, lse, d_out)
+    got = jax.jit(lambda *a: flash_chunk_grads_tpu(q, *a, causal=True, block_q=16, block_k=16))(*chunk)
+    twin = flash_chunk_grads(q, *chunk, causal=True, block_q=16, block_k=16)
+    for name, a, b_ in zip(("dq", "dk", "dv"), got, twin):
+      _check(f"{name} [{lo}:{hi}] vs twin", a, b_, jnp.float32)
+    _check(f"dk [{lo}:{hi}] vs full", got[1], want_dk[:, lo:hi], jnp.float32)
+    _check(f"dv [{lo}:{hi}] vs full", got[2], want_dv[:, lo:hi], jnp.float32)
+    dq_sum = dq_sum + got[0]
+  _check("dq summed over chunks vs full", dq_sum, want_dq, jnp.float32)
+
+
 def test_lowers_to_mosaic():
   """The three kernels lower to Mosaic TPU custom calls on any host (compiling them needs a TPU)."""
   b, t, n, kv, h = 2, 1000, 8, 2, 128
@@ -114,9 +155,9 @@ def test_rejects_bad_arguments():
 
 
 def test_attention_auto_on_a_tpu_runs_these_kernels(monkeypatch):
-  """With a TPU backend, `attention_impl=auto` (and `pallas`) send storage-order attention to
-  these kernels; explicit positions (permuted rows) go to the pure-JAX blockwise path. The
-  backend is faked here and the kernels interpreted; results equal the dense mixer's."""
+  """With a TPU backend, `attention_impl=auto` sends attention to these kernels, in storage
+  order and with rows stored permuted (explicit positions). The backend is faked here and
+  the kernels interpreted; results equal the dense mixer's."""
   from flax import nnx
 
   import kernels.flash_tpu as tpu_module
@@ -145,6 +186,28 @@ def test_attention_auto_on_a_tpu_runs_these_kernels(monkeypatch):
         monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
       outs[impl, order] = np.asarray(mixer(x, ctx))
       monkeypatch.setattr(jax, "default_backend", real_backend)
-  assert len(calls) == 1  # the storage-order call only: the permuted one took the blockwise path
+  assert len(calls) == 2  # storage order and permuted
   for order in ("storage", "permuted"):
     np.testing.assert_allclose(outs["auto", order], outs["xla", order], atol=2e-5, rtol=2e-5, err_msg=order)
+
+
+def test_ring_backward_step_dispatches_to_these_kernels_on_a_tpu(monkeypatch):
+  """`flash_chunk_grads_pallas` (ring attention's backward step under attention_impl=pallas)
+  runs `flash_chunk_grads_tpu` on a TPU backend (faked here; interpreted)."""
+  import kernels.flash_pallas as gpu_module
+  import kernels.flash_tpu as tpu_module
+  calls = []
+  real = tpu_module.flash_chunk_grads_tpu
+  monkeypatch.setattr(tpu_module, "flash_chunk_grads_tpu",
+                      lambda *a, **k: calls.append(1) or real(*a, **dict(k, interpret=True)))
+  q, k, v, seg = _case(b=1, t=32, n=2, kv=1, h=32, dtype=jnp.float32, seed=98)
+  idx = zigzag_index(1, 32, 2, 99)
+  out, lse = flash_attention_tpu_lse(q, k, v, seg, seg, causal=True, q_index=idx, kv_index=idx, block_q=16,
+                                     block_k=16)
+  args = (q, k, v, seg, seg, idx, idx, out, lse, jnp.ones_like(q))
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  got = gpu_module.flash_chunk_grads_pallas(*args, causal=True)
+  monkeypatch.undo()
+  assert calls == [1]
+  for name, a, b_ in zip(("dq", "dk", "dv"), got, real(*args, causal=True, interpret=True)):
+    _check(name, a, b_, jnp.float32)
