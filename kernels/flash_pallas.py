@@ -483,9 +483,8 @@ def _pad_axis(x, axis: int, size: int, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, *, causal, block_q, block_k,
-             tiling, interpret, out_dtype=None):
-  """Checks, tiles and pads the inputs: (q, k, v, qseg, kseg, qidx, kidx) padded, and the static config."""
+def check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index) -> None:
+  """The attention kernels' shared argument contract, with one-sentence errors."""
   b, t, n, h = q_btnh.shape
   bs, s, kvh, hk = k_bskh.shape
   if k_bskh.shape != v_bskh.shape or bs != b or hk != h:
@@ -497,6 +496,14 @@ def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_
     raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
   if (q_index is None) != (kv_index is None):
     raise ValueError("pass both q_index and kv_index, or neither")
+
+
+def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, *, causal, block_q, block_k,
+             tiling, interpret, out_dtype=None):
+  """Checks, tiles and pads the inputs: (q, k, v, qseg, kseg, qidx, kidx) padded, and the static config."""
+  check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index)
+  b, t, n, h = q_btnh.shape
+  s = k_bskh.shape[1]
   interp = _resolve_interpret(interpret)
   hp = _pow2_at_least(h, 16)
   if tiling is None:

@@ -342,17 +342,10 @@ def _fit(block: int, length: int) -> int:
 def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, *, causal, block_q,
              block_k, interpret, out_dtype=None):
   """Checks, pads and lays out the inputs heads-first: (q, k, v, qseg, kseg, qidx, kidx) and the config."""
+  from kernels.flash_pallas import check_inputs
+  check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index)
   b, t, n, h = q_btnh.shape
-  s, kvh = k_bskh.shape[1], k_bskh.shape[2]
-  if k_bskh.shape != v_bskh.shape or k_bskh.shape[0] != b or k_bskh.shape[3] != h:
-    raise ValueError(f"q {q_btnh.shape}, k {k_bskh.shape}, v {v_bskh.shape}: expected q [B, T, N, H] and k, v "
-                     f"[B, S, K, H] with the same B and H")
-  if n % kvh:
-    raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-  if (q_index is None) != (kv_index is None):
-    raise ValueError("pass both q_index and kv_index, or neither")
+  s = k_bskh.shape[1]
   for name, size in (("block_q", block_q), ("block_k", block_k)):
     if size < 8 or size % 8:
       raise ValueError(f"{name}={size}: TPU tiles must be positive multiples of 8")

@@ -19,28 +19,11 @@ from kernels.flash_pallas import (Tiling, flash_attention_pallas, flash_attentio
                                   flash_chunk_grads_pallas, reference_flash_attention_lse)
 from layers.attention.exact import make_mask, reference_attention
 from layers.attention.flash import MASK_VALUE
-from tests.helpers import values_and_grads, zigzag_index
+from tests.helpers import values_and_grads
+from tests.kernel_checks import attention_case, check_chunk_grads, check_explicit_positions, check_rel
 
-# ||got - want|| / ||want|| against an fp32 reference computed from the same (upcast) inputs:
-# fp32 arithmetic lands far below 1e-5; bf16 operands (inputs, P and dS rounded to bf16) near 3e-3.
-REL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 # Small blocks, different in every kernel (bq != bk) so the causal bounds are exercised off the square.
 TILES = Tiling(block_q=16, block_k=32, block_q_dkv=32, block_k_dkv=16, block_q_dq=16, block_k_dq=32)
-
-
-def _case(b, t, n, kv, h, dtype, seed, s=None, segments=True):
-  s = t if s is None else s
-  r = np.random.default_rng(seed)
-  q = jnp.asarray(r.normal(size=(b, t, n, h)), dtype)
-  k = jnp.asarray(r.normal(size=(b, s, kv, h)), dtype)
-  v = jnp.asarray(r.normal(size=(b, s, kv, h)), dtype)
-  seg = None
-  if segments:
-    seg = np.ones((b, t), np.int32)
-    seg[0, t // 2:] = 2  # two packed sequences ...
-    seg[0, t - 4:] = 0  # ... then padding
-    seg[-1, t - 9:] = 0
-  return q, k, v, seg
 
 
 def _dense(q, k, v, seg, causal):
@@ -54,16 +37,6 @@ def _dense(q, k, v, seg, causal):
   return reference_attention(f32(q), f32(k), f32(v), mask)
 
 
-def _check(name, got, want, dtype):
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  assert np.all(np.isfinite(got)), f"{name}: non-finite values"
-  err = np.abs(got - want)
-  rel = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
-  report = f"{name}: rel {rel:.2e}, max err {err.max():.2e}, mean err {err.mean():.2e}"
-  print(report)
-  assert rel < REL[dtype], report
-
-
 @pytest.mark.parametrize("dtype,causal,case", [
     (jnp.float32, True, "gqa_segments_odd"),
     (jnp.float32, False, "gqa_segments_odd"),
@@ -72,18 +45,18 @@ def _check(name, got, want, dtype):
 ], ids=lambda x: {jnp.float32: "fp32", jnp.bfloat16: "bf16"}.get(x, str(x)))
 def test_values_and_gradients_match_dense_reference(dtype, causal, case):
   if case == "gqa_segments_odd":  # 45 = not a multiple of 16 or 32; 2 query heads per kv head
-    q, k, v, seg = _case(b=2, t=45, n=4, kv=2, h=64, dtype=dtype, seed=1 + causal)
+    q, k, v, seg = attention_case(b=2, t=45, n=4, kv=2, h=64, dtype=dtype, seed=1 + causal)
   else:  # no segment ids, no padding: the kernels' unmasked fast path
-    q, k, v, seg = _case(b=1, t=64, n=2, kv=2, h=64, dtype=dtype, seed=3 + causal, segments=False)
+    q, k, v, seg = attention_case(b=1, t=64, n=2, kv=2, h=64, dtype=dtype, seed=3 + causal, segments=False)
   w = jnp.asarray(np.random.default_rng(7).normal(size=q.shape), jnp.float32)
   pallas = lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=causal, tiling=TILES)
   got, g_got = values_and_grads(pallas, q, k, v, w)
   want, g_want = values_and_grads(lambda q, k, v: _dense(q, k, v, seg, causal), q, k, v, w)
   assert got.dtype == dtype and got.shape == q.shape
-  _check("out", got, want, dtype)
+  check_rel("out", got, want, dtype)
   for name, a, b in zip("qkv", g_got, g_want):
     assert a.dtype == dtype
-    _check(f"d{name}", a, b, dtype)
+    check_rel(f"d{name}", a, b, dtype)
   if seg is not None:  # padding rows see nothing: exactly zero output and zero dq
     pad = seg == 0
     assert np.all(np.asarray(got, np.float32)[pad] == 0) and np.all(np.asarray(g_got[0], np.float32)[pad] == 0)
@@ -106,7 +79,7 @@ def test_lse_and_its_gradient_match_dense_reference():
   """lse equals the dense log-sum-exp and the blockwise twin's (with -inf on padding rows), and a
   loss through lse as well as out (what ring attention's merge backpropagates) has the same
   gradients."""
-  q, k, v, seg = _case(b=2, t=45, n=4, kv=2, h=64, dtype=jnp.float32, seed=11)
+  q, k, v, seg = attention_case(b=2, t=45, n=4, kv=2, h=64, dtype=jnp.float32, seed=11)
   b, t = seg.shape
   r = np.random.default_rng(12)
   w_o, w_l = jnp.asarray(r.normal(size=q.shape), jnp.float32), jnp.asarray(r.normal(size=(b, t, 4)), jnp.float32)
@@ -118,98 +91,45 @@ def test_lse_and_its_gradient_match_dense_reference():
   assert l1.shape == (b, t, 4) and l1.dtype == jnp.float32
   np.testing.assert_array_equal(np.isneginf(np.asarray(l1)), np.broadcast_to((seg == 0)[..., None], l1.shape))
   fin = np.isfinite(np.asarray(l2))
-  _check("lse", np.asarray(l1)[fin], np.asarray(l2)[fin], jnp.float32)
-  _check("out", o1, o2, jnp.float32)
+  check_rel("lse", np.asarray(l1)[fin], np.asarray(l2)[fin], jnp.float32)
+  check_rel("out", o1, o2, jnp.float32)
   for name, a, b_ in zip("qkv", g1, g2):
-    _check(f"d{name} (through out and lse)", a, b_, jnp.float32)
+    check_rel(f"d{name} (through out and lse)", a, b_, jnp.float32)
   o3, l3 = jax.jit(lambda q, k, v: reference_flash_attention_lse(q, k, v, seg, seg, causal=True, block=16))(q, k, v)
-  _check("out vs blockwise twin", o1, o3, jnp.float32)
-  _check("lse vs blockwise twin", np.asarray(l1)[fin], np.asarray(l3)[fin], jnp.float32)
+  check_rel("out vs blockwise twin", o1, o3, jnp.float32)
+  check_rel("lse vs blockwise twin", np.asarray(l1)[fin], np.asarray(l3)[fin], jnp.float32)
 
 
 def test_explicit_positions_match_the_blockwise_twin():
-  """Causal masking by true positions (zigzag-stored queries against a different, zigzag-stored
-  key chunk, as ring attention sees them): out, lse and gradients through both equal the
-  pure-JAX blockwise path given the same indices; tiles with no visible pair are skipped."""
-  from layers.attention.flash import flash_attention_lse
-  q, _, _, seg = _case(b=2, t=48, n=4, kv=2, h=32, dtype=jnp.float32, seed=90)
-  _, k, v, kseg = _case(b=2, t=64, n=4, kv=2, h=32, dtype=jnp.float32, seed=91)
-  qidx, kidx = zigzag_index(2, 48, 2, 92), zigzag_index(2, 64, 4, 93)
-  r = np.random.default_rng(94)
-  w_o, w_l = jnp.asarray(r.normal(size=q.shape), jnp.float32), jnp.asarray(r.normal(size=(2, 48, 4)), jnp.float32)
-
-  run = lambda fn, q=q, k=k, v=v: values_and_grads(fn, q, k, v, w_o, w_l)
-
-  (o1, l1), g1 = run(lambda q, k, v: flash_attention_pallas_lse(q, k, v, seg, kseg, causal=True, q_index=qidx,
-                                                                kv_index=kidx, tiling=TILES))
-  (o2, l2), g2 = run(lambda q, k, v: flash_attention_lse(q, k, v, seg, kseg, qidx, kidx, causal=True, block_q=16,
-                                                         block_k=16))
-  np.testing.assert_array_equal(np.isneginf(np.asarray(l1)), np.isneginf(np.asarray(l2)))
-  fin = np.isfinite(np.asarray(l2))
-  _check("lse", np.asarray(l1)[fin], np.asarray(l2)[fin], jnp.float32)
-  _check("out", o1, o2, jnp.float32)
-  for name, a, b_ in zip("qkv", g1, g2):
-    _check(f"d{name}", a, b_, jnp.float32)
-  # Keys 32..63 (whole tiles of every kernel) placed after every query and poisoned with NaN: their tiles are empty for every
-  # query tile, so a kernel that skips empty tiles never multiplies them and stays finite.
-  kidx_late = kidx.copy()
-  kidx_late[:, 32:] = 1000
-  poison = lambda x: x.at[:, 32:].set(jnp.nan)  # inside the loss: the NaNs reach the kernel, not the test's grads
-  (o3, _), g3 = run(lambda q, k, v: flash_attention_pallas_lse(q, poison(k), poison(v), seg, kseg, causal=True,
-                                                               q_index=qidx, kv_index=kidx_late, tiling=TILES))
-  (o4, _), g4 = run(lambda q, k, v: flash_attention_lse(q, k, v, seg, kseg, qidx, kidx_late, causal=True,
-                                                        block_q=16, block_k=16))
-  _check("out, late keys poisoned", o3, o4, jnp.float32)
-  for name, a, b_ in zip("qkv", g3, g4):
-    _check(f"d{name}, late keys poisoned", a, b_, jnp.float32)
+  """Causal masking by true positions (ring chunks, zigzag rows): values, lse and gradients
+  equal the blockwise twin's, and tiles with no visible pair are skipped (NaN probe)."""
+  check_explicit_positions(lambda q, k, v, qs, ks, qi, ki: flash_attention_pallas_lse(
+      q, k, v, qs, ks, causal=True, q_index=qi, kv_index=ki, tiling=TILES), empty_tiles_from=32)
 
 
 def test_chunk_grads_match_the_blockwise_twin():
-  """Ring attention's backward piece: the gradient contribution of one key chunk given the final
-  (merged) out and lse equals `flash_chunk_grads`'s, for the chunks of a split key set, and
-  they sum to the full gradient."""
-  from layers.attention.flash import flash_attention_lse, flash_chunk_grads
-  q, k, v, seg = _case(b=2, t=64, n=4, kv=2, h=32, dtype=jnp.float32, seed=95)
-  idx = zigzag_index(2, 64, 2, 96)
-  d_out = jnp.asarray(np.random.default_rng(97).normal(size=q.shape), jnp.float32)
-  full = lambda q, k, v: flash_attention_lse(q, k, v, seg, seg, idx, idx, causal=True, block_q=16, block_k=16)
-  out, lse = full(q, k, v)
-  _, pull = jax.vjp(lambda q, k, v: full(q, k, v)[0], q, k, v)
-  want_dq, want_dk, want_dv = pull(d_out)
-  dq_sum = 0.0
-  for lo, hi in ((0, 32), (32, 64)):
-    chunk = (k[:, lo:hi], v[:, lo:hi], seg, seg[:, lo:hi], idx, idx[:, lo:hi], out, lse, d_out)
-    got = jax.jit(lambda *a: flash_chunk_grads_pallas(q, *a[:2], a[2], a[3], a[4], a[5], *a[6:], causal=True,
-                                                      tiling=TILES))(*chunk)
-    twin = flash_chunk_grads(q, *chunk[:2], chunk[2], chunk[3], chunk[4], chunk[5], *chunk[6:], causal=True,
-                             block_q=16, block_k=16)
-    for name, a, b_ in zip(("dq", "dk", "dv"), got, twin):
-      _check(f"{name} [{lo}:{hi}] vs twin", a, b_, jnp.float32)
-    _check(f"dk [{lo}:{hi}] vs full", got[1], want_dk[:, lo:hi], jnp.float32)
-    _check(f"dv [{lo}:{hi}] vs full", got[2], want_dv[:, lo:hi], jnp.float32)
-    dq_sum = dq_sum + got[0]
-  _check("dq summed over chunks vs full", dq_sum, want_dq, jnp.float32)
-
+  """Ring attention's backward step on the kernels: one key chunk's gradients from the final lse."""
+  check_chunk_grads(lambda *a: flash_chunk_grads_pallas(*a, causal=True, tiling=TILES))
 
 
 @pytest.mark.parametrize("h,causal", [(128, False), (256, True), (96, True)])
 def test_head_dims_with_default_tiles(h, causal):
   """Head dims 128 and 256 with the GPU default tiles (clamped to the short length), and 96,
   which is zero-padded to 128 inside; bf16 with grouped-query heads and segments."""
-  q, k, v, seg = _case(b=1, t=40, n=4, kv=1, h=h, dtype=jnp.bfloat16, seed=20 + h)
+  q, k, v, seg = attention_case(b=1, t=40, n=4, kv=1, h=h, dtype=jnp.bfloat16, seed=20 + h)
   pallas = lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=causal)
   dense = lambda q, k, v: _dense(q, k, v, seg, causal)
   if h == 96:  # the padding happens outside the kernels: forward values suffice
     got, want = jax.jit(pallas)(q, k, v), dense(q, k, v)
     assert got.shape == q.shape
-    _check("out", got, want, jnp.bfloat16)
+    check_rel("out", got, want, jnp.bfloat16)
     return
   w = jnp.asarray(np.random.default_rng(21).normal(size=q.shape), jnp.float32)
   got, g_got = values_and_grads(pallas, q, k, v, w)
   want, g_want = values_and_grads(dense, q, k, v, w)
-  _check("out", got, want, jnp.bfloat16)
+  check_rel("out", got, want, jnp.bfloat16)
   for name, a, b in zip("qkv", g_got, g_want):
-    _check(f"d{name}", a, b, jnp.bfloat16)
+    check_rel(f"d{name}", a, b, jnp.bfloat16)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled kernels at GPU-sized tiles; too slow to interpret")
@@ -217,20 +137,20 @@ def test_head_dims_with_default_tiles(h, causal):
 def test_gpu_default_tiles_at_realistic_length(h, causal):
   """The default GPU tiles (64-128 rows, 4-8 warps) unclamped: T = 1000 pads to 1024, several
   query and key blocks per program, grouped-query heads, packed segments, bf16."""
-  q, k, v, seg = _case(b=2, t=1000, n=8, kv=2, h=h, dtype=jnp.bfloat16, seed=50 + h + causal)
+  q, k, v, seg = attention_case(b=2, t=1000, n=8, kv=2, h=h, dtype=jnp.bfloat16, seed=50 + h + causal)
   w = jnp.asarray(np.random.default_rng(51).normal(size=q.shape), jnp.float32)
   got, g_got = values_and_grads(lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=causal), q, k, v, w)
   want, g_want = values_and_grads(lambda q, k, v: _dense(q, k, v, seg, causal), q, k, v, w)
-  _check("out", got, want, jnp.bfloat16)
+  check_rel("out", got, want, jnp.bfloat16)
   for name, a, b in zip("qkv", g_got, g_want):
-    _check(f"d{name}", a, b, jnp.bfloat16)
+    check_rel(f"d{name}", a, b, jnp.bfloat16)
 
 
 def test_causal_tiles_beyond_the_diagonal_are_never_loaded():
   """Keys 32..63 are invisible to queries 0..31 (causal). Filling them with NaN poisons any
   tile that is loaded, even if masked (0 * NaN = NaN in P V and in dP = dO V^T): finite,
   correct results prove the loops stop at the diagonal rather than mask past it."""
-  q, k, v, _ = _case(b=1, t=32, s=64, n=2, kv=1, h=64, dtype=jnp.float32, seed=30, segments=False)
+  q, k, v, _ = attention_case(b=1, t=32, s=64, n=2, kv=1, h=64, dtype=jnp.float32, seed=30, segments=False)
   k = k.at[:, 32:].set(jnp.nan)
   v = v.at[:, 32:].set(jnp.nan)
   w = jnp.asarray(np.random.default_rng(31).normal(size=q.shape), jnp.float32)
@@ -238,10 +158,10 @@ def test_causal_tiles_beyond_the_diagonal_are_never_loaded():
       lambda q, k, v: flash_attention_pallas(q, k, v, causal=True, tiling=TILES), q, k, v, w)
   want, (dq_r, dk_r, dv_r) = values_and_grads(
       lambda q, k, v: _dense(q, k, v, None, True), q, k[:, :32], v[:, :32], w)
-  _check("out", got, want, jnp.float32)
-  _check("dq", dq, dq_r, jnp.float32)
-  _check("dk", dk[:, :32], dk_r, jnp.float32)
-  _check("dv", dv[:, :32], dv_r, jnp.float32)
+  check_rel("out", got, want, jnp.float32)
+  check_rel("dq", dq, dq_r, jnp.float32)
+  check_rel("dk", dk[:, :32], dk_r, jnp.float32)
+  check_rel("dv", dv[:, :32], dv_r, jnp.float32)
   assert np.all(np.asarray(dk[:, 32:]) == 0) and np.all(np.asarray(dv[:, 32:]) == 0)
 
 
@@ -270,7 +190,7 @@ def test_lowers_to_triton_for_gpu():
 
 
 def test_rejects_bad_arguments():
-  q, k, v, seg = _case(b=1, t=32, n=4, kv=2, h=64, dtype=jnp.float32, seed=40)
+  q, k, v, seg = attention_case(b=1, t=32, n=4, kv=2, h=64, dtype=jnp.float32, seed=40)
   with pytest.raises(ValueError, match="powers of two"):
     flash_attention_pallas(q, k, v, seg, seg, causal=True, block_q=24)
   with pytest.raises(ValueError, match="multiple of num_kv_heads"):
@@ -282,7 +202,7 @@ def test_rejects_bad_arguments():
 # ----------------------------------------------------------------------------- split-KV decode
 
 
-def _decode_case(tq, dtype, seed, s=128, n=8, kv=2, h=64, block=16, lengths=(37, 128, 5, 0)):
+def _decodeattention_case(tq, dtype, seed, s=128, n=8, kv=2, h=64, block=16, lengths=(37, 128, 5, 0)):
   """Ragged cache lengths (one full, one empty); entries that must never be read are NaN:
   K past each length, V past the length rounded up to the block (a loaded-but-masked V
   would still be multiplied by a zero probability, and 0 * NaN = NaN)."""
@@ -317,12 +237,12 @@ def test_decode_matches_references_with_ragged_lengths(tq, dtype, splits):
   """Against the dense reference and the pure-JAX blockwise twin, whatever the split count (one
   block per split up to a single split); grouped-query heads packed into rows; never-read
   cache entries poisoned with NaN."""
-  q, k, v, k_nan, v_nan, lengths = _decode_case(tq, dtype, seed=60 + tq)
+  q, k, v, k_nan, v_nan, lengths = _decodeattention_case(tq, dtype, seed=60 + tq)
   got = jax.jit(lambda *a: decode_attention_pallas(*a, block_k=16, num_splits=splits))(q, k_nan, v_nan, lengths)
   assert got.shape == q.shape and got.dtype == dtype
-  _check("decode vs dense", got, _dense_decode(q, k, v, lengths), dtype)
+  check_rel("decode vs dense", got, _dense_decode(q, k, v, lengths), dtype)
   if tq == 3:
-    _check("decode vs blockwise twin", got, reference_decode_attention(q, k, v, lengths, block=16), dtype)
+    check_rel("decode vs blockwise twin", got, reference_decode_attention(q, k, v, lengths, block=16), dtype)
   assert np.all(np.asarray(got, np.float32)[3] == 0)  # empty cache: zeros
 
 
@@ -341,7 +261,7 @@ def test_decode_lowers_to_triton_for_gpu():
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled kernel at GPU-sized tiles; too slow to interpret")
 def test_gpu_decode_at_realistic_length():
   """Default tiles and split count on the device: S = 4096, 32 query heads on 8 kv heads, bf16."""
-  q, k, v, k_nan, v_nan, lengths = _decode_case(1, jnp.bfloat16, seed=80, s=4096, n=32, kv=8, h=128, block=64,
+  q, k, v, k_nan, v_nan, lengths = _decodeattention_case(1, jnp.bfloat16, seed=80, s=4096, n=32, kv=8, h=128, block=64,
                                                  lengths=(4096, 1000, 37, 0))
   got = jax.jit(decode_attention_pallas)(q, k_nan, v_nan, lengths)
-  _check("decode vs dense", got, _dense_decode(q, k, v, lengths), jnp.bfloat16)
+  check_rel("decode vs dense", got, _dense_decode(q, k, v, lengths), jnp.bfloat16)

@@ -17,37 +17,12 @@ from kernels.flash_pallas import reference_flash_attention_lse
 from kernels.flash_tpu import flash_attention_tpu, flash_attention_tpu_lse, flash_chunk_grads_tpu
 from layers.attention.exact import make_mask, reference_attention
 from tests.helpers import values_and_grads, zigzag_index
-
-REL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
-
-
-def _case(b, t, n, kv, h, dtype, seed, s=None, segments=True):
-  s = t if s is None else s
-  r = np.random.default_rng(seed)
-  q = jnp.asarray(r.normal(size=(b, t, n, h)), dtype)
-  k = jnp.asarray(r.normal(size=(b, s, kv, h)), dtype)
-  v = jnp.asarray(r.normal(size=(b, s, kv, h)), dtype)
-  seg = None
-  if segments:
-    seg = np.ones((b, t), np.int32)
-    seg[0, t // 2:] = 2
-    seg[0, t - 4:] = 0
-    seg[-1, t - 9:] = 0
-  return q, k, v, seg
-
-
-def _check(name, got, want, dtype):
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  assert np.all(np.isfinite(got)), f"{name}: non-finite values"
-  rel = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
-  print(f"{name}: rel {rel:.2e}")
-  assert rel < REL[dtype], f"{name}: rel {rel:.2e}"
-
+from tests.kernel_checks import attention_case, check_chunk_grads, check_explicit_positions, check_rel
 
 @pytest.mark.parametrize("dtype,causal", [(jnp.float32, True), (jnp.float32, False), (jnp.bfloat16, True)],
                          ids=["fp32-causal", "fp32-bidirectional", "bf16-causal"])
 def test_values_lse_and_gradients_match_references(dtype, causal):
-  q, k, v, seg = _case(b=2, t=45, n=4, kv=2, h=32, dtype=dtype, seed=1 + causal)
+  q, k, v, seg = attention_case(b=2, t=45, n=4, kv=2, h=32, dtype=dtype, seed=1 + causal)
   r = np.random.default_rng(3)
   w_o, w_l = jnp.asarray(r.normal(size=q.shape), jnp.float32), jnp.asarray(r.normal(size=(2, 45, 4)), jnp.float32)
   (o1, l1), g1 = values_and_grads(lambda q, k, v: flash_attention_tpu_lse(q, k, v, seg, seg, causal=causal,
@@ -59,14 +34,14 @@ def test_values_lse_and_gradients_match_references(dtype, causal):
   assert o1.dtype == dtype and o1.shape == q.shape and l1.shape == (2, 45, 4)
   np.testing.assert_array_equal(np.isneginf(np.asarray(l1)), np.broadcast_to((seg == 0)[..., None], l1.shape))
   fin = np.isfinite(np.asarray(l2))
-  _check("lse", np.asarray(l1)[fin], np.asarray(l2)[fin], dtype)
-  _check("out", o1, o2, dtype)
+  check_rel("lse", np.asarray(l1)[fin], np.asarray(l2)[fin], dtype)
+  check_rel("out", o1, o2, dtype)
   for name, a, b_ in zip("qkv", g1, g2):
     assert a.dtype == dtype
-    _check(f"d{name}", a, b_, dtype)
+    check_rel(f"d{name}", a, b_, dtype)
   idx = np.broadcast_to(np.arange(45), (2, 45))
   dense = reference_attention(f32(q), f32(k), f32(v), make_mask(seg, seg, idx, idx, causal))
-  _check("out vs dense", o1, dense, dtype)
+  check_rel("out vs dense", o1, dense, dtype)
   pad = seg == 0
   assert np.all(np.asarray(o1, np.float32)[pad] == 0) and np.all(np.asarray(g1[0], np.float32)[pad] == 0)
 
@@ -74,7 +49,7 @@ def test_values_lse_and_gradients_match_references(dtype, causal):
 def test_causal_tiles_beyond_the_diagonal_are_never_fetched():
   """Queries 0..31 against keys 0..63, causal: keys 32..63 are NaN. Any fetched tile past the
   diagonal (even masked) would poison the result; the clamped block index keeps them out."""
-  q, k, v, _ = _case(b=1, t=32, s=64, n=2, kv=1, h=32, dtype=jnp.float32, seed=30, segments=False)
+  q, k, v, _ = attention_case(b=1, t=32, s=64, n=2, kv=1, h=32, dtype=jnp.float32, seed=30, segments=False)
   poison = lambda x: x.at[:, 32:].set(jnp.nan)
   w = jnp.asarray(np.random.default_rng(31).normal(size=q.shape), jnp.float32)
   got, (dq, dk, dv) = values_and_grads(
@@ -84,51 +59,18 @@ def test_causal_tiles_beyond_the_diagonal_are_never_fetched():
   want, (dq_r, dk_r, dv_r) = values_and_grads(
       lambda q, k, v: reference_attention(q, k[:, :32], v[:, :32], make_mask(ones, ones, idx_q, idx_k, True)),
       q, k, v, w)
-  _check("out", got, want, jnp.float32)
-  _check("dq", dq, dq_r, jnp.float32)
-  _check("dk", dk[:, :32], dk_r[:, :32], jnp.float32)
-  _check("dv", dv[:, :32], dv_r[:, :32], jnp.float32)
+  check_rel("out", got, want, jnp.float32)
+  check_rel("dq", dq, dq_r, jnp.float32)
+  check_rel("dk", dk[:, :32], dk_r[:, :32], jnp.float32)
+  check_rel("dv", dv[:, :32], dv_r[:, :32], jnp.float32)
 
 
 def test_explicit_positions_and_chunk_grads_match_the_blockwise_twin():
-  """Ring attention's two pieces on the TPU kernels: causal by true positions (zigzag-stored
-  queries against a zigzag-stored key chunk of another length) with out, lse and gradients
-  equal to the pure-JAX blockwise path; and one key chunk's gradient contributions from the
-  final lse equal `flash_chunk_grads`'s, summing to the full gradient over the chunks."""
-  from layers.attention.flash import flash_attention_lse, flash_chunk_grads
-  q, _, _, seg = _case(b=2, t=48, n=4, kv=2, h=32, dtype=jnp.float32, seed=90)
-  _, k, v, kseg = _case(b=2, t=64, n=4, kv=2, h=32, dtype=jnp.float32, seed=91)
-  qidx, kidx = zigzag_index(2, 48, 2, 92), zigzag_index(2, 64, 4, 93)
-  r = np.random.default_rng(94)
-  w_o, w_l = jnp.asarray(r.normal(size=q.shape), jnp.float32), jnp.asarray(r.normal(size=(2, 48, 4)), jnp.float32)
-  (o1, l1), g1 = values_and_grads(lambda q, k, v: flash_attention_tpu_lse(
-      q, k, v, seg, kseg, causal=True, q_index=qidx, kv_index=kidx, block_q=16, block_k=16), q, k, v, w_o, w_l)
-  (o2, l2), g2 = values_and_grads(lambda q, k, v: flash_attention_lse(
-      q, k, v, seg, kseg, qidx, kidx, causal=True, block_q=16, block_k=16), q, k, v, w_o, w_l)
-  np.testing.assert_array_equal(np.isneginf(np.asarray(l1)), np.isneginf(np.asarray(l2)))
-  fin = np.isfinite(np.asarray(l2))
-  _check("lse", np.asarray(l1)[fin], np.asarray(l2)[fin], jnp.float32)
-  _check("out", o1, o2, jnp.float32)
-  for name, a, b_ in zip("qkv", g1, g2):
-    _check(f"d{name}", a, b_, jnp.float32)
-
-  q, k, v, seg = _case(b=2, t=64, n=4, kv=2, h=32, dtype=jnp.float32, seed=95)
-  idx = zigzag_index(2, 64, 2, 96)
-  d_out = jnp.asarray(np.random.default_rng(97).normal(size=q.shape), jnp.float32)
-  full = lambda q, k, v: flash_attention_lse(q, k, v, seg, seg, idx, idx, causal=True, block_q=16, block_k=16)
-  out, lse = full(q, k, v)
-  want_dq, want_dk, want_dv = jax.vjp(lambda q, k, v: full(q, k, v)[0], q, k, v)[1](d_out)
-  dq_sum = 0.0
-  for lo, hi in ((0, 32), (32, 64)):
-    chunk = (k[:, lo:hi], v[:, lo:hi], seg, seg[:, lo:hi], idx, idx[:, lo:hi], out, lse, d_out)
-    got = jax.jit(lambda *a: flash_chunk_grads_tpu(q, *a, causal=True, block_q=16, block_k=16))(*chunk)
-    twin = flash_chunk_grads(q, *chunk, causal=True, block_q=16, block_k=16)
-    for name, a, b_ in zip(("dq", "dk", "dv"), got, twin):
-      _check(f"{name} [{lo}:{hi}] vs twin", a, b_, jnp.float32)
-    _check(f"dk [{lo}:{hi}] vs full", got[1], want_dk[:, lo:hi], jnp.float32)
-    _check(f"dv [{lo}:{hi}] vs full", got[2], want_dv[:, lo:hi], jnp.float32)
-    dq_sum = dq_sum + got[0]
-  _check("dq summed over chunks vs full", dq_sum, want_dq, jnp.float32)
+  """Ring attention's two pieces on the TPU kernels: causal by true positions (NaN probe of the
+  run-time tile skip included) and one key chunk's gradients from the final lse."""
+  check_explicit_positions(lambda q, k, v, qs, ks, qi, ki: flash_attention_tpu_lse(
+      q, k, v, qs, ks, causal=True, q_index=qi, kv_index=ki, block_q=16, block_k=16), empty_tiles_from=32)
+  check_chunk_grads(lambda *a: flash_chunk_grads_tpu(*a, causal=True, block_q=16, block_k=16))
 
 
 def test_lowers_to_mosaic():
@@ -145,7 +87,7 @@ def test_lowers_to_mosaic():
 
 
 def test_rejects_bad_arguments():
-  q, k, v, seg = _case(b=1, t=32, n=4, kv=2, h=32, dtype=jnp.float32, seed=40)
+  q, k, v, seg = attention_case(b=1, t=32, n=4, kv=2, h=32, dtype=jnp.float32, seed=40)
   with pytest.raises(ValueError, match="multiples of 8"):
     flash_attention_tpu(q, k, v, seg, seg, causal=True, block_q=12)
   with pytest.raises(ValueError, match="multiple of num_kv_heads"):
@@ -200,7 +142,7 @@ def test_ring_backward_step_dispatches_to_these_kernels_on_a_tpu(monkeypatch):
   real = tpu_module.flash_chunk_grads_tpu
   monkeypatch.setattr(tpu_module, "flash_chunk_grads_tpu",
                       lambda *a, **k: calls.append(1) or real(*a, **dict(k, interpret=True)))
-  q, k, v, seg = _case(b=1, t=32, n=2, kv=1, h=32, dtype=jnp.float32, seed=98)
+  q, k, v, seg = attention_case(b=1, t=32, n=2, kv=1, h=32, dtype=jnp.float32, seed=98)
   idx = zigzag_index(1, 32, 2, 99)
   out, lse = flash_attention_tpu_lse(q, k, v, seg, seg, causal=True, q_index=idx, kv_index=idx, block_q=16,
                                      block_k=16)
@@ -210,4 +152,4 @@ def test_ring_backward_step_dispatches_to_these_kernels_on_a_tpu(monkeypatch):
   monkeypatch.undo()
   assert calls == [1]
   for name, a, b_ in zip(("dq", "dk", "dv"), got, real(*args, causal=True, interpret=True)):
-    _check(name, a, b_, jnp.float32)
+    check_rel(name, a, b_, jnp.float32)
