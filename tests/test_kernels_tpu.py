@@ -26,7 +26,7 @@ def test_values_lse_and_gradients_match_references(dtype, causal):
   r = np.random.default_rng(3)
   w_o, w_l = jnp.asarray(r.normal(size=q.shape), jnp.float32), jnp.asarray(r.normal(size=(2, 45, 4)), jnp.float32)
   (o1, l1), g1 = values_and_grads(lambda q, k, v: flash_attention_tpu_lse(q, k, v, seg, seg, causal=causal,
-                                                                          block_q=16, block_k=8), q, k, v, w_o, w_l)
+                                                                          block_q=16, block_k=24), q, k, v, w_o, w_l)
   f32 = lambda x: x.astype(jnp.float32)
   (o2, l2), g2 = values_and_grads(lambda q, k, v: reference_flash_attention_lse(q, k, v, seg, seg, causal=causal,
                                                                                 block=16),
@@ -69,8 +69,8 @@ def test_explicit_positions_and_chunk_grads_match_the_blockwise_twin():
   """Ring attention's two pieces on the TPU kernels: causal by true positions (NaN probe of the
   run-time tile skip included) and one key chunk's gradients from the final lse."""
   check_explicit_positions(lambda q, k, v, qs, ks, qi, ki: flash_attention_tpu_lse(
-      q, k, v, qs, ks, causal=True, q_index=qi, kv_index=ki, block_q=16, block_k=16), empty_tiles_from=32)
-  check_chunk_grads(lambda *a: flash_chunk_grads_tpu(*a, causal=True, block_q=16, block_k=16))
+      q, k, v, qs, ks, causal=True, q_index=qi, kv_index=ki, block_q=24, block_k=32), empty_tiles_from=32)
+  check_chunk_grads(lambda *a: flash_chunk_grads_tpu(*a, causal=True, block_q=32, block_k=32))
 
 
 def test_lowers_to_mosaic():
