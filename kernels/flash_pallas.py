@@ -33,6 +33,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -427,26 +428,32 @@ def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, d_lse, cfg: _Con
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _attention(q, k, v, qseg, kseg, qidx, kidx, cfg: _Config):
-  return tuple(_forward(q, k, v, qseg, kseg, qidx, kidx, cfg))
+def fused_attention(forward, backward):
+  """The differentiable (out, lse) = f(q, k, v, qseg, kseg, qidx, kidx, cfg) of a kernel family:
+  forward(...) -> (out, lse); backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, d_lse,
+  cfg) -> (dq, dk, dv), the lse cotangent entering as dS = P (dP - delta + dlse)."""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+  def attention(q, k, v, qseg, kseg, qidx, kidx, cfg):
+    return tuple(forward(q, k, v, qseg, kseg, qidx, kidx, cfg))
+
+  def attention_fwd(q, k, v, qseg, kseg, qidx, kidx, cfg):
+    out, lse = forward(q, k, v, qseg, kseg, qidx, kidx, cfg)
+    return (out, lse), (q, k, v, qseg, kseg, qidx, kidx, out, lse)
+
+  def attention_bwd(cfg, res, grads):
+    q, k, v, qseg, kseg, qidx, kidx, out, lse = res
+    d_out, d_lse = grads
+    dq, dk, dv = backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out.astype(q.dtype),
+                          d_lse.astype(jnp.float32), cfg)
+    float0 = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+    return dq, dk, dv, float0(qseg), float0(kseg), float0(qidx), float0(kidx)
+
+  attention.defvjp(attention_fwd, attention_bwd)
+  return attention
 
 
-def _attention_fwd(q, k, v, qseg, kseg, qidx, kidx, cfg: _Config):
-  out, lse = _forward(q, k, v, qseg, kseg, qidx, kidx, cfg)
-  return (out, lse), (q, k, v, qseg, kseg, qidx, kidx, out, lse)
-
-
-def _attention_bwd(cfg: _Config, res, grads):
-  q, k, v, qseg, kseg, qidx, kidx, out, lse = res
-  d_out, d_lse = grads
-  dq, dk, dv = _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out.astype(q.dtype),
-                         d_lse.astype(jnp.float32), cfg)
-  float0 = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
-  return dq, dk, dv, float0(qseg), float0(kseg), float0(qidx), float0(kidx)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = fused_attention(_forward, _backward)
 
 
 # ----------------------------------------------------------------------------- public API

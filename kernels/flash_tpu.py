@@ -35,10 +35,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from kernels.flash_pallas import check_inputs, fused_attention
 
 _M_INIT = -1e30  # finite start for the running max (see kernels/flash_pallas.py)
 
@@ -309,26 +310,7 @@ def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, d_lse, cfg: _Con
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _attention(q, k, v, qseg, kseg, qidx, kidx, cfg: _Config):
-  return tuple(_forward(q, k, v, qseg, kseg, qidx, kidx, cfg))
-
-
-def _attention_fwd(q, k, v, qseg, kseg, qidx, kidx, cfg: _Config):
-  out, lse = _forward(q, k, v, qseg, kseg, qidx, kidx, cfg)
-  return (out, lse), (q, k, v, qseg, kseg, qidx, kidx, out, lse)
-
-
-def _attention_bwd(cfg: _Config, res, grads):
-  q, k, v, qseg, kseg, qidx, kidx, out, lse = res
-  d_out, d_lse = grads
-  dq, dk, dv = _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out.astype(q.dtype),
-                         d_lse.astype(jnp.float32), cfg)
-  float0 = lambda x: np.zeros(x.shape, jax.dtypes.float0)
-  return dq, dk, dv, float0(qseg), float0(kseg), float0(qidx), float0(kidx)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = fused_attention(_forward, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -342,7 +324,6 @@ def _fit(block: int, length: int) -> int:
 def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, *, causal, block_q,
              block_k, interpret, out_dtype=None):
   """Checks, pads and lays out the inputs heads-first: (q, k, v, qseg, kseg, qidx, kidx) and the config."""
-  from kernels.flash_pallas import check_inputs
   check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index)
   b, t, n, h = q_btnh.shape
   s = k_bskh.shape[1]

@@ -54,13 +54,13 @@ def _ring_perm(n):
   return [(i, (i + 1) % n) for i in range(n)]
 
 
-def _chunk_attention(impl):
+def _chunk_attention(impl, causal, bq, bk):
   """(q, k, v, qseg, kseg, qidx, kidx) -> fp32 (out, lse) of one query chunk against one key chunk."""
   if impl == "pallas":
     from kernels.flash_pallas import flash_attention_pallas_lse
-    return lambda q, k, v, qs, ks, qi, ki, causal, bq, bk: flash_attention_pallas_lse(
+    return lambda q, k, v, qs, ks, qi, ki: flash_attention_pallas_lse(
         q, k, v, qs, ks, causal=causal, q_index=qi, kv_index=ki, out_dtype=jnp.float32)
-  return lambda q, k, v, qs, ks, qi, ki, causal, bq, bk: flash_attention_lse(
+  return lambda q, k, v, qs, ks, qi, ki: flash_attention_lse(
       q, k, v, qs, ks, qi, ki, causal=causal, block_q=bq, block_k=bk, out_dtype=jnp.float32)
 
 
@@ -89,8 +89,7 @@ def _chunk_grads(impl, q, k, qseg, qidx, o, lse, d_out, causal, bq, bk):
 
 
 def _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n, impl):
-  attend = _chunk_attention(impl)
-  part = lambda q, k, v, qs, ks, qi, ki: attend(q, k, v, qs, ks, qi, ki, causal, bq, bk)
+  part = _chunk_attention(impl, causal, bq, bk)
   o, lse = part(q, k, v, qseg, kseg, qidx, kidx)
   if n == 1:
     return o, lse
