@@ -38,6 +38,9 @@ from kernels.decode_pallas import decode_attention_pallas  # noqa: E402
 from kernels.flash_pallas import Tiling, default_tiling, flash_attention_pallas  # noqa: E402
 
 
+TABLES = ("decode", "flash", "sparse", "sweep")
+
+
 def attention_flops(b: int, n: int, t: int, h: int, causal: bool, backward: bool) -> float:
   fwd = 4.0 * b * n * t * t * h * (0.5 if causal else 1.0)
   return fwd * 3.5 if backward else fwd
@@ -106,10 +109,11 @@ def run(args) -> dict:
     lengths, head_dims, tokens, heads = args.lengths, args.head_dims, args.tokens, args.heads
   names = ["ours", "cudnn", "xla", "jax_pallas"]
   start = time.perf_counter()
-  decode = run_decode(args, interpret)
+  tables = set(args.tables.split(","))
+  decode = run_decode(args, interpret) if "decode" in tables else {"rows": [], "sweep": []}
   rows, errors = [], {}
   key = jax.random.PRNGKey(0)
-  for h in head_dims:
+  for h in (head_dims if "flash" in tables else []):
     for t in lengths:
       for causal in (False, True):
         b = max(1, tokens // t)
@@ -145,9 +149,9 @@ def run(args) -> dict:
             row[f"ratio_{mode}"] = ours / cudnn
         print(json.dumps(row), flush=True)
 
-  sparse = run_block_sparse(args, interpret, start)
+  sparse = run_block_sparse(args, interpret, start) if "sparse" in tables else []
   sweep = []
-  if not interpret and time.perf_counter() - start < args.budget_s:
+  if "sweep" in tables and not interpret and time.perf_counter() - start < args.budget_s:
     sweep = _tile_sweep(args, start)
   return {"rows": rows, "errors": errors, "sweep": sweep, "names": names, "decode": decode, "sparse": sparse,
           "seconds": time.perf_counter() - start}
@@ -317,22 +321,23 @@ def _tile_sweep(args, start) -> list[dict]:
 
 def print_tables(result: dict, device: str) -> None:
   names = result["names"]
-  print(f"\n## Attention TFLOP/s, bf16, {device}, jax {jax.__version__}, "
-        f"{time.strftime('%Y-%m-%d')} (B*T={result['rows'][0]['B'] * result['rows'][0]['T']}, "
-        f"N={result['rows'][0]['N']})")
-  head = "| T | H | causal | " + " | ".join(f"{n} fwd" for n in names) + " | " + \
-      " | ".join(f"{n} f+b" for n in names) + " | ours/cuDNN fwd | ours/cuDNN f+b | rel err vs cuDNN |"
-  print(head)
-  print("|" + "---|" * (head.count("|") - 1))
-  for r in result["rows"]:
-    if "skipped" in r:
-      print(f"| {r['T']} | {r['H']} | {r['causal']} | skipped ({r['skipped']}) |")
-      continue
-    cells = [_fmt(r.get(f"{n}_fwd", "-")) for n in names] + [_fmt(r.get(f"{n}_fwdbwd", "-")) for n in names]
-    cells += [_fmt(r.get("ratio_fwd", "-"), digits=2), _fmt(r.get("ratio_fwdbwd", "-"), digits=2)]
-    err = r.get("err_vs_ref")
-    cells.append(f"{err:.1e}" if isinstance(err, float) else "-")
-    print(f"| {r['T']} | {r['H']} | {r['causal']} | " + " | ".join(cells) + " |")
+  if result["rows"]:
+    print(f"\n## Attention TFLOP/s, bf16, {device}, jax {jax.__version__}, "
+          f"{time.strftime('%Y-%m-%d')} (B*T={result['rows'][0]['B'] * result['rows'][0]['T']}, "
+          f"N={result['rows'][0]['N']})")
+    head = "| T | H | causal | " + " | ".join(f"{n} fwd" for n in names) + " | " + \
+        " | ".join(f"{n} f+b" for n in names) + " | ours/cuDNN fwd | ours/cuDNN f+b | rel err vs cuDNN |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in result["rows"]:
+      if "skipped" in r:
+        print(f"| {r['T']} | {r['H']} | {r['causal']} | skipped ({r['skipped']}) |")
+        continue
+      cells = [_fmt(r.get(f"{n}_fwd", "-")) for n in names] + [_fmt(r.get(f"{n}_fwdbwd", "-")) for n in names]
+      cells += [_fmt(r.get("ratio_fwd", "-"), digits=2), _fmt(r.get("ratio_fwdbwd", "-"), digits=2)]
+      err = r.get("err_vs_ref")
+      cells.append(f"{err:.1e}" if isinstance(err, float) else "-")
+      print(f"| {r['T']} | {r['H']} | {r['causal']} | " + " | ".join(cells) + " |")
   if result["sweep"]:
     print("\n## Tile sweep (ours), T=4096, H=128: TFLOP/s")
     print("| bq | bk | bq_dkv | bk_dkv | bq_dq | bk_dq | warps fwd/bwd | stages fwd/bwd | causal | fwd | f+b |")
@@ -400,8 +405,13 @@ def main(argv=None) -> int:
   p.add_argument("--xla_max_t", type=int, default=8192, help="skip XLA's dense path above this length")
   p.add_argument("--budget_s", type=float, default=240.0, help="skip the remaining rows after this many seconds")
   p.add_argument("--out", default=None, help="directory for bench_kernels.json")
+  p.add_argument("--tables", default=",".join(TABLES),
+                 help=f"comma-separated subset of {','.join(TABLES)} (default: all)")
   p.add_argument("--cpu_smoke", action="store_true", help="tiny shapes, our kernel interpreted: checks the script")
   args = p.parse_args(argv)
+  unknown = set(args.tables.split(",")) - set(TABLES)
+  if unknown:
+    p.error(f"--tables={args.tables!r} names {sorted(unknown)}; choose from {','.join(TABLES)}")
   if jax.default_backend() != "gpu" and not args.cpu_smoke:
     print(f"bench_kernels: no GPU (backend {jax.default_backend()!r}); nothing to time. Use --cpu_smoke to check "
           f"the script.")

@@ -5,6 +5,9 @@
 # compatibility). Each step gets what is left of a $DEADLINE-second budget; tables go to $OUT.
 #   MIXERS=a,b,c      only these mixers on MQAR
 #   STEPS=N PAR=K     MQAR steps per mixer (default 1000) and runs at a time (default 6)
+#   EVAL_EVERY=N      MQAR held-out evaluation every N steps (default: once, at the end); a run cut by
+#                     the deadline then still reports its last evaluation
+#   PARTS=a,b         a subset of mqar,selective_copy,tests (default: all three)
 #   SMOKE=1           the same steps with :smoke configs (a check of the script itself, any machine)
 # Measured on an H200 (2026-11-27): 1500 selective-copy steps take ~45-55 s per run with three
 # runs sharing the GPU; twelve MQAR runs at once were CPU-bound (compiles) at 10-48 steps/s each.
@@ -20,23 +23,31 @@ if ! "$PY" -c "import ml_collections" 2>/dev/null; then
 fi
 "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee "$OUT/versions.txt"
 
-SUFFIX=""; STEPS="${STEPS:-1000}"; SC_STEPS=3000; PAR="${PAR:-6}"
+SUFFIX=""; STEPS="${STEPS:-1000}"; SC_STEPS=3000; PAR="${PAR:-6}"; PARTS=",${PARTS:-mqar,selective_copy,tests},"
 if [[ "${SMOKE:-0}" == 1 ]]; then SUFFIX=":smoke"; STEPS=4; SC_STEPS=4; PAR=2; fi
+EVAL_EVERY="${EVAL_EVERY:-$STEPS}"
+part() { [[ "$PARTS" == *",$1,"* ]]; }
 MIXERS=${MIXERS:-attention,flash,linear,mamba,performer,transnormer,sla,ecoformer,lmu,local,bigbird,block_sparse,xattention,sparse_transformer,longformer,combiner,swin,reformer,sinkhorn,synthesizer}
 
+if part mqar; then
 echo "== MQAR, $STEPS steps per mixer, $PAR runs at a time"
 timeout "$(budget 400)" "$PY" scripts/sweep.py --config=configs/mqar.py$SUFFIX --mixers=$MIXERS --parallel=$PAR \
-  --deadline_s=$(( $(budget 400) - 15 )) --workdir_root=/tmp/sweep_mqar --set total_steps=$STEPS \
-  --set eval_every=$STEPS --set checkpoint_every=100000 2>&1 | tail -25 | tee "$OUT/mqar.txt"
+  --deadline_s=$(( $(budget 400) - 40 )) --workdir_root=/tmp/sweep_mqar --set total_steps=$STEPS \
+  --set eval_every=$EVAL_EVERY --set checkpoint_every=100000 2>&1 | tail -45 | tee "$OUT/mqar.txt"
+fi
 
+if part selective_copy; then
 echo "== selective copying, $SC_STEPS steps"
 timeout "$(budget 100)" "$PY" scripts/sweep.py --config=configs/selective_copy.py$SUFFIX --mixers=attention,linear,mamba \
-  --parallel=3 --deadline_s=$(( $(budget 100) - 10 )) --workdir_root=/tmp/sweep_sc --set total_steps=$SC_STEPS \
+  --parallel=3 --deadline_s=$(( $(budget 100) - 30 )) --workdir_root=/tmp/sweep_sc --set total_steps=$SC_STEPS \
   --set eval_every=$SC_STEPS --set checkpoint_every=100000 2>&1 | tail -6 | tee "$OUT/selective_copy.txt"
+fi
 
+if part tests; then
 echo "== mixer tests on this machine's jax (CPU platform)"
 JAX_PLATFORMS=cpu timeout "$(budget 90)" "$PY" -m pytest -q -p no:cacheprovider -n 12 \
   tests/test_linear.py tests/test_performer.py tests/test_ecoformer.py tests/test_transnormer.py tests/test_sla.py \
   tests/test_mamba.py tests/test_lmu.py tests/test_lra_mixers.py tests/test_packing.py tests/test_scan_mixers.py \
   2>&1 | tail -8 | tee "$OUT/tests.txt"
+fi
 echo "== done in $SECONDS s"

@@ -23,13 +23,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def last_metrics(workdir: str) -> dict:
-  out = {}
+  """The last value of every metric in the run's metrics.jsonl, plus `curve`: [(step, held-out accuracy)]."""
+  out, curve = {}, []
   try:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       for line in f:
-        out.update(json.loads(line))
+        row = json.loads(line)
+        out.update(row)
+        if "eval/accuracy" in row:
+          curve.append((row.get("step"), row["eval/accuracy"]))
   except FileNotFoundError:
     pass
+  out["curve"] = curve
   return out
 
 
@@ -61,28 +66,45 @@ def main(argv=None):
       log = open(os.path.join(args.workdir_root, f"{stem}-{m}.log"), "w")
       running[m] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), time.time(), wd)
     time.sleep(1.0)
-    for m, (proc, t0, wd) in list(running.items()):
-      late = time.time() - start > args.deadline_s
-      if proc.poll() is None and not late:
-        continue
-      status = "ok" if proc.poll() == 0 else ("stopped at deadline" if proc.poll() is None else f"exit {proc.poll()}")
-      if proc.poll() is None:
+    if time.time() - start > args.deadline_s:
+      # Stop every late run at once (each saves a checkpoint on SIGTERM), then kill stragglers:
+      # one shared grace period, so the table prints soon after the deadline.
+      for proc, _, _ in running.values():
         proc.terminate()
+      grace = time.time() + 20
+      for proc, _, _ in running.values():
         try:
-          proc.wait(30)
+          proc.wait(max(0.1, grace - time.time()))
         except subprocess.TimeoutExpired:
           proc.kill()
-      results[m] = (status, time.time() - t0, last_metrics(os.path.join(ROOT, wd)))
+          proc.wait()
+      for m, (proc, t0, wd) in running.items():
+        results[m] = ("stopped at deadline", time.time() - t0, last_metrics(os.path.join(ROOT, wd)))
+      for m in pending:
+        results[m] = ("not started (deadline)", 0.0, {"curve": []})
+      running, pending = {}, []
+      break
+    for m, (proc, t0, wd) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      results[m] = ("ok" if proc.returncode == 0 else f"exit {proc.returncode}", time.time() - t0,
+                    last_metrics(os.path.join(ROOT, wd)))
       del running[m]
   print(f"\n{args.config} {' '.join(args.set)}")
-  print("| mixer | held-out accuracy | held-out loss | steps | steps/s | wall s | status |")
-  print("|---|---|---|---|---|---|---|")
+  print("| mixer | held-out accuracy | held-out loss | steps | steps/s | wall s | status | accuracy by step |")
+  print("|---|---|---|---|---|---|---|---|")
   for m in mixers:
     status, wall, met = results[m]
     acc, loss = met.get("eval/accuracy"), met.get("eval/loss")
     fmt = lambda v, f: "-" if v is None else format(v, f)
     print(f"| {m} | {fmt(acc, '.4f')} | {fmt(loss, '.3f')} | {met.get('step', '-')} | "
-          f"{fmt(met.get('train/steps_per_sec'), '.1f')} | {wall:.0f} | {status} |", flush=True)
+          f"{fmt(met.get('train/steps_per_sec'), '.1f')} | {wall:.0f} | {status} | "
+          f"{' '.join(f'{s}:{a:.3f}' for s, a in met['curve'])} |", flush=True)
+  for m in mixers:
+    if results[m][0].startswith("exit"):
+      with open(os.path.join(args.workdir_root, f"{stem}-{m}.log")) as f:
+        tail = f.read().strip().splitlines()[-3:]
+      print(f"{m} ({results[m][0]}): " + " / ".join(tail), flush=True)
 
 
 if __name__ == "__main__":
