@@ -51,7 +51,7 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.mixer = "attention"  # token mixer of every layer; see layers/mixers.py
-  c.model.mixer_schedule = ""  # comma-separated per-layer mixers, cycled (overrides mixer)
+  c.model.mixer_schedule = ""  # comma-separated per-layer mixers, cycled (overrides mixer); "mixer" = model.mixer
   c.model.num_layers = 4  # MetaFormer blocks
   c.model.d_model = 128  # residual width (D)
   c.model.num_heads = 4  # query heads (N); head dim H = d_model / num_heads
@@ -177,6 +177,9 @@ def get_config(arg=None):
   c.model.lmu.direct_max_len = 128  # longest row for the O(T^2) direct convolution under impl="auto"
   c.model.lmu.chunk = 64  # tokens per chunk for impl="chunked" (and the fft's packed-row fallback)
   c.model.lmu.norm = "batchnorm"  # "batchnorm" (LMUFormer's projection BN, statistics in the train state) | "none"
+  c.model.conv = ml_collections.ConfigDict()  # gated short convolution (Zoology's BaseConv)
+  c.model.conv.kernel = 3  # taps per channel (causal: t-k+1..t; bidirectional: centred)
+  c.model.conv.gate = True  # y = (x W + b) * conv(x) (BaseConv); False: y = conv(x) alone
   c.model.synthesizer.fixed = False  # random kind: R drawn at init and not trained (kept outside the params)
   # How `attention` computes: "xla" (dense reference), "flash" (pure-JAX blockwise, O(T) memory),
   # "pallas" (fused kernels: Triton on GPU, Mosaic on TPU, interpret mode elsewhere; also the ring's

@@ -41,6 +41,7 @@ from layers.lra.linformer import Linformer  # noqa: E402
 from layers.lra.reformer import Reformer  # noqa: E402
 from layers.lra.sinkhorn import Sinkhorn  # noqa: E402
 from layers.lra.synthesizer import Synthesizer  # noqa: E402
+from layers.ssm.conv import ShortConv  # noqa: E402
 from layers.ssm.lmu import LMU  # noqa: E402
 from layers.ssm.mamba import Mamba  # noqa: E402
 
@@ -66,6 +67,7 @@ MIXERS: dict[str, type[Mixer]] = {
     "synthesizer": Synthesizer,
     "mamba": Mamba,
     "lmu": LMU,
+    "conv": ShortConv,
 }
 
 

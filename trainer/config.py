@@ -185,9 +185,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 def mixer_schedule(cfg: ml_collections.ConfigDict) -> list[str]:
-  """Per-layer mixer names: `model.mixer_schedule` (comma separated, cycled) or `model.mixer`."""
+  """Per-layer mixer names: `model.mixer_schedule` (comma separated, cycled; the entry `mixer`
+  stands for `model.mixer`, e.g. "conv,mixer") or `model.mixer` in every layer."""
   if cfg.model.mixer_schedule:
     names = [n.strip() for n in cfg.model.mixer_schedule.split(",") if n.strip()]
+    names = [cfg.model.mixer if n == "mixer" else n for n in names]
     return [names[i % len(names)] for i in range(cfg.model.num_layers)]
   return [cfg.model.mixer] * cfg.model.num_layers
 

@@ -1,0 +1,72 @@
+"""`conv`: a gated short convolution, the BaseConv of Zoology / Based (Arora et al. 2023).
+
+    y = (x W + b) * (h * x + c)
+
+`h * x` is a depth-wise convolution over the length with k taps per channel (weights
+[k, D], bias c [D]): causal taps t-k+1 .. t, or centred when bidirectional; W [D, D], b [D]
+a linear gate. No output projection (the block's residual follows). Each tap reads only
+tokens of the token's own nonzero segment id; padding rows output zeros.
+
+It is the cheapest mixer that moves information between neighbouring tokens, and the one
+the Zoology MQAR protocol puts in layer 0 in front of the mixer under test (so layer 1
+finds each value token already carrying its key: `model.mixer_schedule="conv,mixer"`; see
+configs/mqar.py). Config group `model.conv`: `kernel` (k, default 3).
+
+Decoding (causal) keeps the last k - 1 real input rows with their segment ids and
+positions, exactly as SLA's conv on V does (`layers.linear.sla`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers import axes
+from layers.core import Dense, param
+from layers.linear.sla import conv_from_history, depthwise_conv1d, last_real_tokens
+from layers.mixer_base import MixContext, Mixer, MixerSpec
+
+
+class ShortConv(Mixer):
+  """Gated short convolution (config group `model.conv`; see the module docstring)."""
+
+  def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
+    self.spec = spec
+    self.kernel = int(spec.option("kernel", 3))
+    if self.kernel < 1:
+      raise ValueError(f"model.conv.kernel={self.kernel} must be a positive number of taps")
+    self.gated = bool(spec.option("gate", True))
+    d = spec.d_model
+    self.gate = (Dense((d,), (d,), in_axes=(axes.EMBED,), out_axes=(None,), use_bias=True, rngs=rngs)
+                 if self.gated else None)
+    bound = 1.0 / math.sqrt(self.kernel)
+    init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    self.conv_weight = param(rngs, init, (self.kernel, d), (None, None))
+    self.conv_bias = param(rngs, jax.nn.initializers.zeros, (d,), (None,))
+
+  def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
+    x4 = x_btd[:, :, None, :]  # one "head" of D channels: the shared depth-wise conv helpers
+    w, bias = self.conv_weight[...], self.conv_bias[...]
+    conv = depthwise_conv1d(x4, ctx.segment_ids, w, bias, causal=self.spec.causal)
+    if ctx.decode and self.kernel > 1:
+      seg, pos = ctx.segment_ids.astype(jnp.int32), ctx.positions.astype(jnp.int32)
+      hist = (self.cached_x[...], self.cached_segment_ids[...], self.cached_positions[...])
+      conv = conv + conv_from_history(hist[0], hist[1], hist[2], seg, pos, w)
+      x_all = jnp.concatenate([hist[0], x4.astype(hist[0].dtype)], axis=1)
+      (self.cached_x[...], self.cached_positions[...], self.cached_segment_ids[...]) = last_real_tokens(
+          self.kernel - 1, x_all, jnp.concatenate([hist[2], pos], axis=1), jnp.concatenate([hist[1], seg], axis=1))
+    y = conv[:, :, 0]
+    if self.gate is not None:
+      y = self.gate(x_btd).astype(jnp.float32) * y
+    return y.astype(x_btd.dtype)
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    if not self.spec.causal:
+      raise ValueError("incremental decoding needs a causal model; the conv mixer is bidirectional here")
+    keep = self.kernel - 1
+    self.cached_x = nnx.Cache(jnp.zeros((batch, keep, 1, self.spec.d_model), dtype))
+    self.cached_segment_ids = nnx.Cache(jnp.zeros((batch, keep), jnp.int32))
+    self.cached_positions = nnx.Cache(jnp.zeros((batch, keep), jnp.int32))
