@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (about 9 minutes): every causal mixer trained on MQAR (Zoology's
-# L=256, 16 pairs, vocab 8192) for a fixed budget, several runs at a time; then mamba / attention /
-# linear on selective copying; then the mixer test files on that machine's jax (CPU platform, API
-# compatibility). Each step gets what is left of a $DEADLINE-second budget; tables go to $OUT.
-#   MIXERS=a,b,c      only these mixers on MQAR
-#   STEPS=N PAR=K     MQAR steps per mixer (default 1000) and runs at a time (default 6)
-#   EVAL_EVERY=N      MQAR held-out evaluation every N steps (default: once, at the end); a run cut by
-#                     the deadline then still reports its last evaluation
-#   PARTS=a,b         a subset of mqar,selective_copy,tests (default: all three)
+# One call on a GPU machine (about 9 minutes): ten causal mixers trained on MQAR (Zoology's
+# L=256, 16 pairs, vocab 8192) for a fixed budget of 20000 steps, all ten at once; then the mixer
+# test files on that machine's jax (CPU platform, API compatibility); selective copying on request.
+# Each step gets what is left of a $DEADLINE-second budget; tables go to $OUT.
+#   SET=1|2           which ten mixers (default 1; the table needs a session for each set)
+#   MIXERS=a,b,c      these mixers on MQAR instead
+#   STEPS=N PAR=K     MQAR steps per mixer (default 20000) and runs at a time (default 10)
+#   EVAL_EVERY=N      MQAR held-out evaluation every N steps (default 5000); a run cut by the
+#                     deadline still reports its last evaluation
+#   PARTS=a,b         a subset of mqar,selective_copy,tests (default: mqar,tests)
 #   SMOKE=1           the same steps with :smoke configs (a check of the script itself, any machine)
 # Measured on an H200 (2026-11-27): 1500 selective-copy steps take ~45-55 s per run with three
-# runs sharing the GPU; twelve MQAR runs at once were CPU-bound (compiles) at 10-48 steps/s each.
+# runs sharing the GPU. MQAR (2026-11-28): twenty runs at once made 30-66 steps/s each for the
+# fast mixers and 7-20 for the slow ones (mamba, lmu, the sparse kernels); none had learned the
+# task but sla after ~6000 steps, hence 20000 steps for ten at a time (BENCHMARKS.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_mixers_out}"
@@ -23,11 +26,13 @@ if ! "$PY" -c "import ml_collections" 2>/dev/null; then
 fi
 "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee "$OUT/versions.txt"
 
-SUFFIX=""; STEPS="${STEPS:-1000}"; SC_STEPS=3000; PAR="${PAR:-6}"; PARTS=",${PARTS:-mqar,selective_copy,tests},"
+SUFFIX=""; STEPS="${STEPS:-20000}"; SC_STEPS=3000; PAR="${PAR:-10}"; PARTS=",${PARTS:-mqar,tests},"
 if [[ "${SMOKE:-0}" == 1 ]]; then SUFFIX=":smoke"; STEPS=4; SC_STEPS=4; PAR=2; fi
-EVAL_EVERY="${EVAL_EVERY:-$STEPS}"
+EVAL_EVERY="${EVAL_EVERY:-$(( STEPS < 5000 ? STEPS : 5000 ))}"
 part() { [[ "$PARTS" == *",$1,"* ]]; }
-MIXERS=${MIXERS:-attention,flash,linear,mamba,performer,transnormer,sla,ecoformer,lmu,local,bigbird,block_sparse,xattention,sparse_transformer,longformer,combiner,swin,reformer,sinkhorn,synthesizer}
+SET1=attention,mamba,linear,sla,performer,transnormer,lmu,local,sparse_transformer,longformer
+SET2=flash,bigbird,block_sparse,xattention,combiner,swin,ecoformer,reformer,sinkhorn,synthesizer
+if [[ "${SET:-1}" == 2 ]]; then MIXERS=${MIXERS:-$SET2}; else MIXERS=${MIXERS:-$SET1}; fi
 
 if part mqar; then
 echo "== MQAR, $STEPS steps per mixer, $PAR runs at a time"
