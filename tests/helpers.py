@@ -96,3 +96,32 @@ def zigzag_index(b, t, n_chunks, seed):
                           for i in range(n_chunks)])
   shift = np.random.default_rng(seed).integers(0, 5, size=(b, 1))
   return (order[None, :] + shift).astype(np.int32)
+
+
+def decode_stepper(layer):
+  """(state, step) for incremental decoding of a mixer whose cache is initialised:
+  step(state, x, seg, pos) -> (state, y), jitted, with a decode=True context."""
+  import jax
+  from flax import nnx
+
+  from layers.mixer_base import MixContext
+  graphdef, state = nnx.split(layer)
+
+  @jax.jit
+  def step(state, x, seg, pos):
+    m = nnx.merge(graphdef, state)
+    y = m(x, MixContext(segment_ids=seg, positions=pos, decode=True))
+    return nnx.split(m)[1], y
+
+  return state, step
+
+
+def decode_in_pieces(layer, x, seg, pos, cuts):
+  """The layer's outputs when [B, T] inputs arrive as the calls x[:, cuts[i]:cuts[i+1]]."""
+  import jax.numpy as jnp
+  state, step = decode_stepper(layer)
+  outs = []
+  for a, b in zip(cuts[:-1], cuts[1:]):
+    state, y = step(state, jnp.asarray(x[:, a:b]), jnp.asarray(seg[:, a:b]), jnp.asarray(pos[:, a:b]))
+    outs.append(np.asarray(y))
+  return np.concatenate(outs, axis=1)

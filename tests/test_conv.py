@@ -11,7 +11,7 @@ from layers.mixer_base import MixContext, MixerSpec
 from layers.ssm.conv import ShortConv
 from trainer import config as config_lib
 
-from helpers import assert_close, check_values_and_grads
+from helpers import assert_close, check_values_and_grads, decode_in_pieces
 
 B, T, D = 2, 11, 8
 
@@ -99,19 +99,7 @@ def test_decode_equals_full_forward():
   layer.conv_bias[...] = jnp.asarray(np.random.default_rng(5).normal(size=(D,)), jnp.float32)
   full = np.asarray(layer(jnp.asarray(x), ctx(seg, pos)))
   layer.init_cache(B, T, jnp.float32)
-  graphdef, state = nnx.split(layer)
-
-  @jax.jit
-  def step(state, x, seg, pos):
-    m = nnx.merge(graphdef, state)
-    y = m(x, ctx(seg, pos, decode=True))
-    return nnx.split(m)[1], y
-
-  outs, cuts = [], [0, 5, 7] + list(range(8, T + 1))
-  for a, b in zip(cuts[:-1], cuts[1:]):
-    state, y = step(state, jnp.asarray(x[:, a:b]), jnp.asarray(seg[:, a:b]), jnp.asarray(pos[:, a:b]))
-    outs.append(np.asarray(y))
-  got = np.concatenate(outs, axis=1)
+  got = decode_in_pieces(layer, x, seg, pos, [0, 5, 7] + list(range(8, T + 1)))
   assert_close(got[seg != 0], full[seg != 0], 2e-5, "decode vs full")
 
 

@@ -19,7 +19,7 @@ from layers.mixer_base import MixContext, MixerSpec, use_sequence_parallel
 from parallel import mesh as mesh_lib
 from parallel.sequence import SequenceParallel
 
-from helpers import assert_close, check_values_and_grads
+from helpers import assert_close, check_values_and_grads, decode_in_pieces, decode_stepper
 
 B, T, D, N = 2, 13, 16, 2
 H = D // N
@@ -196,18 +196,6 @@ def test_positional_embedding_starts_at_zero():
   assert np.all(np.asarray(layer.position[...]) == 0)
 
 
-def decode_stepper(layer):
-  graphdef, state = nnx.split(layer)
-
-  @jax.jit
-  def step(state, x, seg, pos):
-    m = nnx.merge(graphdef, state)
-    y = m(x, ctx_of(seg, pos, decode=True))
-    return nnx.split(m)[1], y
-
-  return state, step
-
-
 @pytest.mark.parametrize("k", [3, 1])
 def test_decode_equals_full_forward(k):
   """Prefill 6 tokens, a 3-token call, then one token at a time (row 0: the second packed
@@ -218,12 +206,7 @@ def test_decode_equals_full_forward(k):
   layer = randomize(SLA(make_spec(True, chunk=4, conv_kernel=k), rngs=nnx.Rngs(0)))
   full = apply(layer, x, seg, pos)
   layer.init_cache(B, T, jnp.float32)
-  state, step = decode_stepper(layer)
-  outs, cuts = [], [0, 6, 9] + list(range(10, T + 1))
-  for a, b in zip(cuts[:-1], cuts[1:]):
-    state, y = step(state, jnp.asarray(x[:, a:b]), jnp.asarray(seg[:, a:b]), jnp.asarray(pos[:, a:b]))
-    outs.append(np.asarray(y))
-  got = np.concatenate(outs, axis=1)
+  got = decode_in_pieces(layer, x, seg, pos, [0, 6, 9] + list(range(10, T + 1)))
   valid = seg != 0
   assert_close(got[valid], full[valid], 2e-5, "decode vs full")
 

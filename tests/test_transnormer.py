@@ -22,7 +22,7 @@ from layers.mixer_base import MixContext, MixerSpec, use_sequence_parallel
 from parallel import mesh as mesh_lib
 from parallel.sequence import SequenceParallel
 
-from helpers import assert_close, check_values_and_grads
+from helpers import assert_close, check_values_and_grads, decode_in_pieces, decode_stepper
 
 B, T, D, N = 2, 13, 16, 2
 H = D // N
@@ -306,19 +306,7 @@ def test_decode_equals_full_forward(layer_index, kind):
                       rngs=nnx.Rngs(0))
   full = apply(layer, x, seg, pos)
   layer.init_cache(B, T, jnp.float32)
-  graphdef, state = nnx.split(layer)
-
-  @jax.jit
-  def step(state, x, seg, pos):
-    m = nnx.merge(graphdef, state)
-    y = m(x, ctx_of(seg, pos, decode=True))
-    return nnx.split(m)[1], y
-
-  outs, cuts = [], [0, 6, 9] + list(range(10, T + 1))
-  for a, b in zip(cuts[:-1], cuts[1:]):
-    state, y = step(state, jnp.asarray(x[:, a:b]), jnp.asarray(seg[:, a:b]), jnp.asarray(pos[:, a:b]))
-    outs.append(np.asarray(y))
-  got = np.concatenate(outs, axis=1)
+  got = decode_in_pieces(layer, x, seg, pos, [0, 6, 9] + list(range(10, T + 1)))
   valid = seg != 0
   assert_close(got[valid], full[valid], 2e-5, "decode vs full")
 
@@ -336,14 +324,7 @@ def test_ragged_prompts_decode_like_each_row_alone(kind="softmax"):
   seq = np.stack([np.concatenate([x[b, :n], x[b, width:], x[b, n:width]]) for b, n in enumerate(lens)])
   fulls = apply(layer, seq, own, np.broadcast_to(np.arange(width + steps), own.shape))
   layer.init_cache(B, width + steps, jnp.float32)
-  graphdef, state = nnx.split(layer)
-
-  @jax.jit
-  def step(state, x, seg, pos):
-    m = nnx.merge(graphdef, state)
-    y = m(x, ctx_of(seg, pos, decode=True))
-    return nnx.split(m)[1], y
-
+  state, step = decode_stepper(layer)
   seg = np.zeros((B, width), np.int32)
   for b, n in enumerate(lens):
     seg[b, :n] = 1
