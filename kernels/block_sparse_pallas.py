@@ -330,6 +330,22 @@ def transpose_table(rows, num_kv_heads: int):
 # ----------------------------------------------------------------------------- public API
 
 
+def checked_tables(q_btnh, k_bskh, v_bskh, kv_blocks, kv_valid, block: int):
+  """The shape checks every block-sparse kernel shares, then (rows, cols): the compacted table
+  and its transpose (see `compact_table`, `transpose_table`)."""
+  b, t, n, h = q_btnh.shape
+  kvh = k_bskh.shape[2]
+  if k_bskh.shape != v_bskh.shape or k_bskh.shape[:2] != (b, t) or k_bskh.shape[3] != h:
+    raise ValueError(f"q {q_btnh.shape}, k {k_bskh.shape}, v {v_bskh.shape}: block-sparse attention is "
+                     f"self-attention, expected k and v [B, T, K, H] matching q [B, T, N, H]")
+  if n % kvh:
+    raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
+  rows = compact_table(kv_blocks, kv_valid, n, kvh, -(-t // block))
+  if rows.shape[0] not in (1, b):
+    raise ValueError(f"block table batch {rows.shape[0]} does not fit batch {b}")
+  return rows, transpose_table(rows, kvh)
+
+
 def block_sparse_attention_pallas(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_valid, *, block: int,
                                   causal: bool, band=None, interpret: bool | None = None,
                                   num_warps: int | None = None, num_stages: int = 2):
@@ -340,21 +356,12 @@ def block_sparse_attention_pallas(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks
   [B or 1, N or K or 1, ceil(T / block), M]; block a power of two >= 16. Queries that see
   no key give zeros. Differentiable in q, k, v.
   """
-  b, t, n, h = q_btnh.shape
-  kvh = k_bskh.shape[2]
-  if k_bskh.shape != v_bskh.shape or k_bskh.shape[:2] != (b, t) or k_bskh.shape[3] != h:
-    raise ValueError(f"q {q_btnh.shape}, k {k_bskh.shape}, v {v_bskh.shape}: block-sparse attention is "
-                     f"self-attention, expected k and v [B, T, K, H] matching q [B, T, N, H]")
-  if n % kvh:
-    raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
   if block < 16 or block & (block - 1):
     raise ValueError(f"block={block}: the Pallas block-sparse kernel needs a power of two >= 16")
-  nb = -(-t // block)
+  rows, cols = checked_tables(q_btnh, k_bskh, v_bskh, kv_blocks, kv_valid, block)
+  b, t, n, h = q_btnh.shape
+  nb = rows.shape[2]
   tp = nb * block
-  rows = compact_table(kv_blocks, kv_valid, n, kvh, nb)
-  if rows.shape[0] not in (1, b):
-    raise ValueError(f"block table batch {rows.shape[0]} does not fit batch {b}")
-  cols = transpose_table(rows, kvh)
   hp = _pow2_at_least(h, 16)
   seg = _pad_axis(jnp.asarray(segment_ids, jnp.int32), 1, tp)
   q = _pad_axis(_pad_axis(q_btnh, 3, hp), 1, tp)

@@ -123,9 +123,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, qi_ref, ki_ref, o_ref, lse_
 
   @pl.when(j == 0)
   def _init():
-    m_sc[...] = jnp.full(m_sc.shape, _M_INIT, jnp.float32)
-    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+    _fwd_init(m_sc, l_sc, acc_sc)
 
   @pl.when(_needed(cfg, i, j))
   def _step():
@@ -137,11 +135,22 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, qi_ref, ki_ref, o_ref, lse_
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
-    l = l_sc[...]
-    empty = l == 0.0
-    l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc_sc[...] / l_safe).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l_safe))
+    _fwd_finish(o_ref, lse_ref, m_sc, l_sc, acc_sc)
+
+
+def _fwd_init(m_sc, l_sc, acc_sc):
+  m_sc[...] = jnp.full(m_sc.shape, _M_INIT, jnp.float32)
+  l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+  acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+
+def _fwd_finish(o_ref, lse_ref, m_sc, l_sc, acc_sc):
+  """out = acc / l and lse = m + log l; rows that saw no key: out 0, lse -inf."""
+  l = l_sc[...]
+  empty = l == 0.0
+  l_safe = jnp.where(empty, 1.0, l)
+  o_ref[...] = (acc_sc[...] / l_safe).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l_safe))
 
 
 def _fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, mask, cfg: _Config):

@@ -1,4 +1,5 @@
-"""The block-sparse Pallas kernels (kernels/block_sparse_pallas.py) against their references.
+"""The block-sparse Pallas kernels, GPU (kernels/block_sparse_pallas.py) and TPU
+(kernels/block_sparse_tpu.py), against their references.
 
 Twin: the pure-JAX engine `layers.attention.block_sparse.block_sparse_attention` (same
 arguments); truth: `reference_block_sparse_attention`, the table expanded to an explicit
@@ -6,8 +7,8 @@ arguments); truth: `reference_block_sparse_attention`, the table expanded to an 
 bf16, causal and bidirectional, packed segments + padding, a length that is not a multiple
 of the block, grouped-query heads with per-query-head, per-kv-head and shared tables, a
 band, a table computed under jit, and a NaN probe that proves unlisted blocks are never
-loaded. On CPU the kernels run in Pallas interpret mode (shapes are tiny); the Triton
-lowering is checked on any host.
+loaded. On CPU the kernels run in Pallas interpret mode and the TPU interpreter (shapes are
+tiny); the Triton and Mosaic lowerings are checked on any host.
 """
 
 import re
@@ -18,11 +19,16 @@ import numpy as np
 import pytest
 
 from kernels.block_sparse_pallas import block_sparse_attention_pallas, compact_table, transpose_table
+from kernels.block_sparse_tpu import block_sparse_attention_tpu
 from layers.attention import block_sparse as bs
 from tests.helpers import values_and_grads
 
 REL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+KERNELS = {"triton": block_sparse_attention_pallas, "tpu": block_sparse_attention_tpu}
 B, T, N, KV, H, BLOCK = 2, 70, 4, 2, 16, 16  # 70 = 4 full blocks + 6 rows: the last block is padded
+# Block size per kernel: the TPU interpreter's cost grows with grid steps, so its cases use
+# 32-row blocks (70 = 2 full blocks + 6 rows there).
+BLOCKS = {"triton": BLOCK, "tpu": 2 * BLOCK}
 
 
 def _case(dtype=jnp.float32, seed=0, t=T):
@@ -58,20 +64,23 @@ def _tables(kind: str, causal: bool, nb: int):
   raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind,causal,band,dtype,seed", [
-    ("random_per_query_head", True, None, jnp.float32, 1),
-    ("random_per_kv_head", False, None, jnp.float32, 2),
-    ("strided_shared", True, (9, 0), jnp.float32, 3),
-    ("strided_shared", False, (5, 3), jnp.float32, 4),
-    ("random_per_query_head", True, None, jnp.bfloat16, 6),
+@pytest.mark.parametrize("kernel,kind,causal,band,dtype,seed", [
+    ("triton", "random_per_query_head", True, None, jnp.float32, 1),
+    ("triton", "random_per_kv_head", False, None, jnp.float32, 2),
+    ("triton", "strided_shared", True, (9, 0), jnp.float32, 3),
+    ("triton", "strided_shared", False, (5, 3), jnp.float32, 4),
+    ("triton", "random_per_query_head", True, None, jnp.bfloat16, 6),
+    ("tpu", "random_per_query_head", True, None, jnp.float32, 1),
+    ("tpu", "random_per_kv_head", False, (5, 3), jnp.float32, 2),
+    ("tpu", "strided_shared", True, (9, 0), jnp.bfloat16, 3),
 ])
-def test_matches_engine_and_dense_reference(kind, causal, band, dtype, seed):
+def test_matches_engine_and_dense_reference(kernel, kind, causal, band, dtype, seed):
   q, k, v, seg, w = _case(dtype, seed=seed)
-  nb = bs.num_blocks(T, BLOCK)
+  block = BLOCKS[kernel]
+  nb = bs.num_blocks(T, block)
   blocks, valid = _tables(kind, causal, nb)
-  kw = dict(block=BLOCK, causal=causal, band=band)
-  got, g_got = values_and_grads(lambda q, k, v: block_sparse_attention_pallas(q, k, v, seg, blocks, valid, **kw),
-                                 q, k, v, w)
+  kw = dict(block=block, causal=causal, band=band)
+  got, g_got = values_and_grads(lambda q, k, v: KERNELS[kernel](q, k, v, seg, blocks, valid, **kw), q, k, v, w)
   f32 = lambda x: x.astype(jnp.float32)
   want, g_want = values_and_grads(
       lambda q, k, v: bs.reference_block_sparse_attention(q, k, v, seg, blocks, valid, **kw), f32(q), f32(k), f32(v), w)
@@ -90,21 +99,23 @@ def test_matches_engine_and_dense_reference(kind, causal, band, dtype, seed):
   assert np.all(np.asarray(got, np.float32)[pad] == 0) and np.all(np.asarray(g_got[0], np.float32)[pad] == 0)
 
 
-def test_unlisted_blocks_are_never_loaded():
+@pytest.mark.parametrize("kernel", ["triton", "tpu"])
+def test_unlisted_blocks_are_never_loaded(kernel):
   """No row lists key block 2, so its K and V are NaN: a kernel that loaded the tile (even to
   mask it) would produce NaN (0 * NaN in P V, dP = dO V^T). Results must be finite, equal the
   dense reference on clean inputs, and dK/dV of block 2 must be exactly zero."""
   q, k, v, seg, w = _case(seed=5)
   seg = np.ones_like(seg)
-  nb = bs.num_blocks(T, BLOCK)
+  block = BLOCKS[kernel]
+  nb = bs.num_blocks(T, block)
   rows = [[j for j in range(nb) if j != 2 and j <= i] for i in range(nb)]
   rows[2] = [0, 1]  # query block 2 keeps two earlier blocks only
   blocks, valid = bs.stack_heads([bs.pack_rows(rows)])
-  poisoned = slice(2 * BLOCK, 3 * BLOCK)
+  poisoned = slice(2 * block, 3 * block)
   k_nan, v_nan = k.at[:, poisoned].set(jnp.nan), v.at[:, poisoned].set(jnp.nan)
-  kw = dict(block=BLOCK, causal=True)
+  kw = dict(block=block, causal=True)
   got, (dq, dk, dv) = values_and_grads(
-      lambda q, k, v: block_sparse_attention_pallas(q, k, v, seg, blocks, valid, **kw), q, k_nan, v_nan, w)
+      lambda q, k, v: KERNELS[kernel](q, k, v, seg, blocks, valid, **kw), q, k_nan, v_nan, w)
   want, (dq_r, dk_r, dv_r) = values_and_grads(
       lambda q, k, v: bs.reference_block_sparse_attention(q, k, v, seg, blocks, valid, **kw), q, k, v, w)
   _check("out", got, want, jnp.float32)
@@ -114,15 +125,17 @@ def test_unlisted_blocks_are_never_loaded():
   assert np.all(np.asarray(dk[:, poisoned]) == 0) and np.all(np.asarray(dv[:, poisoned]) == 0)
 
 
-def test_table_computed_under_jit():
+@pytest.mark.parametrize("kernel", ["triton", "tpu"])
+def test_table_computed_under_jit(kernel):
   """A per-input table (as XAttention's) is a traced array: the kernel takes it as data, with
   the transposed table bounded by G * C entries."""
   q, k, v, seg, w = _case(seed=8)
-  nb = bs.num_blocks(T, BLOCK)
+  block = BLOCKS[kernel]
+  nb = bs.num_blocks(T, block)
 
   def per_input(q, k, v):  # each query block keeps its diagonal block and the block with the largest key norm
     norms = jnp.sum(k.astype(jnp.float32) ** 2, axis=(2, 3))  # [B, T]
-    per_block = bs.pad_length(norms, nb * BLOCK).reshape(B, nb, BLOCK).sum(-1)  # [B, C]
+    per_block = bs.pad_length(norms, nb * block).reshape(B, nb, block).sum(-1)  # [B, C]
     best = jnp.argmax(per_block, axis=-1)  # [B]
     diag = jnp.broadcast_to(jnp.arange(nb), (B, nb))
     other = jnp.broadcast_to(best[:, None], (B, nb))
@@ -130,16 +143,15 @@ def test_table_computed_under_jit():
     valid = jnp.stack([jnp.ones_like(diag, bool), other != diag], -1)[:, None]
     return blocks, valid
 
-  def kernel(q, k, v):
+  def through_kernel(q, k, v):
     blocks, valid = per_input(q, k, v)
-    return block_sparse_attention_pallas(q, k, v, seg, jax.lax.stop_gradient(blocks), valid, block=BLOCK,
-                                         causal=False)
+    return KERNELS[kernel](q, k, v, seg, jax.lax.stop_gradient(blocks), valid, block=block, causal=False)
 
   def reference(q, k, v):
     blocks, valid = per_input(q, k, v)
-    return bs.reference_block_sparse_attention(q, k, v, seg, blocks, valid, block=BLOCK, causal=False)
+    return bs.reference_block_sparse_attention(q, k, v, seg, blocks, valid, block=block, causal=False)
 
-  got, g_got = values_and_grads(kernel, q, k, v, w)
+  got, g_got = values_and_grads(through_kernel, q, k, v, w)
   want, g_want = values_and_grads(reference, q, k, v, w)
   _check("out", got, want, jnp.float32)
   for name, a, b in zip("qkv", g_got, g_want):
@@ -186,6 +198,21 @@ def test_lowers_to_triton_for_gpu():
                  "block_sparse_bwd_dkv": (nb, kv, b)}, got
 
 
+def test_lowers_to_mosaic_for_tpu():
+  """Three Mosaic kernels (forward, dQ, dK/dV) whose grids walk the scalar-prefetched tables."""
+  b, t, n, kv, h, block = 2, 1000, 8, 2, 128, 128
+  nb = bs.num_blocks(t, block)
+  blocks, valid = bs.stack_heads([bs.pack_rows(bs.local_rows(nb, True, 2, 0))])
+  q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((b, t, kv, h), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  loss = lambda q, k, v, s: jnp.sum(block_sparse_attention_tpu(
+      q, k, v, s, blocks, valid, block=block, causal=True, interpret=False).astype(jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(lowering_platforms=("tpu",)).as_text()
+  assert sorted(re.findall(r'kernel_name = "(\w+)"', text)) == ["block_sparse_tpu_bwd_dkv", "block_sparse_tpu_bwd_dq",
+                                                               "block_sparse_tpu_fwd"]
+
+
 def test_rejects_bad_arguments():
   q, k, v, seg, _ = _case()
   nb = bs.num_blocks(T, BLOCK)
@@ -195,26 +222,36 @@ def test_rejects_bad_arguments():
                                   block=24, causal=True)
   with pytest.raises(ValueError, match="does not fit"):
     block_sparse_attention_pallas(q, k, v, seg, blocks[:, :, :-1], valid[:, :, :-1], block=BLOCK, causal=True)
+  with pytest.raises(ValueError, match="block=12"):
+    block_sparse_attention_tpu(q, k, v, seg, blocks, valid, block=12, causal=True)
+  with pytest.raises(ValueError, match="does not fit"):
+    block_sparse_attention_tpu(q, k, v, seg, blocks[:, :, :-1], valid[:, :, :-1], block=BLOCK, causal=True)
 
 
-@pytest.mark.parametrize("name,options", [
-    ("block_sparse", dict(block=16, pattern="random", num_random=1)),
-    ("xattention", dict(block=16, stride=4, threshold=0.9)),
-    ("local", dict(window=20, block=16)),
-    ("bigbird", dict(block=16, num_global=2, num_random=1)),
+@pytest.mark.parametrize("kernel,name,options", [
+    ("triton", "block_sparse", dict(block=16, pattern="random", num_random=1)),
+    ("triton", "xattention", dict(block=16, stride=4, threshold=0.9)),
+    ("triton", "local", dict(window=20, block=16)),
+    ("triton", "bigbird", dict(block=16, num_global=2, num_random=1)),
+    ("tpu", "block_sparse", dict(block=32, pattern="random", num_random=1)),
 ])
-def test_mixers_run_the_kernel_with_attention_impl_pallas(name, options, monkeypatch):
-  """The block-sparse mixers with model.attention_impl=pallas (block a power of two >= 16) call
-  the kernel and give the pure-JAX engine's outputs and input gradients, causal, with packed
-  segments and padding."""
+def test_mixers_run_the_kernel_with_attention_impl_pallas(kernel, name, options, monkeypatch):
+  """The block-sparse mixers with model.attention_impl=pallas call the kernel of their backend
+  (Triton: block a power of two >= 16; a TPU, faked here with the kernel interpreted: a
+  multiple of 8) and give the pure-JAX engine's outputs and input gradients, causal, with
+  packed segments and padding."""
   from flax import nnx
 
-  import kernels.block_sparse_pallas as kernel_module
+  import kernels.block_sparse_pallas as triton_module
+  import kernels.block_sparse_tpu as tpu_module
   import layers.mixers
   from layers.mixer_base import MixContext, MixerSpec
   calls = []
-  real = kernel_module.block_sparse_attention_pallas
-  monkeypatch.setattr(kernel_module, "block_sparse_attention_pallas", lambda *a, **k: calls.append(1) or real(*a, **k))
+  module, fn = ((triton_module, "block_sparse_attention_pallas") if kernel == "triton" else
+                (tpu_module, "block_sparse_attention_tpu"))
+  real, real_backend = getattr(module, fn), jax.default_backend
+  force = {} if kernel == "triton" else {"interpret": True}
+  monkeypatch.setattr(module, fn, lambda *a, **k: calls.append(1) or real(*a, **dict(k, **force)))
   t, d = 70, 32
   r = np.random.default_rng(21)
   x = jnp.asarray(r.normal(size=(B, t, d)), jnp.float32)
@@ -223,11 +260,14 @@ def test_mixers_run_the_kernel_with_attention_impl_pallas(name, options, monkeyp
   ctx = MixContext(segment_ids=jnp.asarray(seg), positions=jnp.asarray(np.broadcast_to(np.arange(t), (B, t))))
   results = []
   for impl in ("flash", "pallas"):
-   spec = MixerSpec(d_model=d, num_heads=N, num_kv_heads=KV, causal=True, positions="rope", layer_index=0,
-           num_layers=1, max_len=128, attention_impl=impl, options=tuple(sorted(options.items())))
-   mixer = layers.mixers.MIXERS[name](spec, rngs=nnx.Rngs(0))
-   results.append(jax.jit(jax.value_and_grad(lambda x, m=mixer: jnp.sum(m(x, ctx) * w)))(x))
+    spec = MixerSpec(d_model=d, num_heads=N, num_kv_heads=KV, causal=True, positions="rope", layer_index=0,
+                     num_layers=1, max_len=128, attention_impl=impl, options=tuple(sorted(options.items())))
+    mixer = layers.mixers.MIXERS[name](spec, rngs=nnx.Rngs(0))
+    if kernel == "tpu" and impl == "pallas":
+      monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    results.append(jax.jit(jax.value_and_grad(lambda x, m=mixer: jnp.sum(m(x, ctx) * w)))(x))
+    monkeypatch.setattr(jax, "default_backend", real_backend)
   (v1, g1), (v2, g2) = results
-  assert calls, "attention_impl=pallas did not reach the block-sparse kernel"
+  assert calls, f"attention_impl=pallas did not reach the {kernel} block-sparse kernel"
   np.testing.assert_allclose(float(v2), float(v1), rtol=2e-5)
   _check("dx", g2, g1, jnp.float32)

@@ -220,10 +220,15 @@ def block_sparse_attention(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_va
   causal: key index <= query index inside the visited blocks; band (before, after):
   additionally i - before <= j <= i + after. Queries that see no key give zeros.
   Lengths need not be multiples of `block` (padded internally with segment id 0).
-  impl="pallas" runs the fused kernels of `kernels/block_sparse_pallas.py` (same contract)
-  when `block` is a power of two >= 16 (a Triton tile) and the backend is not a TPU (no
-  Mosaic block-sparse kernel yet); otherwise, and for any other impl, this pure-JAX engine.
+  impl="pallas" runs fused kernels with the same contract: on a TPU those of
+  `kernels/block_sparse_tpu.py` (Mosaic) when `block` is a multiple of 8, elsewhere those of
+  `kernels/block_sparse_pallas.py` (Triton; interpret mode on CPU) when `block` is a power of
+  two >= 16; otherwise, and for any other impl, this pure-JAX engine.
   """
+  if impl == "pallas" and jax.default_backend() == "tpu" and block % 8 == 0:
+    from kernels.block_sparse_tpu import block_sparse_attention_tpu
+    return block_sparse_attention_tpu(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_valid, block=block,
+                                      causal=causal, band=band)
   if impl == "pallas" and block >= 16 and not block & (block - 1) and jax.default_backend() != "tpu":
     from kernels.block_sparse_pallas import block_sparse_attention_pallas
     return block_sparse_attention_pallas(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_valid, block=block,
