@@ -113,7 +113,7 @@ def _fwd_kernel(tbl_ref, cnt_ref, tblt_ref, cntt_ref, q_ref, k_ref, v_ref, qs_re
   m = pl.program_id(3)
   pl.when(m == 0)(lambda: _fwd_init(m_sc, l_sc, acc_sc))
   _walk(cfg, tbl_ref, cnt_ref, qs_ref, ks_ref, lambda mask: _fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, mask,
-                                                                       cfg), transposed=False)
+                                                                       cfg.scale), transposed=False)
   pl.when(m == pl.num_programs(3) - 1)(lambda: _fwd_finish(o_ref, lse_ref, m_sc, l_sc, acc_sc))
 
 

@@ -131,7 +131,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, qi_ref, ki_ref, o_ref, lse_
 
     @_when_visible(mask)
     def _visible():
-      _fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, mask, cfg)
+      _fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, mask, cfg.scale)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -153,9 +153,9 @@ def _fwd_finish(o_ref, lse_ref, m_sc, l_sc, acc_sc):
   lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l_safe))
 
 
-def _fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, mask, cfg: _Config):
+def _fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, mask, scale: float):
   """One online-softmax step of the resident query tile against one K/V tile."""
-  s = jnp.where(mask, _dot_t(q_ref[...], k_ref[...]) * cfg.scale, -jnp.inf)  # [bq, bk]
+  s = jnp.where(mask, _dot_t(q_ref[...], k_ref[...]) * scale, -jnp.inf)  # [bq, bk]
   m = m_sc[...]
   m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
   alpha = jnp.exp(m - m_new)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from layers.attention.exact import make_mask, reference_attention
 from layers.attention.flash import flash_attention_lse, flash_chunk_grads
 from tests.helpers import values_and_grads, zigzag_index
 
@@ -97,3 +98,46 @@ def check_chunk_grads(grads_fn):
     check_rel(f"dv [{lo}:{hi}] vs full", got[2], want_dv[:, lo:hi], jnp.float32)
     dq_sum = dq_sum + got[0]
   check_rel("dq summed over chunks vs full", dq_sum, want_dq, jnp.float32)
+
+
+def decode_case(tq, dtype, seed, s=128, n=8, kv=2, h=64, block=16, lengths=(37, 128, 5, 0)):
+  """Ragged cache lengths (one full, one empty); entries that must never be read are NaN:
+  K past each length, V past the length rounded up to the block (a loaded-but-masked V
+  would still be multiplied by a zero probability, and 0 * NaN = NaN)."""
+  r = np.random.default_rng(seed)
+  lengths = np.asarray(lengths, np.int32)
+  b = len(lengths)
+  q = jnp.asarray(r.normal(size=(b, tq, n, h)), dtype)
+  k = r.normal(size=(b, s, kv, h))
+  v = r.normal(size=(b, s, kv, h))
+  pos = np.arange(s)[None, :, None, None]
+  k_poison = np.where(pos >= lengths[:, None, None, None], np.nan, k)
+  v_poison = np.where(pos >= -(-lengths // block * block)[:, None, None, None], np.nan, v)
+  return q, jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(k_poison, dtype), \
+      jnp.asarray(v_poison, dtype), jnp.asarray(lengths)
+
+
+def dense_decode(q, k, v, lengths):
+  b, tq = q.shape[:2]
+  s = k.shape[1]
+  lengths = np.asarray(lengths)
+  q_index = lengths[:, None] - tq + np.arange(tq)[None, :]
+  kv_index = np.broadcast_to(np.arange(s), (b, s))
+  mask = make_mask(np.ones((b, tq), np.int32), (kv_index < lengths[:, None]).astype(np.int32), q_index, kv_index,
+                   True)
+  f32 = lambda x: x.astype(jnp.float32)
+  return reference_attention(f32(q), f32(k), f32(v), mask)
+
+
+def check_decode(decode, tq, dtype, seed, h):
+  """decode(q, k_cache, v_cache, lengths) against the dense reference and the pure-JAX blockwise
+  twin: ragged cache lengths (one full, one empty), grouped-query heads, entries never to be
+  read poisoned with NaN, zeros for the empty cache."""
+  from kernels.decode_pallas import reference_decode_attention
+  q, k, v, k_nan, v_nan, lengths = decode_case(tq, dtype, seed=seed, h=h)
+  got = jax.jit(decode)(q, k_nan, v_nan, lengths)
+  assert got.shape == q.shape and got.dtype == dtype
+  check_rel("decode vs dense", got, dense_decode(q, k, v, lengths), dtype)
+  if tq > 1:
+    check_rel("decode vs blockwise twin", got, reference_decode_attention(q, k, v, lengths, block=16), dtype)
+  assert np.all(np.asarray(got, np.float32)[3] == 0)  # empty cache: zeros

@@ -14,13 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.decode_pallas import decode_attention_pallas, reference_decode_attention
+from kernels.decode_pallas import decode_attention_pallas
 from kernels.flash_pallas import (Tiling, flash_attention_pallas, flash_attention_pallas_lse,
                                   flash_chunk_grads_pallas, reference_flash_attention_lse)
 from layers.attention.exact import make_mask, reference_attention
 from layers.attention.flash import MASK_VALUE
 from tests.helpers import values_and_grads
-from tests.kernel_checks import attention_case, check_chunk_grads, check_explicit_positions, check_rel
+from tests.kernel_checks import (attention_case, check_chunk_grads, check_explicit_positions, check_decode, check_rel,
+                                 decode_case, dense_decode)
 
 # Small blocks, different in every kernel (bq != bk) so the causal bounds are exercised off the square.
 TILES = Tiling(block_q=16, block_k=32, block_q_dkv=32, block_k_dkv=16, block_q_dq=16, block_k_dq=32)
@@ -202,48 +203,13 @@ def test_rejects_bad_arguments():
 # ----------------------------------------------------------------------------- split-KV decode
 
 
-def _decodeattention_case(tq, dtype, seed, s=128, n=8, kv=2, h=64, block=16, lengths=(37, 128, 5, 0)):
-  """Ragged cache lengths (one full, one empty); entries that must never be read are NaN:
-  K past each length, V past the length rounded up to the block (a loaded-but-masked V
-  would still be multiplied by a zero probability, and 0 * NaN = NaN)."""
-  r = np.random.default_rng(seed)
-  lengths = np.asarray(lengths, np.int32)
-  b = len(lengths)
-  q = jnp.asarray(r.normal(size=(b, tq, n, h)), dtype)
-  k = r.normal(size=(b, s, kv, h))
-  v = r.normal(size=(b, s, kv, h))
-  pos = np.arange(s)[None, :, None, None]
-  k_poison = np.where(pos >= lengths[:, None, None, None], np.nan, k)
-  v_poison = np.where(pos >= -(-lengths // block * block)[:, None, None, None], np.nan, v)
-  return q, jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(k_poison, dtype), \
-      jnp.asarray(v_poison, dtype), jnp.asarray(lengths)
-
-
-def _dense_decode(q, k, v, lengths):
-  b, tq = q.shape[:2]
-  s = k.shape[1]
-  lengths = np.asarray(lengths)
-  q_index = lengths[:, None] - tq + np.arange(tq)[None, :]
-  kv_index = np.broadcast_to(np.arange(s), (b, s))
-  mask = make_mask(np.ones((b, tq), np.int32), (kv_index < lengths[:, None]).astype(np.int32), q_index, kv_index,
-                   True)
-  f32 = lambda x: x.astype(jnp.float32)
-  return reference_attention(f32(q), f32(k), f32(v), mask)
-
-
 @pytest.mark.parametrize("tq,dtype,splits", [(1, jnp.float32, 8), (3, jnp.float32, 3), (1, jnp.bfloat16, 1)],
                          ids=["tq1-fp32-8splits", "tq3-fp32-3splits", "tq1-bf16-1split"])
 def test_decode_matches_references_with_ragged_lengths(tq, dtype, splits):
   """Against the dense reference and the pure-JAX blockwise twin, whatever the split count (one
   block per split up to a single split); grouped-query heads packed into rows; never-read
   cache entries poisoned with NaN."""
-  q, k, v, k_nan, v_nan, lengths = _decodeattention_case(tq, dtype, seed=60 + tq)
-  got = jax.jit(lambda *a: decode_attention_pallas(*a, block_k=16, num_splits=splits))(q, k_nan, v_nan, lengths)
-  assert got.shape == q.shape and got.dtype == dtype
-  check_rel("decode vs dense", got, _dense_decode(q, k, v, lengths), dtype)
-  if tq == 3:
-    check_rel("decode vs blockwise twin", got, reference_decode_attention(q, k, v, lengths, block=16), dtype)
-  assert np.all(np.asarray(got, np.float32)[3] == 0)  # empty cache: zeros
+  check_decode(lambda *a: decode_attention_pallas(*a, block_k=16, num_splits=splits), tq, dtype, seed=60 + tq, h=64)
 
 
 def test_decode_lowers_to_triton_for_gpu():
@@ -261,7 +227,7 @@ def test_decode_lowers_to_triton_for_gpu():
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled kernel at GPU-sized tiles; too slow to interpret")
 def test_gpu_decode_at_realistic_length():
   """Default tiles and split count on the device: S = 4096, 32 query heads on 8 kv heads, bf16."""
-  q, k, v, k_nan, v_nan, lengths = _decodeattention_case(1, jnp.bfloat16, seed=80, s=4096, n=32, kv=8, h=128, block=64,
+  q, k, v, k_nan, v_nan, lengths = decode_case(1, jnp.bfloat16, seed=80, s=4096, n=32, kv=8, h=128, block=64,
                                                  lengths=(4096, 1000, 37, 0))
   got = jax.jit(decode_attention_pallas)(q, k_nan, v_nan, lengths)
-  check_rel("decode vs dense", got, _dense_decode(q, k, v, lengths), jnp.bfloat16)
+  check_rel("decode vs dense", got, dense_decode(q, k, v, lengths), jnp.bfloat16)

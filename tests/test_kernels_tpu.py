@@ -3,7 +3,8 @@
 Against the dense reference and the pure-JAX blockwise twin: out, lse and gradients through
 both, fp32 and bf16, causal and bidirectional, grouped-query heads, packed segments and
 padding, a length that is not a multiple of the blocks; causal tiles past the diagonal are
-neither computed nor fetched (NaN probe); the kernels lower to Mosaic on any host.
+neither computed nor fetched (NaN probe); the kernels lower to Mosaic on any host. The
+split-KV decode kernel (kernels/decode_tpu.py) against the dense and blockwise references.
 """
 
 import re
@@ -13,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels.decode_tpu import decode_attention_tpu
 from kernels.flash_pallas import reference_flash_attention_lse
 from kernels.flash_tpu import flash_attention_tpu, flash_attention_tpu_lse, flash_chunk_grads_tpu
 from layers.attention.exact import make_mask, reference_attention
 from tests.helpers import values_and_grads, zigzag_index
-from tests.kernel_checks import attention_case, check_chunk_grads, check_explicit_positions, check_rel
+from tests.kernel_checks import (attention_case, check_chunk_grads, check_explicit_positions, check_decode, check_rel,
+                                 decode_case)
 
 @pytest.mark.parametrize("dtype,causal", [(jnp.float32, True), (jnp.float32, False), (jnp.bfloat16, True)],
                          ids=["fp32-causal", "fp32-bidirectional", "bf16-causal"])
@@ -153,3 +156,28 @@ def test_ring_backward_step_dispatches_to_these_kernels_on_a_tpu(monkeypatch):
   assert calls == [1]
   for name, a, b_ in zip(("dq", "dk", "dv"), got, real(*args, causal=True, interpret=True)):
     check_rel(name, a, b_, jnp.float32)
+
+
+# ----------------------------------------------------------------------------- split-KV decode
+
+
+@pytest.mark.parametrize("tq,dtype,splits", [(1, jnp.float32, 8), (3, jnp.float32, 3), (1, jnp.bfloat16, 1)],
+                         ids=["tq1-fp32-8splits", "tq3-fp32-3splits", "tq1-bf16-1split"])
+def test_decode_matches_references_with_ragged_lengths(tq, dtype, splits):
+  """The TPU decode kernel against the dense reference and the pure-JAX blockwise twin: ragged
+  cache lengths (one full, one empty), grouped-query heads packed into rows, cache entries
+  past each length poisoned with NaN (blocks past it are never fetched)."""
+  check_decode(lambda *a: decode_attention_tpu(*a, block_k=16, num_splits=splits), tq, dtype, seed=70 + tq, h=128)
+
+
+def test_decode_lowers_to_mosaic_and_rejects_bad_shapes():
+  b, s, n, kv, h = 2, 4096, 32, 8, 128
+  q = jax.ShapeDtypeStruct((b, 1, n, h), jnp.bfloat16)
+  cache = jax.ShapeDtypeStruct((b, s, kv, h), jnp.bfloat16)
+  lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
+  f = lambda q, k, v, l: decode_attention_tpu(q, k, v, l, block_k=512, interpret=False)
+  text = jax.jit(f).trace(q, cache, cache, lengths).lower(lowering_platforms=("tpu",)).as_text()
+  assert re.findall(r'kernel_name = "(\w+)"', text) == ["decode_tpu"]
+  q, k, v, _, _, lengths = decode_case(1, jnp.float32, seed=79)  # head dim 64
+  with pytest.raises(ValueError, match="multiple of 128"):
+    decode_attention_tpu(q, k, v, lengths, block_k=16)
