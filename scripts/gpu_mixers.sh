@@ -9,6 +9,8 @@
 #   EVAL_EVERY=N      MQAR held-out evaluation every N steps (default 5000); a run cut by the
 #                     deadline still reports its last evaluation
 #   PARTS=a,b         a subset of mqar,selective_copy,tests (default: mqar,tests)
+#   GRID=key=v1,v2    MQAR runs per mixer and value, e.g. GRID=optimizer.learning_rate=1e-3,3e-3
+#                     (Zoology reports each mixer's best learning rate; sweep.py prints it)
 #   SMOKE=1           the same steps with :smoke configs (a check of the script itself, any machine)
 # Measured on an H200 (2026-11-27): 1500 selective-copy steps take ~45-55 s per run with three
 # runs sharing the GPU. MQAR (2026-11-28): twenty runs at once made 30-66 steps/s each for the
@@ -38,7 +40,8 @@ if part mqar; then
 echo "== MQAR, $STEPS steps per mixer, $PAR runs at a time"
 timeout "$(budget 400)" "$PY" scripts/sweep.py --config=configs/mqar.py$SUFFIX --mixers=$MIXERS --parallel=$PAR \
   --deadline_s=$(( $(budget 400) - 40 )) --workdir_root=/tmp/sweep_mqar --set total_steps=$STEPS \
-  --set eval_every=$EVAL_EVERY --set checkpoint_every=100000 2>&1 | tail -45 | tee "$OUT/mqar.txt"
+  --set eval_every=$EVAL_EVERY --set checkpoint_every=100000 ${GRID:+--grid "$GRID"} 2>&1 | tail -70 \
+  | tee "$OUT/mqar.txt"
 fi
 
 if part selective_copy; then

@@ -1,13 +1,15 @@
 """Train one config with several mixers side by side and print a table of held-out results.
 
     python scripts/sweep.py --config=configs/mqar.py --mixers=attention,linear,mamba \
-        --parallel=4 --deadline_s=480 [--set total_steps=1000 ...]
+        --parallel=4 --deadline_s=480 [--set total_steps=1000 ...] [--grid optimizer.learning_rate=1e-3,3e-3]
 
-Each mixer is a separate `python -m trainer.train` run in `--workdir_root/<config>-<mixer>`
-(several at once with `--parallel`; on one GPU each process gets an equal share of its
-memory; an existing workdir resumes, as trainer.train does). A run still going at the deadline is stopped and reported as such. The table
-gives each run's last held-out accuracy and loss, its steps, training steps/s and wall
-time, read from its metrics.jsonl.
+Each mixer (and each `--grid` value) is a separate `python -m trainer.train` run in
+`--workdir_root/<config>-<mixer>[-<key>-<value>]` (several at once with `--parallel`; on one
+GPU each process gets an equal share of its memory; an existing workdir resumes, as
+trainer.train does). Runs still going at the deadline are stopped and reported as such. The
+table gives each run's last held-out accuracy and loss, its steps, training steps/s, wall
+time and accuracy at every evaluation, read from its metrics.jsonl; with `--grid`, also each
+mixer's best run (Zoology reports the best learning rate per mixer).
 """
 
 from __future__ import annotations
@@ -43,28 +45,40 @@ def main(argv=None):
   p.add_argument("--config", required=True)
   p.add_argument("--mixers", required=True, help="comma-separated mixer names")
   p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+  p.add_argument("--grid", default=None,
+                 help="key=v1,v2,...: one run per mixer and value (e.g. optimizer.learning_rate=1e-3,3e-3, "
+                      "Zoology's protocol); the table then also gives each mixer's best run")
   p.add_argument("--parallel", type=int, default=1)
   p.add_argument("--deadline_s", type=float, default=3600.0)
   p.add_argument("--workdir_root", default="runs/sweep")
   args = p.parse_args(argv)
   mixers = args.mixers.split(",")
+  grid = [("", [])]  # (label suffix, extra overrides) per value
+  if args.grid:
+    key, sep, values = args.grid.partition("=")
+    if not sep or not values:
+      p.error(f"--grid={args.grid!r} must look like key=v1,v2")
+    grid = [(f" {key.rsplit('.', 1)[-1]}={v}", [f"{key}={v}"]) for v in values.split(",")]
+  runs = [(m + suffix, m, extra) for m in mixers for suffix, extra in grid]  # (label, mixer, overrides)
   env = dict(os.environ)
   if args.parallel > 1:
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.parallel:.3f}")
   stem = os.path.splitext(os.path.basename(args.config.split(":")[0]))[0]
   os.makedirs(args.workdir_root, exist_ok=True)
   start = time.time()
-  pending = list(mixers)
+  pending = list(runs)
   running: dict[str, tuple[subprocess.Popen, float, str]] = {}
   results = {}
+  name_of = lambda label: f"{stem}-" + "".join(c if c.isalnum() or c in "._-" else "-" for c in label.replace(" ", "-"))
   while pending or running:
     while pending and len(running) < args.parallel:
-      m = pending.pop(0)
-      wd = os.path.join(args.workdir_root, f"{stem}-{m}")
+      label, m, extra = pending.pop(0)
+      wd = os.path.join(args.workdir_root, name_of(label))
       cmd = [sys.executable, "-m", "trainer.train", f"--config={args.config}", f"--workdir={wd}",
-             f"--config.model.mixer={m}", "--config.progress_bar=false"] + [f"--config.{s}" for s in args.set]
-      log = open(os.path.join(args.workdir_root, f"{stem}-{m}.log"), "w")
-      running[m] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), time.time(), wd)
+             f"--config.model.mixer={m}", "--config.progress_bar=false"] + [f"--config.{s}" for s in args.set + extra]
+      log = open(os.path.join(args.workdir_root, name_of(label) + ".log"), "w")
+      running[label] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), time.time(),
+                        wd)
     time.sleep(1.0)
     if time.time() - start > args.deadline_s:
       # Stop every late run at once (each saves a checkpoint on SIGTERM), then kill stragglers:
@@ -78,34 +92,43 @@ def main(argv=None):
         except subprocess.TimeoutExpired:
           proc.kill()
           proc.wait()
-      for m, (proc, t0, wd) in running.items():
-        results[m] = ("stopped at deadline", time.time() - t0, last_metrics(os.path.join(ROOT, wd)))
-      for m in pending:
-        results[m] = ("not started (deadline)", 0.0, {"curve": []})
+      for label, (proc, t0, wd) in running.items():
+        results[label] = ("stopped at deadline", time.time() - t0, last_metrics(os.path.join(ROOT, wd)))
+      for label, _, _ in pending:
+        results[label] = ("not started (deadline)", 0.0, {"curve": []})
       running, pending = {}, []
       break
-    for m, (proc, t0, wd) in list(running.items()):
+    for label, (proc, t0, wd) in list(running.items()):
       if proc.poll() is None:
         continue
-      results[m] = ("ok" if proc.returncode == 0 else f"exit {proc.returncode}", time.time() - t0,
-                    last_metrics(os.path.join(ROOT, wd)))
-      del running[m]
+      results[label] = ("ok" if proc.returncode == 0 else f"exit {proc.returncode}", time.time() - t0,
+                        last_metrics(os.path.join(ROOT, wd)))
+      del running[label]
   print(f"\n{args.config} {' '.join(args.set)}")
-  print("| mixer | held-out accuracy | held-out loss | steps | steps/s | wall s | status | accuracy by step |")
+  print("| run | held-out accuracy | held-out loss | steps | steps/s | wall s | status | accuracy by step |")
   print("|---|---|---|---|---|---|---|---|")
-  for m in mixers:
-    status, wall, met = results[m]
+  fmt = lambda v, f: "-" if v is None else format(v, f)
+  for label, _, _ in runs:
+    status, wall, met = results[label]
     acc, loss = met.get("eval/accuracy"), met.get("eval/loss")
-    fmt = lambda v, f: "-" if v is None else format(v, f)
-    print(f"| {m} | {fmt(acc, '.4f')} | {fmt(loss, '.3f')} | {met.get('step', '-')} | "
+    print(f"| {label} | {fmt(acc, '.4f')} | {fmt(loss, '.3f')} | {met.get('step', '-')} | "
           f"{fmt(met.get('train/steps_per_sec'), '.1f')} | {wall:.0f} | {status} | "
           f"{' '.join(f'{s}:{a:.3f}' for s, a in met['curve'])} |", flush=True)
-  for m in mixers:
-    if results[m][0].startswith("exit"):
-      with open(os.path.join(args.workdir_root, f"{stem}-{m}.log")) as f:
+  if len(grid) > 1:
+    print(f"\nbest run per mixer over {args.grid}:")
+    print("| mixer | best run | held-out accuracy |")
+    print("|---|---|---|")
+    for m in mixers:
+      # Highest held-out accuracy, ties to the lower held-out loss.
+      scored = [(met["eval/accuracy"], -met.get("eval/loss", 0.0), label)
+                for label, mm, _ in runs if mm == m for met in [results[label][2]] if "eval/accuracy" in met]
+      acc, _, label = max(scored) if scored else (None, None, "-")
+      print(f"| {m} | {label} | {fmt(acc, '.4f')} |")
+  for label, _, _ in runs:
+    if results[label][0].startswith("exit"):
+      with open(os.path.join(args.workdir_root, name_of(label) + ".log")) as f:
         tail = f.read().strip().splitlines()[-3:]
-      print(f"{m} ({results[m][0]}): " + " / ".join(tail), flush=True)
-
+      print(f"{label} ({results[label][0]}): " + " / ".join(tail), flush=True)
 
 if __name__ == "__main__":
   main()

@@ -9,16 +9,23 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import sweep  # noqa: E402
 
 
-def test_sweep_table_reports_runs_curves_and_failures(tmp_path, capsys):
+def test_sweep_table_reports_runs_curves_grid_and_failures(tmp_path, capsys):
   sweep.main(["--config=configs/mqar.py:smoke", "--mixers=linear,nosuchmixer", "--parallel=2",
               f"--workdir_root={tmp_path}", "--set", "total_steps=4", "--set", "eval_every=2",
-              "--set", "batch_size=8"])
+              "--set", "batch_size=8", "--grid", "optimizer.learning_rate=1e-3,3e-2"])
   out = capsys.readouterr().out
   rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
-  linear = [c.strip() for c in rows["linear"].split("|")]
+  names = [f"mqar-{m}-learning_rate-{v}" for m in ("linear", "nosuchmixer") for v in ("1e-3", "3e-2")]
+  assert set(os.listdir(tmp_path)) == {n + ".log" for n in names} | set(names[:2])  # workdirs of the runs that started
+  low, high = ([c.strip() for c in rows[f"linear learning_rate={v}"].split("|")] for v in ("1e-3", "3e-2"))
+  assert low[2] != high[2] or low[3] != high[3], "the grid values did not reach the runs"
+  best = [c.strip() for c in rows["linear"].split("|")]  # the best-run summary row
+  assert best[2] in ("linear learning_rate=1e-3", "linear learning_rate=3e-2")
+  assert float(best[3]) == max(float(low[2]), float(high[2]))
+  linear = low
   assert linear[4] == "4" and linear[7] == "ok", rows["linear"]
   curve = [point.split(":") for point in linear[8].split()]
   assert [step for step, _ in curve] == ["2", "4"], rows["linear"]
   assert float(curve[-1][1]) == round(float(linear[2]), 3), rows["linear"]  # the last point is the final result
-  assert "exit 2" in rows["nosuchmixer"]
-  assert "nosuchmixer (exit 2): " in out and "'nosuchmixer' is not a known mixer" in out
+  assert "exit 2" in rows["nosuchmixer learning_rate=1e-3"] and rows["nosuchmixer"].split("|")[2].strip() == "-"
+  assert "nosuchmixer learning_rate=3e-2 (exit 2): " in out and "'nosuchmixer' is not a known mixer" in out
