@@ -24,7 +24,7 @@ PYEOF
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee -a "$OUT/versions.txt"
 
 echo "== Pallas kernel tests on the GPU (compiled with Triton)"
-JAX_PLATFORMS=cuda timeout "$(budget 150)" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_block_sparse_kernel.py \
+JAX_PLATFORMS=cuda timeout "$(budget 150)" "$PY" -m pytest -q -p no:cacheprovider -rs -k "not tpu" tests/test_kernels.py tests/test_block_sparse_kernel.py \
   2>&1 | tee "$OUT/kernel_tests_full.txt" | tail -25 | tee "$OUT/kernel_tests.txt"
 
 echo "== kernel benchmark (bf16)"
