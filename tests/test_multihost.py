@@ -217,7 +217,7 @@ def _kill_one(tmp_path, victim: int) -> None:
     by_collective = (f"seqmix: process {1 - victim} failed (JaxRuntimeError)" in text
                      and "Gloo" in text and "failed" in text)
     assert by_service or by_collective, text[-3000:]
-    if victim == 1:
+    if victim == 1 and not by_collective:  # the service's verdict on a dead worker names the heartbeats
       assert "stopped sending heartbeats" in text or "heartbeat timeout" in text, text[-3000:]
   finally:
     for p in procs:
