@@ -14,6 +14,9 @@ Per-sequence cache lengths: the new tokens are the last Tq entries of each seque
 valid cache prefix, so query t of sequence b sits at position lengths[b] - Tq + t and sees
 keys at positions <= its own (which also hides everything past the length). Key blocks
 past a sequence's length are never loaded: the loop bound comes from the positions.
+With segment ids (a model's batched cache: padded prompts, packed prompts, one write
+position for every row) a query also needs its own nonzero segment; the ids of each key
+block are loaded beside it (4 bytes a slot against 2*K*H*2 for bf16 K/V).
 
 Inference only (no VJP). Twin: `reference_decode_attention` (the blockwise pure-JAX flash
 with the same mask), and the dense reference in the tests.
@@ -33,10 +36,15 @@ from kernels.flash_pallas import LN2, LOG2E, _M_INIT, _SQ, _dot, _dot_t, _pltrit
 from layers.attention.flash import flash_attention_lse, merge_partials
 
 
-def _decode_kernel(q_ref, pos_ref, k_ref, v_ref, o_ref, lse_ref, *, bk: int, blocks_per_split: int, scale: float):
+def _decode_kernel(*refs, bk: int, blocks_per_split: int, scale: float, segs: bool):
+  if segs:
+    q_ref, pos_ref, qs_ref, k_ref, v_ref, ks_ref, o_ref, lse_ref = refs
+  else:
+    (q_ref, pos_ref, k_ref, v_ref, o_ref, lse_ref), qs_ref, ks_ref = refs, None, None
   sp = pl.program_id(0)
   q = q_ref[...]  # [R, H]
   pos = pos_ref[...]  # [R] query positions; -1 on padding rows (they see nothing)
+  q_seg = None if qs_ref is None else qs_ref[...]  # [R] segment ids of the query rows
   c = scale * LOG2E
   # Blocks holding any visible key: cdiv(max position + 1, bk) (0 when every row is padding).
   n_valid = lax.div(jnp.max(pos) + bk, bk)
@@ -49,7 +57,10 @@ def _decode_kernel(q_ref, pos_ref, k_ref, v_ref, o_ref, lse_ref, *, bk: int, blo
     k = k_ref[pl.ds(start, bk), :]
     s = _dot_t(q, k) * c
     k_pos = start + jnp.arange(bk, dtype=jnp.int32)
-    s = jnp.where(k_pos[None, :] <= pos[:, None], s, -jnp.inf)
+    visible = k_pos[None, :] <= pos[:, None]
+    if q_seg is not None:  # packed or padded caches: only the query's own segment
+      visible &= ks_ref[pl.ds(start, bk)][None, :] == q_seg[:, None]
+    s = jnp.where(visible, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
@@ -76,16 +87,18 @@ def _default_splits(batch: int, kv_heads: int, blocks: int) -> int:
   return max(1, min(blocks, -(-4 * cores // (batch * kv_heads))))
 
 
-def decode_attention_pallas(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, block_k: int = 64,
-                            num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                            interpret: bool | None = None):
+def decode_attention_pallas(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, q_segment_ids=None,
+                            kv_segment_ids=None, block_k: int = 64, num_splits: int | None = None,
+                            num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None):
   """Attention of Tq new tokens against a KV cache: out [B, Tq, N, H] in q's dtype.
 
   q [B, Tq, N, H]; caches [B, S, K, H] with entries [0, lengths[b]) valid and the new
   tokens' K/V already written at [lengths[b] - Tq, lengths[b]); causal among the new
-  tokens. Rows that see no key (lengths[b] = 0) give zeros. S must be a multiple of
-  `block_k` (a power of two >= 16): caches are allocated once, so no per-call padding of
-  gigabytes is done here.
+  tokens. Optional segment ids, q [B, Tq] and cache [B, S] (both or neither; 0 = padding):
+  a query then sees only cached entries of its own nonzero segment (padded prompts in a
+  batch sharing one write position, packed prompts). Rows that see no key (lengths[b] = 0,
+  padding queries) give zeros. S must be a multiple of `block_k` (a power of two >= 16):
+  caches are allocated once, so no per-call padding of gigabytes is done here.
   """
   b, tq, n, h = q_btnh.shape
   _, s, kvh, _ = k_cache_bskh.shape
@@ -95,6 +108,8 @@ def decode_attention_pallas(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, bl
     raise ValueError(f"block_k={block_k} must be a power of two >= 16 dividing the cache length {s}")
   if h < 16 or h & (h - 1):
     raise ValueError(f"head dim {h}: the decode kernel needs a power of two >= 16")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
   interp = _resolve_interpret(interpret)
   g = n // kvh
   rows = max(16, 1 << (g * tq - 1).bit_length())
@@ -102,6 +117,8 @@ def decode_attention_pallas(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, bl
   q = jnp.transpose(q_btnh.reshape(b, tq, kvh, g, h), (0, 2, 3, 1, 4)).reshape(b, kvh, g * tq, h)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g * tq), (0, 0)))
   t_pos = lengths_b.astype(jnp.int32)[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)[None, :]  # [B, Tq]
+  if q_segment_ids is not None:  # a padding query sees nothing
+    t_pos = jnp.where(jnp.asarray(q_segment_ids) != 0, t_pos, -1)
   pos = jnp.pad(jnp.tile(t_pos, (1, g)), ((0, 0), (0, rows - g * tq)), constant_values=-1)  # [B, rows]
   blocks = s // block_k
   splits = num_splits or _default_splits(b, kvh, blocks)
@@ -109,15 +126,20 @@ def decode_attention_pallas(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, bl
   splits = -(-blocks // per_split)
   params = None if interp or _pltriton is None else _pltriton.CompilerParams(num_warps=num_warps,
                                                                               num_stages=num_stages)
+  row_spec = pl.BlockSpec((_SQ, rows), lambda sp, kh, bt: (bt, 0))
+  cache_spec = pl.BlockSpec((_SQ, s, _SQ, h), lambda sp, kh, bt: (bt, 0, kh, 0))
+  segs = q_segment_ids is not None
+  if segs:  # ids per query row, as the rows are ordered; padding rows -1 (they see nothing anyway)
+    q_seg = jnp.pad(jnp.tile(jnp.asarray(q_segment_ids, jnp.int32), (1, g)), ((0, 0), (0, rows - g * tq)),
+                    constant_values=-1)
+    kv_seg = jnp.asarray(kv_segment_ids, jnp.int32)
   o, lse = pl.pallas_call(
-      functools.partial(_decode_kernel, bk=block_k, blocks_per_split=per_split, scale=1.0 / math.sqrt(h)),
+      functools.partial(_decode_kernel, bk=block_k, blocks_per_split=per_split, scale=1.0 / math.sqrt(h),
+                        segs=segs),
       grid=(splits, kvh, b),
-      in_specs=[
-          pl.BlockSpec((_SQ, _SQ, rows, h), lambda sp, kh, bt: (bt, kh, 0, 0)),
-          pl.BlockSpec((_SQ, rows), lambda sp, kh, bt: (bt, 0)),
-          pl.BlockSpec((_SQ, s, _SQ, h), lambda sp, kh, bt: (bt, 0, kh, 0)),
-          pl.BlockSpec((_SQ, s, _SQ, h), lambda sp, kh, bt: (bt, 0, kh, 0)),
-      ],
+      in_specs=[pl.BlockSpec((_SQ, _SQ, rows, h), lambda sp, kh, bt: (bt, kh, 0, 0)), row_spec]
+      + ([row_spec] if segs else []) + [cache_spec, cache_spec]
+      + ([pl.BlockSpec((_SQ, s), lambda sp, kh, bt: (bt, 0))] if segs else []),
       out_specs=[
           pl.BlockSpec((_SQ, _SQ, _SQ, rows, h), lambda sp, kh, bt: (bt, kh, sp, 0, 0)),
           pl.BlockSpec((_SQ, _SQ, _SQ, rows), lambda sp, kh, bt: (bt, kh, sp, 0)),
@@ -127,7 +149,7 @@ def decode_attention_pallas(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, bl
       compiler_params=params,
       interpret=interp,
       name="flash_decode",
-  )(q, pos, k_cache_bskh, v_cache_bskh)
+  )(*((q, pos, q_seg, k_cache_bskh, v_cache_bskh, kv_seg) if segs else (q, pos, k_cache_bskh, v_cache_bskh)))
   out, _ = functools.reduce(lambda acc, i: merge_partials(*acc, o[:, :, i], lse[:, :, i]), range(1, splits),
                             (o[:, :, 0], lse[:, :, 0]))
   out = out[:, :, :g * tq].reshape(b, kvh, g, tq, h)

@@ -34,8 +34,11 @@ from layers.attention.flash import merge_partials
 _SQ = None
 
 
-def _decode_kernel(len_ref, q_ref, pos_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, bk: int,
-                   per_split: int, scale: float):
+def _decode_kernel(*refs, bk: int, per_split: int, scale: float, segs: bool):
+  if segs:
+    len_ref, q_ref, pos_ref, qs_ref, k_ref, v_ref, ks_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+  else:
+    len_ref, q_ref, pos_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
   bt, sp, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   blk = sp * per_split + j
 
@@ -47,20 +50,25 @@ def _decode_kernel(len_ref, q_ref, pos_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, 
   def _step():
     pos = pos_ref[...]  # [R, 1]; -1 on padding rows
     k_pos = blk * bk + lax.broadcasted_iota(jnp.int32, (pos.shape[0], bk), 1)
-    _fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, k_pos <= pos, scale)
+    visible = k_pos <= pos
+    if segs:  # only the query's own segment: [R, 1] against the block's [1, bk]
+      visible &= qs_ref[...] == ks_ref[...]
+    _fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, visible, scale)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
     _fwd_finish(o_ref, lse_ref, m_sc, l_sc, acc_sc)
 
 
-def decode_attention_tpu(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, block_k: int = 512,
-                         num_splits: int = 2, interpret: bool | None = None):
+def decode_attention_tpu(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, q_segment_ids=None, kv_segment_ids=None,
+                         block_k: int = 512, num_splits: int = 2, interpret: bool | None = None):
   """Attention of Tq new tokens against a KV cache: out [B, Tq, N, H] in q's dtype.
 
   q [B, Tq, N, H]; caches [B, S, K, H] with entries [0, lengths[b]) valid and the new tokens'
-  K/V already written at [lengths[b] - Tq, lengths[b]); causal among the new tokens. Rows that
-  see no key (lengths[b] = 0) give zeros. H a multiple of 128; S a multiple of `block_k` (a
+  K/V already written at [lengths[b] - Tq, lengths[b]); causal among the new tokens. Optional
+  segment ids, q [B, Tq] and cache [B, S] (both or neither; 0 = padding): a query sees only
+  entries of its own nonzero segment. Rows that see no key (lengths[b] = 0, padding queries)
+  give zeros. H a multiple of 128; S a multiple of `block_k` (a
   multiple of 8). `num_splits` independent ranges of the cache (2: one per TensorCore of a
   megacore chip). `interpret=None` compiles with Mosaic on TPU and runs the TPU interpreter
   elsewhere.
@@ -74,6 +82,8 @@ def decode_attention_tpu(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, block
                      f"multiple of 128")
   if block_k < 8 or block_k % 8 or s % block_k:
     raise ValueError(f"block_k={block_k} must be a multiple of 8 dividing the cache length {s}")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
   if interpret is None:
     interpret = jax.default_backend() != "tpu"
   g = n // kvh
@@ -83,7 +93,11 @@ def decode_attention_tpu(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, block
   q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g * tq), (0, 0)))
   lengths = lengths_b.astype(jnp.int32)
   t_pos = lengths[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)[None, :]  # [B, Tq]
-  pos = jnp.pad(jnp.tile(t_pos, (1, g)), ((0, 0), (0, rows - g * tq)), constant_values=-1)[..., None]
+  segs = q_segment_ids is not None
+  if segs:  # a padding query sees nothing
+    t_pos = jnp.where(jnp.asarray(q_segment_ids) != 0, t_pos, -1)
+  per_row = lambda x: jnp.pad(jnp.tile(x, (1, g)), ((0, 0), (0, rows - g * tq)), constant_values=-1)[..., None]
+  pos = per_row(t_pos)  # [B, rows, 1], as the query rows are ordered
   blocks = s // block_k
   per_split = -(-blocks // max(1, min(num_splits, blocks)))
   splits = -(-blocks // per_split)
@@ -93,23 +107,28 @@ def decode_attention_tpu(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, block
     return bt, jnp.minimum(sp * per_split + j, last), kh
 
   kv_spec = pl.BlockSpec((_SQ, block_k, h), kv_block)
+  row_spec = pl.BlockSpec((_SQ, rows, 1), lambda bt, kh, sp, j, ln: (bt, 0, 0))
+  # Cache segment ids as [B, S/bk, 1, bk]: a (1, bk) tile spans its array's last two dims.
+  kseg_spec = pl.BlockSpec((_SQ, _SQ, 1, block_k), lambda *a: (*kv_block(*a)[:2], 0, 0))
   grid = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1, grid=(b, kvh, splits, per_split),
-      in_specs=[pl.BlockSpec((_SQ, _SQ, rows, h), lambda bt, kh, sp, j, ln: (bt, kh, 0, 0)),
-                pl.BlockSpec((_SQ, rows, 1), lambda bt, kh, sp, j, ln: (bt, 0, 0)), kv_spec, kv_spec],
+      in_specs=[pl.BlockSpec((_SQ, _SQ, rows, h), lambda bt, kh, sp, j, ln: (bt, kh, 0, 0)), row_spec]
+      + ([row_spec] if segs else []) + [kv_spec, kv_spec] + ([kseg_spec] if segs else []),
       out_specs=[pl.BlockSpec((_SQ, _SQ, _SQ, rows, h), lambda bt, kh, sp, j, ln: (bt, kh, sp, 0, 0)),
                  pl.BlockSpec((_SQ, _SQ, _SQ, rows, 1), lambda bt, kh, sp, j, ln: (bt, kh, sp, 0, 0))],
       scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
                       pltpu.VMEM((rows, h), jnp.float32)])
   o, lse = pl.pallas_call(
-      functools.partial(_decode_kernel, bk=block_k, per_split=per_split, scale=1.0 / math.sqrt(h)),
+      functools.partial(_decode_kernel, bk=block_k, per_split=per_split, scale=1.0 / math.sqrt(h), segs=segs),
       grid_spec=grid,
       out_shape=[jax.ShapeDtypeStruct((b, kvh, splits, rows, h), jnp.float32),
                  jax.ShapeDtypeStruct((b, kvh, splits, rows, 1), jnp.float32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=pltpu.InterpretParams() if interpret else False,
       name="decode_tpu",
-  )(lengths, q, pos, k_cache_bskh.reshape(b, s, kvh * h), v_cache_bskh.reshape(b, s, kvh * h))
+  )(lengths, q, pos, *([per_row(jnp.asarray(q_segment_ids, jnp.int32))] if segs else []),
+    k_cache_bskh.reshape(b, s, kvh * h), v_cache_bskh.reshape(b, s, kvh * h),
+    *([jnp.asarray(kv_segment_ids, jnp.int32).reshape(b, blocks, 1, block_k)] if segs else []))
   lse = lse[..., 0]
   out, _ = functools.reduce(lambda acc, i: merge_partials(*acc, o[:, :, i], lse[:, :, i]), range(1, splits),
                             (o[:, :, 0], lse[:, :, 0]))

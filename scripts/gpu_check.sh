@@ -2,8 +2,8 @@
 # One call on a GPU machine (under 8 minutes: every step's timeout is cut to what is left of a
 # 420 s deadline): versions; the Pallas kernel tests compiled for the GPU (Triton, not
 # interpreted); the kernel benchmark (ours vs cuDNN, XLA, JAX's reference Pallas kernel);
-# the CPU-platform test suite under that machine's jax/flax (API compatibility, including the
-# kernels in interpret mode); the default job on the GPU in bf16 and its compiled memory; and
+# the model's decoding on the kernels; the CPU-platform test suite under that machine's
+# jax/flax (API compatibility, including the kernels in interpret mode); the default job on the GPU in bf16 and its compiled memory; and
 # last the kernel benchmark's table again. Results go to $OUT (or ./gpu_check_out). Needs jax,
 # flax, optax and orbax; ml-collections is installed from .gpu_wheels/ when missing (pip
 # download ml-collections) - the kernel steps do not need it.
@@ -35,6 +35,9 @@ JAX_PLATFORMS=cuda timeout "$BENCH_S" "$PY" scripts/bench_kernels.py --out "$OUT
 if ! "$PY" -c "import ml_collections" 2>/dev/null; then
   "$PY" -m pip install --quiet --no-deps --no-index .gpu_wheels/*.whl || echo "ml-collections missing: skipping the trainer steps"
 fi
+echo "== the model's decoding on the Pallas kernels, compiled for the GPU"
+JAX_PLATFORMS=cuda timeout "$(budget 60)" "$PY" -m pytest -q -p no:cacheprovider -rs -k "pallas or gpu-" \
+  tests/test_decode.py 2>&1 | tail -8 | tee "$OUT/decode_tests.txt"
 echo "== CPU-platform tests under this machine's packages"
 # (The Triton-lowering tests are for machines without CUDA; here the real compile above covers them.
 # tests/test_scan.py is left out: it crashes XLA's CPU backend in jax 0.11.2, see BENCHMARKS.md.)

@@ -141,3 +141,38 @@ def check_decode(decode, tq, dtype, seed, h):
   if tq > 1:
     check_rel("decode vs blockwise twin", got, reference_decode_attention(q, k, v, lengths, block=16), dtype)
   assert np.all(np.asarray(got, np.float32)[3] == 0)  # empty cache: zeros
+
+
+def check_decode_segments(decode, dtype, seed, h, s=128, block=16):
+  """decode(q, k, v, lengths, q_segment_ids=, kv_segment_ids=) with segment ids, as a model's
+  batched cache holds them (one write position for every row): row 0 two packed prompts, the
+  new tokens continuing the second; row 1 a short prompt, a padding gap, then its new tokens;
+  row 2 a padding query (zeros); row 3 a one-token cache. Against the dense masked reference
+  and the pure-JAX split-KV path; K of every padding slot poisoned with NaN (masked, never
+  used), V finite there (a loaded-but-masked V is multiplied by a zero probability)."""
+  from layers.attention.decode import reference_decode_attention, split_kv_decode_attention
+  tq, n, kv = 2, 8, 2
+  lengths = np.array([90, 90, 90, 1], np.int32)
+  r = np.random.default_rng(seed)
+  b = len(lengths)
+  q = jnp.asarray(r.normal(size=(b, tq, n, h)), dtype)
+  k, v = r.normal(size=(b, s, kv, h)), r.normal(size=(b, s, kv, h))
+  kseg = np.zeros((b, s), np.int32)
+  kseg[0, :40], kseg[0, 40:90] = 1, 2
+  kseg[1, :17], kseg[1, 88:90] = 3, 3
+  kseg[2, :50] = 1
+  kseg[3, 0] = 1
+  qseg = np.array([[2, 2], [3, 3], [0, 0], [1, 1]], np.int32)
+  qseg[3, 0] = 0  # the one-token row's first query is padding too
+  k_nan = np.where((kseg == 0)[:, :, None, None], np.nan, k)
+  k, k_nan, v = (jnp.asarray(x, dtype) for x in (k, k_nan, v))
+  got = jax.jit(decode)(q, k_nan, v, jnp.asarray(lengths), q_segment_ids=jnp.asarray(qseg),
+                        kv_segment_ids=jnp.asarray(kseg))
+  assert got.shape == q.shape and got.dtype == dtype
+  f32 = lambda x: x.astype(jnp.float32)
+  check_rel("decode with segments vs dense", got, reference_decode_attention(
+      f32(q), f32(k), f32(v), lengths, q_segment_ids=qseg, kv_segment_ids=kseg), dtype)
+  check_rel("decode with segments vs split-KV", got, split_kv_decode_attention(
+      q, k, v, lengths, q_segment_ids=qseg, kv_segment_ids=kseg, chunk=32), dtype)
+  got = np.asarray(got, np.float32)
+  assert np.all(got[2] == 0) and np.all(got[3, 0] == 0)  # padding queries: zeros

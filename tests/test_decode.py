@@ -1,11 +1,11 @@
 """Split-KV decode attention against dense masked attention and a per-query loop; the merge's
-associativity; prefill + token-by-token decode == full forward (uniform and ragged batches,
-dense and split-KV cache attention); `trainer.generate` greedy == argmax of full forwards."""
+associativity; the model's cache attention on each impl (the kernels picked by shape); prefill +
+token-by-token decode == full forward (uniform and ragged batches; split-KV and the Pallas
+kernels); `trainer.generate` greedy == argmax of full forwards."""
 
 import ast
-import inspect
 import math
-import textwrap
+import re
 
 import jax
 import jax.extend
@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 
 from layers.attention import exact
-from layers.attention.decode import (decode_masks, reference_decode_attention, split_kv_decode_attention,
-                                     tree_merge)
+from layers.attention.decode import (cached_attention, decode_masks, reference_decode_attention,
+                                     split_kv_decode_attention, tree_merge)
 from layers.attention.flash import flash_attention_lse, merge_partials
 from layers.models import ModelSpec, build_model
 from tests import helpers
@@ -190,40 +190,59 @@ def test_merge_of_random_unequal_partitions_in_any_grouping_equals_dense():
       np.testing.assert_allclose(np.asarray(lse), np.asarray(results[0][1]), rtol=1e-6)
 
 
+def _kernel_names(f, *args):
+  text = str(jax.make_jaxpr(f)(*args))
+  return set(re.findall(r"\bname=(flash_decode|decode_tpu|flash_fwd|flash_tpu_fwd)\b", text)) | (
+      {"pallas"} if "pallas_call" in text else set())
+
+
+@pytest.mark.parametrize("backend, h, t, kernel", [
+    ("gpu", 16, 1, "flash_decode"),  # Triton decode kernel (interpreted here)
+    ("gpu", 16, 3, "flash_decode"),
+    ("gpu", 16, 40, "flash_fwd"),  # a long prefill: the flash kernel with explicit positions
+    ("tpu", 128, 2, "decode_tpu"),  # Mosaic decode kernel (TPU interpreter)
+    ("gpu", 8, 1, None),  # head dim 8: no kernel tiles it, pure-JAX split-KV
+])
+def test_cached_attention_picks_a_kernel_and_equals_reference(backend, h, t, kernel):
+  """The model's cache layout (one write position; a packed row, a padded prompt with a gap, a
+  row of padding queries): `cached_attention(impl="pallas")` equals the dense masked reference
+  and runs the kernel its shapes call for."""
+  b, n, kv, s, length = 3, 4, 2, 64, 48
+  r = np.random.default_rng(7)
+  q = jnp.asarray(r.normal(size=(b, t, n, h)), jnp.float32)
+  k, v = (jnp.asarray(r.normal(size=(b, s, kv, h)), jnp.float32) for _ in range(2))
+  kseg = np.zeros((b, s), np.int32)
+  kseg[0, :20], kseg[0, 20:length] = 1, 2  # packed: the new tokens continue segment 2
+  kseg[1, :5], kseg[1, length - t:length] = 1, 1  # a short prompt, a padding gap, the new tokens
+  kseg[2, :length - t] = 1  # new tokens that are padding
+  qseg = kseg[:, length - t:length].copy()
+  f = lambda q, k, v: cached_attention(q, k, v, length, qseg, kseg, causal=True, impl="pallas", backend=backend)
+  got = jax.jit(f)(q, k, v)
+  want = reference_decode_attention(q, k, v, np.full(b, length), q_segment_ids=qseg, kv_segment_ids=kseg)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+  names = _kernel_names(f, q, k, v)
+  assert names == ({kernel, "pallas"} if kernel else set()), names
+
+
 # -- inside a model --------------------------------------------------------------------
 
-# The one line `Attention.attend_cached` (layers/attention/exact.py) needs to use split-KV
-# attention, replacing `return reference_attention(q_btnh, keys, values, mask)`.
-INTEGRATION_LINE = ('return split_kv_decode_attention(q_btnh, keys, values, start + t, q_segment_ids=ctx.segment_ids, '
-                    'kv_segment_ids=kv_segments, causal=self.spec.causal, chunk=self.spec.option("decode_chunk", 256))')
-
-
-def _use_split_kv(monkeypatch):
-  """Runs `attend_cached` with INTEGRATION_LINE in place (a no-op once exact.py carries it)."""
-  src = textwrap.dedent(inspect.getsource(exact.Attention.attend_cached))
-  if "split_kv_decode_attention" in src:
-    return
-  old = "return reference_attention(q_btnh, keys, values, mask)"
-  assert src.count(old) == 1, "attend_cached changed; update INTEGRATION_LINE"
-  namespace = dict(vars(exact), split_kv_decode_attention=split_kv_decode_attention)
-  exec(src.replace(old, INTEGRATION_LINE), namespace)  # noqa: S102 - the integrator's line, verbatim
-  monkeypatch.setattr(exact.Attention, "attend_cached", namespace["attend_cached"])
-
-
-def _spec(mixer, **kw):
+def _spec(mixer, impl="xla", **kw):
   # decode_chunk 5 cuts the 15-slot caches below into three chunks (remainders: the unit tests).
   options = (("decode_chunk", 5),) + ((("block_k", 4), ("block_q", 4)) if mixer == "flash" else ())
+  if impl == "pallas":  # head dim 16 and 16-slot caches: shapes the decode kernel tiles
+    kw = dict(d_model=64, **kw)
   if mixer == "local":  # a window shorter than the runs below, so the ring buffer wraps
     options = (("block", 2), ("window", 4))
   base = dict(kind="lm", vocab_size=50, num_classes=50, max_len=16, mixers=(mixer,) * 2, d_model=32, num_heads=4,
               num_kv_heads=2, mlp_ratio=2, mlp="swiglu", norm="rmsnorm", positions="rope", dropout=0.0,
-              pooling="mean", tie_embeddings=True, dtype="float32", mixer_options=((mixer, options),))
+              pooling="mean", tie_embeddings=True, dtype="float32", mixer_options=((mixer, options),),
+              attention_impl=impl)
   base.update(kw)
   return ModelSpec(**base)
 
 
 def _compiled(model):
-  """(forward, decode) of `model` under nnx.jit, built per test so no compile cache outlives a monkeypatch."""
+  """(forward, decode) of `model` under nnx.jit."""
   forward = nnx.jit(lambda m, batch: m(batch))
   decode = nnx.jit(lambda m, batch: m(batch, decode=True))
   return (lambda batch: forward(model, batch)), (lambda batch: decode(model, batch))
@@ -234,36 +253,34 @@ def _batch(ids, seg, pos):
           "positions": np.asarray(pos, np.int32)}
 
 
-# attention + dense is tests/test_attention.py::test_prefill_then_decode_equals_full_forward.
-@pytest.mark.parametrize("mixer, path", [("attention", "split_kv"), ("flash", "dense"), ("flash", "split_kv"),
-                                         ("local", "ring")])
-def test_prefill_then_decode_equals_full_forward(mixer, path, monkeypatch):
-  if path == "split_kv":
-    _use_split_kv(monkeypatch)
-  model = build_model(_spec(mixer), seed=3)
+# Cache attention per impl: xla and flash run the pure-JAX split-KV path over the cache, pallas
+# the decode kernel (kernels/decode_pallas.py, interpreted here); local keeps a ring buffer.
+@pytest.mark.parametrize("mixer, impl", [("attention", "xla"), ("flash", "flash"), ("attention", "pallas"),
+                                         ("local", "xla")])
+def test_prefill_then_decode_equals_full_forward(mixer, impl):
+  model = build_model(_spec(mixer, impl), seed=3)
   forward, decode = _compiled(model)
   t, pre = 12, 5
   ids = np.random.default_rng(0).integers(1, 50, size=(2, t))
   pos = np.broadcast_to(np.arange(t), (2, t))
   full = np.asarray(forward(_batch(ids, np.ones_like(ids), pos)))
-  model.encoder.init_cache(batch=2, max_len=15)
+  model.encoder.init_cache(batch=2, max_len=16 if impl == "pallas" else 15)
   outs = [decode(_batch(ids[:, :pre], np.ones((2, pre)), pos[:, :pre]))]
   for i in range(pre, t):
     outs.append(decode(_batch(ids[:, i:i + 1], np.ones((2, 1)), pos[:, i:i + 1])))
   np.testing.assert_allclose(np.concatenate([np.asarray(o) for o in outs], axis=1), full, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mixer, path", [("attention", "dense"), ("flash", "split_kv"), ("local", "ring")])
-def test_ragged_batch_decode_equals_each_rows_full_forward(mixer, path, monkeypatch):
+@pytest.mark.parametrize("mixer, impl", [("attention", "xla"), ("flash", "flash"), ("attention", "pallas"),
+                                         ("local", "xla")])
+def test_ragged_batch_decode_equals_each_rows_full_forward(mixer, impl):
   """Prompts of lengths 3 and 6 right-padded into one prefill, then 5 shared decode steps.
 
   Row 0's cache keeps 3 padding slots between its prompt and its new tokens; its
   positions continue from 3. Each row must match a full forward pass of its own
   sequence (prompt then continuation, with no gap).
   """
-  if path == "split_kv":
-    _use_split_kv(monkeypatch)
-  model = build_model(_spec(mixer), seed=5)
+  model = build_model(_spec(mixer, impl), seed=5)
   forward, decode = _compiled(model)
   r = np.random.default_rng(1)
   lens, width, steps = [3, 6], 6, 5
@@ -274,7 +291,7 @@ def test_ragged_batch_decode_equals_each_rows_full_forward(mixer, path, monkeypa
   for b, (p, c, n) in enumerate(zip(prompts, cont, lens)):
     seqs[b, :n + steps], seq_seg[b, :n + steps] = np.concatenate([p, c]), 1
   fulls = np.asarray(forward(_batch(seqs, seq_seg, np.broadcast_to(np.arange(width + steps), seqs.shape))))
-  model.encoder.init_cache(batch=2, max_len=15)
+  model.encoder.init_cache(batch=2, max_len=16 if impl == "pallas" else 15)
   ids = np.zeros((2, width), np.int32)
   seg = np.zeros((2, width), np.int32)
   for b, (p, n) in enumerate(zip(prompts, lens)):

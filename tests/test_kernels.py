@@ -20,7 +20,7 @@ from kernels.flash_pallas import (Tiling, flash_attention_pallas, flash_attentio
 from layers.attention.exact import make_mask, reference_attention
 from layers.attention.flash import MASK_VALUE
 from tests.helpers import values_and_grads
-from tests.kernel_checks import (attention_case, check_chunk_grads, check_explicit_positions, check_decode, check_rel,
+from tests.kernel_checks import (attention_case, check_chunk_grads, check_explicit_positions, check_decode, check_decode_segments, check_rel,
                                  decode_case, dense_decode)
 
 # Small blocks, different in every kernel (bq != bk) so the causal bounds are exercised off the square.
@@ -212,6 +212,13 @@ def test_decode_matches_references_with_ragged_lengths(tq, dtype, splits):
   check_decode(lambda *a: decode_attention_pallas(*a, block_k=16, num_splits=splits), tq, dtype, seed=60 + tq, h=64)
 
 
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_decode_with_segment_ids(dtype):
+  """Packed and padded caches as the model's decoding keeps them: a query sees only its own
+  segment; padding queries give zeros; padding slots' K (NaN) are never used."""
+  check_decode_segments(lambda *a, **kw: decode_attention_pallas(*a, **kw, block_k=16, num_splits=3), dtype, seed=95, h=64)
+
 def test_decode_lowers_to_triton_for_gpu():
   """Grid (splits, kv heads, batch): K/V are read once per kv head, not per query head."""
   b, s, n, kv, h = 2, 4096, 32, 8, 128
@@ -222,6 +229,11 @@ def test_decode_lowers_to_triton_for_gpu():
   text = jax.jit(f).trace(q, cache, cache, lengths).lower(lowering_platforms=("cuda",)).as_text()
   grids = re.findall(r'grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32.*?name = "(\w+)"', text)
   assert [(tuple(int(x) for x in g), name) for *g, name in grids] == [((16, kv, b), "flash_decode")]
+  segs = jax.ShapeDtypeStruct((b, 1), jnp.int32), jax.ShapeDtypeStruct((b, s), jnp.int32)
+  f = lambda q, k, v, l, qs, ks: decode_attention_pallas(q, k, v, l, q_segment_ids=qs, kv_segment_ids=ks, block_k=64,
+                                                         num_splits=16, interpret=False)
+  text = jax.jit(f).trace(q, cache, cache, lengths, *segs).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r'name = "(flash_decode)"', text) == ["flash_decode"]
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled kernel at GPU-sized tiles; too slow to interpret")

@@ -19,7 +19,7 @@ from kernels.flash_pallas import reference_flash_attention_lse
 from kernels.flash_tpu import flash_attention_tpu, flash_attention_tpu_lse, flash_chunk_grads_tpu
 from layers.attention.exact import make_mask, reference_attention
 from tests.helpers import values_and_grads, zigzag_index
-from tests.kernel_checks import (attention_case, check_chunk_grads, check_explicit_positions, check_decode, check_rel,
+from tests.kernel_checks import (attention_case, check_chunk_grads, check_explicit_positions, check_decode, check_decode_segments, check_rel,
                                  decode_case)
 
 @pytest.mark.parametrize("dtype,causal", [(jnp.float32, True), (jnp.float32, False), (jnp.bfloat16, True)],
@@ -170,6 +170,13 @@ def test_decode_matches_references_with_ragged_lengths(tq, dtype, splits):
   check_decode(lambda *a: decode_attention_tpu(*a, block_k=16, num_splits=splits), tq, dtype, seed=70 + tq, h=128)
 
 
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_decode_with_segment_ids(dtype):
+  """Packed and padded caches as the model's decoding keeps them: a query sees only its own
+  segment; padding queries give zeros; padding slots' K (NaN) are never used."""
+  check_decode_segments(lambda *a, **kw: decode_attention_tpu(*a, **kw, block_k=16, num_splits=3), dtype, seed=95, h=128)
+
 def test_decode_lowers_to_mosaic_and_rejects_bad_shapes():
   b, s, n, kv, h = 2, 4096, 32, 8, 128
   q = jax.ShapeDtypeStruct((b, 1, n, h), jnp.bfloat16)
@@ -177,6 +184,11 @@ def test_decode_lowers_to_mosaic_and_rejects_bad_shapes():
   lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
   f = lambda q, k, v, l: decode_attention_tpu(q, k, v, l, block_k=512, interpret=False)
   text = jax.jit(f).trace(q, cache, cache, lengths).lower(lowering_platforms=("tpu",)).as_text()
+  assert re.findall(r'kernel_name = "(\w+)"', text) == ["decode_tpu"]
+  segs = jax.ShapeDtypeStruct((b, 1), jnp.int32), jax.ShapeDtypeStruct((b, s), jnp.int32)
+  f = lambda q, k, v, l, qs, ks: decode_attention_tpu(q, k, v, l, q_segment_ids=qs, kv_segment_ids=ks, block_k=512,
+                                                      interpret=False)
+  text = jax.jit(f).trace(q, cache, cache, lengths, *segs).lower(lowering_platforms=("tpu",)).as_text()
   assert re.findall(r'kernel_name = "(\w+)"', text) == ["decode_tpu"]
   q, k, v, _, _, lengths = decode_case(1, jnp.float32, seed=79)  # head dim 64
   with pytest.raises(ValueError, match="multiple of 128"):

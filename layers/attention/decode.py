@@ -153,6 +153,51 @@ def split_kv_decode_attention(q_btnh, k_cache_bskh, v_cache_bskh, cache_lengths_
   return (out, lse) if return_lse else out
 
 
+def _largest_block(size: int, candidates) -> int | None:
+  return next((c for c in candidates if size % c == 0), None)
+
+
+def cached_attention(q_btnh, k_cache_bskh, v_cache_bskh, length, q_segment_ids, kv_segment_ids, *, causal: bool,
+                     impl: str, chunk: int | None = None, backend: str | None = None):
+  """T new tokens of every row over a model's KV cache of S slots, written up to `length`.
+
+  The cache layout of `Attention.attend_cached`: one write position for the whole batch, the
+  new tokens at slots [length - T, length), padding (and every slot past `length`) with
+  segment id 0. `impl="pallas"` runs the fused kernels: the split-KV decode kernel for a few
+  tokens (G*T <= 64 query rows per kv head; `kernels/decode_pallas.py`, or
+  `kernels/decode_tpu.py` on a TPU), the flash kernel with explicit positions for a long
+  prefill (causal tiles past the new tokens skipped at run time). A shape the kernels do not
+  take (a non-causal cache, a head dim or cache length they cannot tile), and every other
+  impl, uses the pure-JAX split-KV path. `backend` defaults to JAX's default backend (off a
+  GPU/TPU the kernels run interpreted).
+  """
+  b, t, n, h = q_btnh.shape
+  s, kvh = k_cache_bskh.shape[1], k_cache_bskh.shape[2]
+  lengths = jnp.full((b,), length, jnp.int32)
+  backend = backend or jax.default_backend()
+  if impl == "pallas" and causal and n // kvh * t <= 64:
+    if backend == "tpu":
+      block = _largest_block(s, (512, 256, 128, 64, 32, 16, 8))
+      if h % 128 == 0 and block:
+        from kernels.decode_tpu import decode_attention_tpu
+        return decode_attention_tpu(q_btnh, k_cache_bskh, v_cache_bskh, lengths, q_segment_ids=q_segment_ids,
+                                    kv_segment_ids=kv_segment_ids, block_k=block)
+    else:
+      block = _largest_block(s, (64, 32, 16))
+      if h >= 16 and not h & (h - 1) and block:
+        from kernels.decode_pallas import decode_attention_pallas
+        return decode_attention_pallas(q_btnh, k_cache_bskh, v_cache_bskh, lengths, q_segment_ids=q_segment_ids,
+                                       kv_segment_ids=kv_segment_ids, block_k=block)
+  elif impl == "pallas":
+    from kernels.flash_pallas import flash_attention_pallas
+    q_index = jnp.broadcast_to(length - t + jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    return flash_attention_pallas(q_btnh, k_cache_bskh, v_cache_bskh, q_segment_ids, kv_segment_ids, causal=causal,
+                                  q_index=q_index, kv_index=kv_index)
+  return split_kv_decode_attention(q_btnh, k_cache_bskh, v_cache_bskh, lengths, q_segment_ids=q_segment_ids,
+                                   kv_segment_ids=kv_segment_ids, causal=causal, chunk=chunk)
+
+
 def reference_decode_attention(q_btnh, k_cache_bskh, v_cache_bskh, cache_lengths_b, *, q_segment_ids=None,
                                kv_segment_ids=None, causal: bool = True):
   """Dense masked attention over the whole cache (exact.reference_attention) with the same masks."""

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import axes
-from layers.attention.decode import split_kv_decode_attention
+from layers.attention.decode import cached_attention
 from layers.attention.flash import MASK_VALUE, flash_attention_lse
 from layers.core import Dense
 from layers.mixer_base import MixContext, Mixer, MixerSpec, sequence_parallel
@@ -144,9 +144,8 @@ class Attention(Mixer):
     self.cache_index[...] = start + t
     keys, values, kv_segments = self.cached_key[...], self.cached_value[...], self.cached_segment_ids[...]
     # Slots past the write position hold segment id 0, which the mask already hides.
-    return split_kv_decode_attention(q_btnh, keys, values, start + t, q_segment_ids=ctx.segment_ids,
-                                     kv_segment_ids=kv_segments, causal=self.spec.causal,
-                                     chunk=self.spec.option("decode_chunk", 256))
+    return cached_attention(q_btnh, keys, values, start + t, ctx.segment_ids, kv_segments, causal=self.spec.causal,
+                            impl=self.impl(), chunk=self.spec.option("decode_chunk", 256))
 
 
 class FlashAttention(Attention):
