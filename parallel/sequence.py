@@ -35,8 +35,8 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from layers import axes
-from layers.attention.flash import (chunk_grad_accumulators, flash_attention_lse, flash_chunk_grads, merge_partials,
-                                    unblock_chunk_grads)
+from layers.attention.flash import (chunk_grad_accumulators, flash_accumulate, flash_chunk_grads, flash_finish,
+                                    merge_partials, unblock_chunk_grads)
 from parallel import mesh as mesh_lib
 
 STRATEGIES = ("auto", "ring", "all_to_all", "all_gather", "scan")
@@ -52,16 +52,6 @@ class SequenceParallelError(ValueError):
 
 def _ring_perm(n):
   return [(i, (i + 1) % n) for i in range(n)]
-
-
-def _chunk_attention(impl, causal, bq, bk):
-  """(q, k, v, qseg, kseg, qidx, kidx) -> fp32 (out, lse) of one query chunk against one key chunk."""
-  if impl == "pallas":
-    from kernels.flash_pallas import flash_attention_pallas_lse
-    return lambda q, k, v, qs, ks, qi, ki: flash_attention_pallas_lse(
-        q, k, v, qs, ks, causal=causal, q_index=qi, kv_index=ki, out_dtype=jnp.float32)
-  return lambda q, k, v, qs, ks, qi, ki: flash_attention_lse(
-      q, k, v, qs, ks, qi, ki, causal=causal, block_q=bq, block_k=bk, out_dtype=jnp.float32)
 
 
 def _chunk_grads(impl, q, k, qseg, qidx, o, lse, d_out, causal, bq, bk):
@@ -89,27 +79,43 @@ def _chunk_grads(impl, q, k, qseg, qidx, o, lse, d_out, causal, bq, bk):
 
 
 def _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n, impl):
-  part = _chunk_attention(impl, causal, bq, bk)
-  o, lse = part(q, k, v, qseg, kseg, qidx, kidx)
-  if n == 1:
-    return o, lse
+  """(out fp32, lse) of the local queries against every K/V chunk, the chunks visiting in turn.
 
-  def step(carry, _):
-    o, lse, kv = carry
-    # [b, t, K, H] x2 and [b, t] x2: the visiting chunk moves one device along the ring.
-    kv = tuple(jax.lax.ppermute(x, AXIS, _ring_perm(n)) for x in kv)
-    o2, lse2 = part(q, kv[0], kv[1], qseg, kv[2], qidx, kv[3])
-    o, lse = merge_partials(o, lse, o2, lse2)
-    return (o, lse, kv), None
+  The pure-JAX path folds each visiting chunk into one running online-softmax state (blocked
+  (o, m, l), `flash_accumulate`), so no per-chunk partial or merged copy exists; the Pallas
+  kernels return normalised partials, merged with the (out, lse) rule."""
+  if impl == "pallas":
+    from kernels.flash_pallas import flash_attention_pallas_lse
+    part = lambda q, k, v, qs, ks, qi, ki: flash_attention_pallas_lse(
+        q, k, v, qs, ks, causal=causal, q_index=qi, kv_index=ki, out_dtype=jnp.float32)
+    add = lambda kv, acc: merge_partials(*acc, *part(q, kv[0], kv[1], qseg, kv[2], qidx, kv[3]))
+    acc = part(q, k, v, qseg, kseg, qidx, kidx)
+    finish = lambda acc: acc
+  else:
+    add = lambda kv, acc: flash_accumulate(q, kv[0], kv[1], qseg, kv[2], qidx, kv[3], acc, causal=causal,
+                                           block_q=bq, block_k=bk)
+    acc = add((k, v, kseg, kidx), None)
+    finish = lambda acc: flash_finish(acc, q.shape[1], q.shape[2])
+  if n > 1:
+    def step(carry, _):
+      acc, kv = carry
+      # [b, t, K, H] x2 and [b, t] x2: the visiting chunk moves one device along the ring.
+      kv = tuple(jax.lax.ppermute(x, AXIS, _ring_perm(n)) for x in kv)
+      return (add(kv, acc), kv), None
 
-  (o, lse, _), _ = jax.lax.scan(step, (o, lse, (k, v, kseg, kidx)), None, length=n - 1)
-  return o, lse
+    (acc, _), _ = jax.lax.scan(step, (acc, (k, v, kseg, kidx)), None, length=n - 1)
+  return finish(acc)
 
 
 def _ring_bwd(causal, bq, bk, n, impl, res, d_out):
   q, k, v, qseg, kseg, qidx, kidx, o, lse = res
   init, add, finish = _chunk_grads(impl, q, k, qseg, qidx, o, lse, d_out, causal, bq, bk)
-  dq, dk, dv = add((k, v, kseg, kidx), init())
+  # Zero accumulators made from the forward's lse: zeros that depend on nothing may be created
+  # at the top of the program and held through the forward ring (XLA:CPU does so; it drops
+  # optimization barriers, which is why this is arithmetic: min(|x|, 0) = 0 for every x but NaN).
+  zero = jnp.minimum(jnp.abs(lse.reshape(-1)[0].astype(jnp.float32)), 0.0)
+  dq, dk, dv = add((k, v, kseg, kidx), jax.tree.map(lambda a: jnp.broadcast_to(zero, a.shape),
+                                                    jax.eval_shape(init)))
 
   def step(carry, _):
     dq, kv, dkv = carry

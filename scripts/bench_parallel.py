@@ -1,12 +1,13 @@
 """Per-device compiled memory under sequence, FSDP and tensor parallelism (CPU, compile only).
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/bench_parallel.py [--quick]
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/bench_parallel.py [--quick] [--block 128]
 
 Prints two tables from `jax.jit(...).lower(...).compile().memory_analysis()` (exact and
 deterministic; nothing runs):
-1. one attention layer's forward+backward (q, k, v -> out, bf16, B=1, N=8, H=64) with the
-   length split over `sequence` = 1, 2, 4, 8 by ring attention (flash blocks inside), at
-   T = 8k, 16k, 32k;
+1. one attention layer's forward+backward (q, k, v -> out, bf16, B=1, N=8, H=64; loss
+   sum(out^2), so the output gradient is data as in a model) with the length split over
+   `sequence` = 1, 2, 4, 8 by ring attention (flash blocks inside, `--block` on both sides:
+   the model's default 128), at T = 8k, 16k, 32k;
 2. the full train step of a ~100M-parameter LM under data / FSDP / tensor meshes:
    arguments (params + Adam moments + batch) and temporaries per device.
 """
@@ -36,7 +37,7 @@ def mib(x):
   return f"{x / 2**20:,.1f}"
 
 
-def attention_memory(t: int, n: int, heads=8, head_dim=64, block=512):
+def attention_memory(t: int, n: int, heads=8, head_dim=64, block=128):
   devs = np.array(jax.devices()[:n]).reshape(1, 1, 1, n)
   mesh = Mesh(devs, ("data", "fsdp", "tensor", "sequence"),
               axis_types=(jax.sharding.AxisType.Auto,) * 4)
@@ -50,7 +51,7 @@ def attention_memory(t: int, n: int, heads=8, head_dim=64, block=512):
     else:
       sp = SequenceParallel(mesh, RULES, "ring")
       out = sp.attention(None, q, k, v, seg, idx, causal=True, block_q=block, block_k=block)
-    return jnp.sum(out.astype(jnp.float32))
+    return jnp.sum(jnp.square(out.astype(jnp.float32)))  # d_out = 2 out: data, as in a model (not a constant)
 
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, tok, tok).compile()
   m = compiled.memory_analysis()
@@ -71,15 +72,16 @@ def model_memory(mesh_shape):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true", help="T up to 8k and two meshes only")
+  parser.add_argument("--block", type=int, default=128, help="flash block (query and key) on every path")
   args = parser.parse_args()
   lengths = [8192] if args.quick else [8192, 16384, 32768]
-  print("## Ring attention, one layer forward+backward, per-device compiled memory (MiB)\n")
+  print(f"## Ring attention, one layer forward+backward, per-device compiled memory (MiB), blocks {args.block}\n")
   print("| T | sequence | arguments | outputs | temporaries | total | total vs sequence=1 |")
   print("|---|---|---|---|---|---|---|")
   for t in lengths:
     base = None
     for n in (1, 2, 4, 8):
-      a, o, tmp = attention_memory(t, n)
+      a, o, tmp = attention_memory(t, n, block=args.block)
       total = a + o + tmp
       base = base or total
       print(f"| {t} | {n} | {mib(a)} | {mib(o)} | {mib(tmp)} | {mib(total)} | {total / base:.3f} |", flush=True)

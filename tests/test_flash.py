@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from layers.attention.exact import make_mask, reference_attention
-from layers.attention.flash import flash_attention, flash_attention_lse, merge_partials
+from layers.attention.flash import flash_accumulate, flash_attention, flash_attention_lse, flash_finish, merge_partials
 from layers.functional import FunctionalModel
 from layers.models import ModelSpec, build_model
 
@@ -90,6 +90,27 @@ def test_lse_and_merge_of_disjoint_key_halves_equal_the_whole(causal):
   g_d = jax.grad(lambda *a: jnp.sum(_dense(*a, seg, causal) * w), argnums=(0, 1, 2))(q, k, v)
   for a, b_ in zip(g_h, g_d):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_accumulating_key_chunks_in_any_order_equals_the_whole(causal):
+  """`flash_accumulate` over three uneven key chunks, visited in a rotated order as ring
+  attention visits them (keys stored out of order, padding inside a chunk), then
+  `flash_finish`: the same out and lse as one flash call over all keys, and as dense."""
+  q, k, v, seg = _case(t=40)
+  b, t = seg.shape
+  idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+  cuts = [(23, 40), (0, 9), (9, 23)]  # a rotation of [0, 9), [9, 23), [23, 40)
+  state = None
+  for lo, hi in cuts:
+    state = flash_accumulate(q, k[:, lo:hi], v[:, lo:hi], seg, seg[:, lo:hi], idx, idx[:, lo:hi], state,
+                             causal=causal, block_q=8, block_k=4)
+  out, lse = flash_finish(state, t, q.shape[2])
+  o_w, l_w = flash_attention_lse(q, k, v, seg, seg, idx, idx, causal=causal, block_q=8, block_k=8)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(_dense(q, k, v, seg, causal)), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(o_w, np.float32), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(l_w), atol=2e-5)
+  assert np.all(np.isneginf(np.asarray(lse))[seg == 0]) and np.all(np.asarray(out)[seg == 0] == 0)
 
 
 def test_flash_mixer_model_equals_attention_mixer():

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from layers.attention.exact import make_mask, reference_attention
-from layers.attention.flash import flash_attention_lse
+from layers.attention.flash import flash_attention, flash_attention_lse
 from ml_collections import ConfigDict
 from parallel import mesh as mesh_lib
 from parallel.sequence import SequenceParallel, SequenceParallelError, zigzag_permutation
@@ -102,6 +102,34 @@ def test_ring_hlo_permutes_and_never_gathers_kv():
   hlo = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(put(q), put(k), put(v)).compile().as_text()
   assert "collective-permute" in hlo
   assert "all-gather" not in hlo
+
+
+def test_ring_memory_per_device_is_at_most_a_sixth_of_one_device():
+  """The issue's bar, as scripts/bench_parallel.py measures it (compile only, deterministic): one
+  causal attention layer's forward+backward at T=32k, bf16, the model's 128-blocks. Per device
+  with sequence=8 (arguments + outputs + temporaries) at most 1/6 of sequence=1's."""
+  t, heads, h = 32768, 8, 64
+
+  def total(n):
+    mesh = _mesh((1, 1, 1, 8))
+    spec = P(None, "sequence") if n > 1 else P()
+    x = jax.ShapeDtypeStruct((1, t, heads, h), jnp.bfloat16, sharding=NamedSharding(mesh, spec))
+    tok = jax.ShapeDtypeStruct((1, t), jnp.int32, sharding=NamedSharding(mesh, spec))
+
+    def loss(q, k, v, seg, idx):
+      if n == 1:
+        out = flash_attention(q, k, v, seg, seg, causal=True, block_q=128, block_k=128)
+      else:
+        out = SequenceParallel(mesh, RULES, "ring").attention(None, q, k, v, seg, idx, causal=True)
+      return jnp.sum(jnp.square(out.astype(jnp.float32)))
+
+    if n == 1:  # one device: no mesh at all
+      x, tok = jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(tok.shape, tok.dtype)
+    m = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, tok, tok).compile().memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+
+  one, ring = total(1), total(8)
+  assert ring <= one / 6, f"sequence=8 holds {ring / 2**20:.1f} MiB per device, {ring / one:.3f} of one device's"
 
 
 def test_all_to_all_rejects_indivisible_heads():

@@ -64,6 +64,20 @@ def _unblocks(x, axis=1):
   return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
+def _map_into(fn, xs, acc):
+  """`lax.map(lambda a: fn(x, a), (xs, acc))` written into `acc` itself: a loop carrying the
+  accumulators and updating block i in place. A map would stack its results into a fresh,
+  zero-initialised output buffer per accumulator - buffers that depend on nothing, which the
+  scheduler is free to create early and hold across unrelated work."""
+  index = lambda tree, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+  def body(i, acc):
+    new = fn(index(xs, i), index(acc, i))
+    return jax.tree.map(lambda a, x: jax.lax.dynamic_update_index_in_dim(a, x.astype(a.dtype), i, 0), acc, new)
+
+  return jax.lax.fori_loop(0, jax.tree.leaves(xs)[0].shape[0], body, acc)
+
+
 def pad_length(x, length, value=0):
   """Pads axis 1 (the length) of `x` up to `length` with `value` (segment id 0 = padding)."""
   extra = length - x.shape[1]
@@ -97,14 +111,24 @@ def _scores(q_blk, k_blk, scale):
   return jnp.einsum("bqkgh,bskh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
 
 
-def _forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk):
-  """q [B, Tq, K, G, H] (padded), k/v [B, Tk, K, H] -> out [B, Tq, K, G, H], lse [B, K, G, Tq]."""
-  b, tq, kvh, g, h = q.shape
+def _forward_state(b, kvh, g, h, bq, nq=None):
+  """Empty online-softmax state: (o [B, bq, K, G, H], m and l [B, K, G, bq]) fp32, or with
+  `nq` the blocked state of a whole query chunk ([nq, ...] on each)."""
+  lead = () if nq is None else (nq,)
+  return (jnp.zeros(lead + (b, bq, kvh, g, h), jnp.float32), jnp.full(lead + (b, kvh, g, bq), MASK_VALUE, jnp.float32),
+          jnp.zeros(lead + (b, kvh, g, bq), jnp.float32))
+
+
+def _attend(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, state=None, finish=False):
+  """Folds the key blocks of k/v into the running state (unnormalised o, running max m, sum l);
+  `state=None` starts each query block from empty (never materialising a whole empty state),
+  `finish=True` returns each block normalised, (o, lse), as soon as it is done."""
+  b, _, kvh, g, h = q.shape
   scale = 1.0 / math.sqrt(h)
   kb, vb, ksb, kib = _blocks(k, bk), _blocks(v, bk), _blocks(kseg, bk), _blocks(kidx, bk)
   nk = kb.shape[0]
 
-  def per_q_block(args):
+  def per_q_block(args, carry=()):
     q_blk, qs, qi = args
 
     def body(j, carry):
@@ -123,22 +147,32 @@ def _forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk):
 
       return jax.lax.cond(_maybe_visible(qs, qi, ksb[j], kib[j], causal), visit, lambda c: c, carry)
 
-    o0 = jnp.zeros((b, bq, kvh, g, h), jnp.float32)
-    m0 = jnp.full((b, kvh, g, bq), MASK_VALUE, jnp.float32)
-    l0 = jnp.zeros((b, kvh, g, bq), jnp.float32)
-    o, m, l = jax.lax.fori_loop(0, nk, body, (o0, m0, l0))
-    empty = l == 0.0
-    o = o / jnp.moveaxis(jnp.where(empty, 1.0, l), -1, 1)[..., None]
-    lse = jnp.where(empty, NEG_INF, m + jnp.log(jnp.where(empty, 1.0, l)))
-    return o, lse
+    out = jax.lax.fori_loop(0, nk, body, tuple(carry) or _forward_state(b, kvh, g, h, bq))
+    return _finish(out) if finish else out
 
-  o, lse = jax.lax.map(per_q_block, (_blocks(q, bq), _blocks(qseg, bq), _blocks(qidx, bq)))
+  xs = (_blocks(q, bq), _blocks(qseg, bq), _blocks(qidx, bq))
+  if state is None:
+    return jax.lax.map(per_q_block, xs)
+  return _map_into(per_q_block, xs, tuple(state))
+
+
+def _finish(state):
+  """Normalised (o [..., B, bq, K, G, H], lse [..., B, K, G, bq]); empty rows: 0 and -inf."""
+  o, m, l = state
+  empty = l == 0.0
+  o = o / jnp.moveaxis(jnp.where(empty, 1.0, l), -1, -3)[..., None]
+  return o, jnp.where(empty, NEG_INF, m + jnp.log(jnp.where(empty, 1.0, l)))
+
+
+def _forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk):
+  """q [B, Tq, K, G, H] (padded), k/v [B, Tk, K, H] -> out [B, Tq, K, G, H], lse [B, K, G, Tq]."""
+  o, lse = _attend(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, finish=True)
   return _unblocks(o), _unblocks(lse, axis=3)
 
 
 def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk, d_lse=None, acc=None):
   """(dq, dk, dv) in fp32; with `acc` = blocked (dq, dk, dv) accumulators (see
-  `chunk_grad_accumulators`), adds into them and returns them blocked."""
+  `chunk_grad_accumulators`), adds into them in place and returns them blocked."""
   b, tq, kvh, g, h = q.shape
   scale = 1.0 / math.sqrt(h)
   # delta_i = rowsum(dO * O): the softmax Jacobian's correction term, [B, K, G, Tq].
@@ -157,8 +191,8 @@ def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk, 
   kb, vb, ksb, kib = _blocks(k, bk), _blocks(v, bk), _blocks(kseg, bk), _blocks(kidx, bk)
   nq, nk = qb.shape[0], kb.shape[0]
 
-  def dq_block(args):  # pass 1: dQ, query block by query block
-    q_blk, qs, qi, do_blk, lse_blk, dl_blk, dq0 = args
+  def dq_block(args, dq0):  # pass 1: dQ, query block by query block
+    q_blk, qs, qi, do_blk, lse_blk, dl_blk = args
 
     def body(j, dq):
       def visit(dq):
@@ -171,8 +205,8 @@ def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk, 
 
     return jax.lax.fori_loop(0, nk, body, dq0)
 
-  def dkv_block(args):  # pass 2: dK and dV, key block by key block
-    k_blk, v_blk, ks, ki, dk0, dv0 = args
+  def dkv_block(args, acc):  # pass 2: dK and dV, key block by key block
+    k_blk, v_blk, ks, ki = args
 
     def body(i, carry):
       def visit(carry):
@@ -185,16 +219,13 @@ def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, causal, bq, bk, 
         return dk, dv
       return jax.lax.cond(_maybe_visible(qsb[i], qib[i], ks, ki, causal), visit, lambda c: c, carry)
 
-    return jax.lax.fori_loop(0, nq, body, (dk0, dv0))
+    return jax.lax.fori_loop(0, nq, body, acc)
 
-  if acc is None:
-    dq0, dk0, dv0 = (jnp.zeros(x.shape, jnp.float32) for x in (qb, kb, vb))
-  else:
-    dq0, dk0, dv0 = acc
-  dq = jax.lax.map(dq_block, (qb, qsb, qib, dob, lseb, deltab, dq0))
-  dk, dv = jax.lax.map(dkv_block, (kb, vb, ksb, kib, dk0, dv0))
+  dq_xs, dkv_xs = (qb, qsb, qib, dob, lseb, deltab), (kb, vb, ksb, kib)
   if acc is not None:
-    return dq, dk, dv
+    return (_map_into(dq_block, dq_xs, acc[0]), *_map_into(dkv_block, dkv_xs, (acc[1], acc[2])))
+  dq = jax.lax.map(lambda x: dq_block(x, jnp.zeros(qb.shape[1:], jnp.float32)), dq_xs)
+  dk, dv = jax.lax.map(lambda x: dkv_block(x, (jnp.zeros(kb.shape[1:], jnp.float32),) * 2), dkv_xs)
   return _unblocks(dq), _unblocks(dk), _unblocks(dv)
 
 
@@ -260,6 +291,33 @@ def flash_attention(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, *, ca
                              block_q=block_q, block_k=block_k)[0]
 
 
+def flash_state(q_shape, k_shape, *, block_q: int = 128):
+  """An empty online-softmax state for `flash_accumulate` (blocked, fp32, length rounded up)."""
+  b, t, n, h = q_shape
+  kvh = k_shape[2]
+  bq = min(block_q, t)
+  return _forward_state(b, kvh, n // kvh, h, bq, nq=-(-t // bq))
+
+
+def flash_accumulate(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, state, *,
+                     causal: bool, block_q: int = 128, block_k: int = 128):
+  """Folds one key chunk into a running attention state (None: the first chunk): what a merge
+  of the chunks' partial (out, lse) results gives, without materialising any partial. Ring
+  attention's forward keeps one state per query chunk while the key chunks visit
+  (`flash_finish` at the end). Not differentiable (the ring's backward is its own custom VJP)."""
+  (q, k, v, qseg, kseg, qidx, kidx), (bq, bk, _) = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids,
+                                                            q_index, kv_index, block_q, block_k)
+  return _attend(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, state)
+
+
+def flash_finish(state, t: int, num_heads: int):
+  """State -> (out [B, T, N, H] fp32, lse [B, T, N]), as `flash_attention_lse` returns them."""
+  o, lse = _finish(state)
+  o, lse = _unblocks(o), _unblocks(lse, axis=3)
+  b, tp, kvh, g, h = o.shape
+  return o.reshape(b, tp, num_heads, h)[:, :t], jnp.moveaxis(lse, -1, 1).reshape(b, tp, num_heads)[:, :t]
+
+
 def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, block_q, block_k):
   """Pads to whole blocks (segment id 0) and groups query heads by kv head."""
   b, t, n, h = q_btnh.shape
@@ -284,9 +342,9 @@ def flash_chunk_grads(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_i
   (dq) and carries dk/dv around the ring back to the chunk's owner.
 
   Returns fp32 [B, T, N, H], [B, S, K, H] x2; or, given `acc` (blocked fp32 accumulators
-  from `chunk_grad_accumulators`), the accumulators with this chunk's contributions added,
-  still blocked: the ring keeps them in that layout, so no step materialises a separate
-  contribution or a layout copy (`unblock_chunk_grads` at the end).
+  from `chunk_grad_accumulators`), the accumulators with this chunk's contributions added
+  in place, still blocked: the ring keeps them in that layout, so no step materialises a
+  separate contribution or a layout copy (`unblock_chunk_grads` at the end).
   """
   (q, k, v, qseg, kseg, qidx, kidx), (bq, bk, tp) = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids,
                                                              kv_segment_ids, q_index, kv_index, block_q, block_k)
