@@ -42,7 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels.flash_pallas import (LOG2E, _SQ, _dot, _dot_t, _online_finish, _online_init, _online_step, _pad_axis,
-                                  _pow2_at_least, _resolve_interpret)
+                                  _pow2_at_least, _resolve_interpret, output_vjp)
 
 try:
   from jax.experimental.pallas import triton as _pltriton
@@ -179,7 +179,8 @@ def _tsel(cfg: _Config):
   return (lambda bt: bt) if cfg.table_batched else (lambda bt: 0)
 
 
-def _forward(rows, q, k, v, seg, cfg: _Config):
+def _forward(rows, cols, q, k, v, seg, cfg: _Config):
+  del cols  # the transposed table: the backward's
   b, tp, n, h = q.shape
   kvh = k.shape[2]
   g, bs, mp = n // kvh, cfg.block, rows.shape[-1]
@@ -250,24 +251,7 @@ def _backward(rows, cols, q, k, v, seg, out, lse, d_out, cfg: _Config):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(rows, cols, q, k, v, seg, cfg: _Config):
-  return _forward(rows, q, k, v, seg, cfg)[0]
-
-
-def _attention_fwd(rows, cols, q, k, v, seg, cfg: _Config):
-  out, lse = _forward(rows, q, k, v, seg, cfg)
-  return out, (rows, cols, q, k, v, seg, out, lse)
-
-
-def _attention_bwd(cfg: _Config, res, d_out):
-  rows, cols, q, k, v, seg, out, lse = res
-  dq, dk, dv = _backward(rows, cols, q, k, v, seg, out, lse, d_out, cfg)
-  float0 = lambda x: np.zeros(x.shape, jax.dtypes.float0)
-  return float0(rows), float0(cols), dq, dk, dv, float0(seg)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = output_vjp(_forward, _backward)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -371,5 +355,5 @@ def block_sparse_attention_pallas(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks
                 scale=1.0 / math.sqrt(h), interpret=_resolve_interpret(interpret), num_blocks=nb,
                 table_batched=rows.shape[0] > 1, num_warps=num_warps or (4 if block * hp <= 64 * 64 else 8),
                 num_stages=num_stages)
-  out = _attention(jnp.asarray(rows), jnp.asarray(cols), q, k, v, seg, cfg)
+  out = _attention(jnp.asarray(rows), jnp.asarray(cols), q, k, v, seg, cfg=cfg)
   return out[:, :t, :, :h]

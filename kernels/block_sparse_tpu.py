@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.block_sparse_pallas import checked_tables
+from kernels.flash_pallas import output_vjp
 from kernels.flash_tpu import _dot, _dot_t, _fwd_finish, _fwd_init, _fwd_tile, _when_visible
 
 _SQ = None  # a squeezed block dimension
@@ -94,11 +95,11 @@ def _walk(cfg: _Config, tbl_ref, cnt_ref, qs_ref, ks_ref, tile, *, transposed: b
   (batch, kv head, key block j) listing entries g * C + i."""
   bt, hd, r, m = (pl.program_id(a) for a in range(4))
   width, heads = (cfg.width_t, cfg.kv_heads) if transposed else (cfg.width, cfg.heads)
-  _, row = _slot(cfg, bt, hd, r, m, cnt_ref, width, heads)
+  slot, row = _slot(cfg, bt, hd, r, m, cnt_ref, width, heads)
 
   @pl.when(m < cnt_ref[row])
   def _step():
-    e = _entry(cfg, bt, hd, r, m, tbl_ref, cnt_ref, width, heads)
+    e = tbl_ref[slot]  # a listed entry (m is below the count), so >= 0
     qi, kj = (lax.rem(e, cfg.num_blocks), r) if transposed else (r, e)
     mask = _mask(cfg, qi, kj, qs_ref[...], ks_ref[...])  # [bq, bk]
 
@@ -239,24 +240,7 @@ def _backward(tables, q, k, v, qseg, kseg, out, lse, d_out, cfg: _Config):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(tables, q, k, v, qseg, kseg, cfg: _Config):
-  return _forward(tables, q, k, v, qseg, kseg, cfg)[0]
-
-
-def _attention_fwd(tables, q, k, v, qseg, kseg, cfg: _Config):
-  out, lse = _forward(tables, q, k, v, qseg, kseg, cfg)
-  return out, (tables, q, k, v, qseg, kseg, out, lse)
-
-
-def _attention_bwd(cfg: _Config, res, d_out):
-  tables, q, k, v, qseg, kseg, out, lse = res
-  dq, dk, dv = _backward(tables, q, k, v, qseg, kseg, out, lse, d_out, cfg)
-  float0 = lambda x: np.zeros(x.shape, jax.dtypes.float0)
-  return tuple(float0(t) for t in tables), dq, dk, dv, float0(qseg), float0(kseg)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = output_vjp(_forward, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -298,5 +282,5 @@ def block_sparse_attention_tpu(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, k
   seg = pad(jnp.asarray(segment_ids, jnp.int32))
   tables = tuple(jnp.asarray(x) for x in (tbl, cnt, tblt, cntt))
   out = _attention(tables, heads_first(q_btnh), heads_first(k_bskh), heads_first(v_bskh), seg[:, :, None],
-                   seg.reshape(b, nb, 1, block), cfg)
+                   seg.reshape(b, nb, 1, block), cfg=cfg)
   return jnp.swapaxes(out, 1, 2)[:, :t]

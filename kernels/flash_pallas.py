@@ -456,6 +456,31 @@ def fused_attention(forward, backward):
 _attention = fused_attention(_forward, _backward)
 
 
+def output_vjp(forward, backward):
+  """out = f(*arrays, cfg=...) of a kernel family differentiable in its output only (the
+  block-sparse kernels): forward(*arrays, cfg) -> (out, lse), the lse saved for the backward;
+  backward(*arrays, out, lse, d_out, cfg) -> the gradients of the floating-point arrays (q, k,
+  v) in order. Integer arrays (block tables, segment ids) get float0 zeros."""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+  def attention(arrays, cfg):
+    return forward(*arrays, cfg)[0]
+
+  def attention_fwd(arrays, cfg):
+    out, lse = forward(*arrays, cfg)
+    return out, (arrays, out, lse)
+
+  def attention_bwd(cfg, res, d_out):
+    arrays, out, lse = res
+    grads = iter(backward(*arrays, out, lse, d_out, cfg))
+    zero_or_grad = lambda a: next(grads) if jnp.issubdtype(a.dtype, jnp.floating) else np.zeros(a.shape,
+                                                                                                 jax.dtypes.float0)
+    return (jax.tree.map(zero_or_grad, arrays),)  # in leaf order, as backward returns them
+
+  attention.defvjp(attention_fwd, attention_bwd)
+  return lambda *arrays, cfg: attention(arrays, cfg)
+
+
 # ----------------------------------------------------------------------------- public API
 
 

@@ -94,6 +94,20 @@ def last_real_tokens(keep: int, *arrays_and_ids):
   return (*out, gather(ids).astype(ids.dtype))
 
 
+def conv_decode_step(out_btnh, x_btnh, ctx, weight_kh, value_cache, segment_cache, position_cache):
+  """Decode for a causal depth-wise conv: `out` (this call's own taps, `depthwise_conv1d`) plus
+  the taps reaching the k - 1 real tokens kept from earlier calls; then the caches ([B, k-1,
+  N, H] values with their segment ids and positions, nnx.Cache) keep the last k - 1 real
+  tokens (padding skipped). Shared by `sla` (its conv on V) and `conv`."""
+  seg, pos = ctx.segment_ids.astype(jnp.int32), ctx.positions.astype(jnp.int32)
+  hist_x, hist_seg, hist_pos = value_cache[...], segment_cache[...], position_cache[...]
+  out = out_btnh + conv_from_history(hist_x, hist_seg, hist_pos, seg, pos, weight_kh)
+  value_cache[...], position_cache[...], segment_cache[...] = last_real_tokens(
+      hist_x.shape[1], jnp.concatenate([hist_x, x_btnh.astype(hist_x.dtype)], axis=1),
+      jnp.concatenate([hist_pos, pos], axis=1), jnp.concatenate([hist_seg, seg], axis=1))
+  return out
+
+
 def depthwise_conv2d(v_btnh, segment_ids_bt, weight_kkh, bias_h, *, grid: tuple[int, int]):
   """The 2-D version over a row-major h x w grid (zero padding, centred taps), fp32."""
   b, t, n, hd = v_btnh.shape
@@ -167,17 +181,8 @@ class SLA(KernelAttention):
     out = depthwise_conv1d(v_btnh, ctx.segment_ids, w, bias, causal=self.spec.causal)
     if not ctx.decode or self.conv_kernel == 1:
       return out
-    # Decode: this call's own taps (above) plus those reaching the kept earlier tokens; then
-    # keep the last k - 1 real tokens (padding is skipped) with their ids and positions.
-    seg, pos = ctx.segment_ids.astype(jnp.int32), ctx.positions.astype(jnp.int32)
-    hist = (self.cached_conv_value[...], self.cached_conv_segment_ids[...], self.cached_conv_positions[...])
-    out = out + conv_from_history(hist[0], hist[1], hist[2], seg, pos, w)
-    v_all = jnp.concatenate([hist[0], v_btnh.astype(hist[0].dtype)], axis=1)
-    pos_all = jnp.concatenate([hist[2], pos], axis=1)
-    seg_all = jnp.concatenate([hist[1], seg], axis=1)
-    (self.cached_conv_value[...], self.cached_conv_positions[...],
-     self.cached_conv_segment_ids[...]) = last_real_tokens(self.conv_kernel - 1, v_all, pos_all, seg_all)
-    return out
+    return conv_decode_step(out, v_btnh, ctx, w, self.cached_conv_value, self.cached_conv_segment_ids,
+                            self.cached_conv_positions)
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
     super().init_cache(batch, max_len, dtype)  # raises for a bidirectional model

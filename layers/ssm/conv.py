@@ -26,7 +26,7 @@ from flax import nnx
 
 from layers import axes
 from layers.core import Dense, param
-from layers.linear.sla import conv_from_history, depthwise_conv1d, last_real_tokens
+from layers.linear.sla import conv_decode_step, depthwise_conv1d
 from layers.mixer_base import MixContext, Mixer, MixerSpec
 
 
@@ -52,12 +52,7 @@ class ShortConv(Mixer):
     w, bias = self.conv_weight[...], self.conv_bias[...]
     conv = depthwise_conv1d(x4, ctx.segment_ids, w, bias, causal=self.spec.causal)
     if ctx.decode and self.kernel > 1:
-      seg, pos = ctx.segment_ids.astype(jnp.int32), ctx.positions.astype(jnp.int32)
-      hist = (self.cached_x[...], self.cached_segment_ids[...], self.cached_positions[...])
-      conv = conv + conv_from_history(hist[0], hist[1], hist[2], seg, pos, w)
-      x_all = jnp.concatenate([hist[0], x4.astype(hist[0].dtype)], axis=1)
-      (self.cached_x[...], self.cached_positions[...], self.cached_segment_ids[...]) = last_real_tokens(
-          self.kernel - 1, x_all, jnp.concatenate([hist[2], pos], axis=1), jnp.concatenate([hist[1], seg], axis=1))
+      conv = conv_decode_step(conv, x4, ctx, w, self.cached_x, self.cached_segment_ids, self.cached_positions)
     y = conv[:, :, 0]
     if self.gate is not None:
       y = self.gate(x_btd).astype(jnp.float32) * y
