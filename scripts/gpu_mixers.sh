@@ -11,6 +11,9 @@
 #   PARTS=a,b         a subset of mqar,selective_copy,tests (default: mqar,tests)
 #   GRID=key=v1,v2    MQAR runs per mixer and value, e.g. GRID=optimizer.learning_rate=1e-3,3e-3
 #                     (Zoology reports each mixer's best learning rate; sweep.py prints it)
+#   FRONT=conv|none   MQAR models: an ungated 5-tap `conv` layer, then the mixer (default conv:
+#                     Zoology puts a short conv in layer 0, and on a small MQAR this is what lets
+#                     attention leave the plateau, BENCHMARKS.md), or the mixer in both layers
 #   SMOKE=1           the same steps with :smoke configs (a check of the script itself, any machine)
 # Measured on an H200 (2026-11-27): 1500 selective-copy steps take ~45-55 s per run with three
 # runs sharing the GPU. MQAR (2026-11-28): twenty runs at once made 30-66 steps/s each for the
@@ -32,15 +35,22 @@ SUFFIX=""; STEPS="${STEPS:-20000}"; SC_STEPS=3000; PAR="${PAR:-10}"; PARTS=",${P
 if [[ "${SMOKE:-0}" == 1 ]]; then SUFFIX=":smoke"; STEPS=4; SC_STEPS=4; PAR=2; fi
 EVAL_EVERY="${EVAL_EVERY:-$(( STEPS < 5000 ? STEPS : 5000 ))}"
 part() { [[ "$PARTS" == *",$1,"* ]]; }
+FRONT_SET=()
+case "${FRONT:-conv}" in
+  conv) FRONT_SET=(--set model.mixer_schedule=conv,mixer --set model.conv.gate=false --set model.conv.kernel=5)
+        [[ -n "$SUFFIX" ]] && FRONT_SET+=(--set model.num_layers=2) ;;  # :smoke has one layer
+  none) ;;
+  *) echo "FRONT=${FRONT} is not conv or none" >&2; exit 2 ;;
+esac
 SET1=attention,mamba,linear,sla,performer,transnormer,lmu,local,sparse_transformer,longformer
 SET2=flash,bigbird,block_sparse,xattention,combiner,swin,ecoformer,reformer,sinkhorn,synthesizer
 if [[ "${SET:-1}" == 2 ]]; then MIXERS=${MIXERS:-$SET2}; else MIXERS=${MIXERS:-$SET1}; fi
 
 if part mqar; then
-echo "== MQAR, $STEPS steps per mixer, $PAR runs at a time"
+echo "== MQAR, $STEPS steps per mixer, $PAR runs at a time, front layer: ${FRONT:-conv}"
 timeout "$(budget 400)" "$PY" scripts/sweep.py --config=configs/mqar.py$SUFFIX --mixers=$MIXERS --parallel=$PAR \
   --deadline_s=$(( $(budget 400) - 40 )) --workdir_root=/tmp/sweep_mqar --set total_steps=$STEPS \
-  --set eval_every=$EVAL_EVERY --set checkpoint_every=100000 ${GRID:+--grid "$GRID"} 2>&1 | tail -70 \
+  --set eval_every=$EVAL_EVERY --set checkpoint_every=100000 "${FRONT_SET[@]}" ${GRID:+--grid "$GRID"} 2>&1 | tail -70 \
   | tee "$OUT/mqar.txt"
 fi
 

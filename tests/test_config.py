@@ -38,6 +38,8 @@ def test_unknown_key_names_it_and_suggests(override, needle):
     ("model.positions=alibi", "model.positions='alibi' is not valid"),
     ("mesh.data=0", "mesh.data=0 must be a positive integer or -1"),
     ("model.mixer_schedule=attention,nope", "model.mixer_schedule[1]='nope' is not a known mixer"),
+    ("model.mixer_schedule=conv,local,local,local,local,local,local,local,local,attention",
+     "has 10 entries but model.num_layers="),
 ])
 def test_bad_values_are_named(override, needle):
   with pytest.raises(UserError) as e:

@@ -146,6 +146,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   from trainer.data import tasks
 
   _choice("task.name", cfg.task.name, sorted(tasks.TASKS))
+  entries = [n for n in cfg.model.mixer_schedule.split(",") if n.strip()]
+  if len(entries) > cfg.model.num_layers:
+    raise UserError(f"model.mixer_schedule={cfg.model.mixer_schedule!r} has {len(entries)} entries but "
+                    f"model.num_layers={cfg.model.num_layers}, so its last entries would never be used")
   for i, name in enumerate(mixer_schedule(cfg)):
     if name not in mixers.MIXERS:
       where = "model.mixer" if not cfg.model.mixer_schedule else f"model.mixer_schedule[{i}]"
