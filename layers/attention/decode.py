@@ -166,9 +166,9 @@ def cached_attention(q_btnh, k_cache_bskh, v_cache_bskh, length, q_segment_ids, 
   segment id 0. `impl="pallas"` runs the fused kernels: the split-KV decode kernel for a few
   tokens (G*T <= 64 query rows per kv head; `kernels/decode_pallas.py`, or
   `kernels/decode_tpu.py` on a TPU), the flash kernel with explicit positions for a long
-  prefill (causal tiles past the new tokens skipped at run time). A shape the kernels do not
-  take (a non-causal cache, a head dim or cache length they cannot tile), and every other
-  impl, uses the pure-JAX split-KV path. `backend` defaults to JAX's default backend (off a
+  prefill or a non-causal model (causal tiles past the new tokens skipped at run time). A
+  head dim or cache length the decode kernels cannot tile, and every other impl, uses the
+  pure-JAX split-KV path. `backend` defaults to JAX's default backend (off a
   GPU/TPU the kernels run interpreted).
   """
   b, t, n, h = q_btnh.shape
