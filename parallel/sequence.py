@@ -86,16 +86,15 @@ def _ring_forward(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, n, impl):
   kernels return normalised partials, merged with the (out, lse) rule."""
   if impl == "pallas":
     from kernels.flash_pallas import flash_attention_pallas_lse
-    part = lambda q, k, v, qs, ks, qi, ki: flash_attention_pallas_lse(
-        q, k, v, qs, ks, causal=causal, q_index=qi, kv_index=ki, out_dtype=jnp.float32)
-    add = lambda kv, acc: merge_partials(*acc, *part(q, kv[0], kv[1], qseg, kv[2], qidx, kv[3]))
-    acc = part(q, k, v, qseg, kseg, qidx, kidx)
+    part = lambda kv: flash_attention_pallas_lse(q, kv[0], kv[1], qseg, kv[2], causal=causal, q_index=qidx,
+                                                 kv_index=kv[3], out_dtype=jnp.float32)
+    add = lambda kv, acc: part(kv) if acc is None else merge_partials(*acc, *part(kv))
     finish = lambda acc: acc
   else:
     add = lambda kv, acc: flash_accumulate(q, kv[0], kv[1], qseg, kv[2], qidx, kv[3], acc, causal=causal,
                                            block_q=bq, block_k=bk)
-    acc = add((k, v, kseg, kidx), None)
     finish = lambda acc: flash_finish(acc, q.shape[1], q.shape[2])
+  acc = add((k, v, kseg, kidx), None)  # the device's own chunk first
   if n > 1:
     def step(carry, _):
       acc, kv = carry

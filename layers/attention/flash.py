@@ -111,12 +111,10 @@ def _scores(q_blk, k_blk, scale):
   return jnp.einsum("bqkgh,bskh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
 
 
-def _forward_state(b, kvh, g, h, bq, nq=None):
-  """Empty online-softmax state: (o [B, bq, K, G, H], m and l [B, K, G, bq]) fp32, or with
-  `nq` the blocked state of a whole query chunk ([nq, ...] on each)."""
-  lead = () if nq is None else (nq,)
-  return (jnp.zeros(lead + (b, bq, kvh, g, h), jnp.float32), jnp.full(lead + (b, kvh, g, bq), MASK_VALUE, jnp.float32),
-          jnp.zeros(lead + (b, kvh, g, bq), jnp.float32))
+def _forward_state(b, kvh, g, h, bq):
+  """Empty online-softmax state of one query block: (o [B, bq, K, G, H], m and l [B, K, G, bq]) fp32."""
+  return (jnp.zeros((b, bq, kvh, g, h), jnp.float32), jnp.full((b, kvh, g, bq), MASK_VALUE, jnp.float32),
+          jnp.zeros((b, kvh, g, bq), jnp.float32))
 
 
 def _attend(q, k, v, qseg, kseg, qidx, kidx, causal, bq, bk, state=None, finish=False):
@@ -289,14 +287,6 @@ def flash_attention(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, *, ca
   kidx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   return flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, qidx, kidx, causal=causal,
                              block_q=block_q, block_k=block_k)[0]
-
-
-def flash_state(q_shape, k_shape, *, block_q: int = 128):
-  """An empty online-softmax state for `flash_accumulate` (blocked, fp32, length rounded up)."""
-  b, t, n, h = q_shape
-  kvh = k_shape[2]
-  bq = min(block_q, t)
-  return _forward_state(b, kvh, n // kvh, h, bq, nq=-(-t // bq))
 
 
 def flash_accumulate(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, state, *,
