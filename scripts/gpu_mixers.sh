@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (about 9 minutes): ten causal mixers trained on MQAR (Zoology's
-# L=256, 16 pairs, vocab 8192) for a fixed budget of 20000 steps, all ten at once; then the mixer
+# One call on a GPU machine (about 9 minutes): every causal mixer trained on MQAR (Zoology's
+# L=256, 16 pairs, vocab 8192; configs/mqar.py: an ungated conv layer, then the mixer; tied
+# embeddings) for the config's fixed budget of 1500 steps, twenty runs at once; then the mixer
 # test files on that machine's jax (CPU platform, API compatibility); selective copying on request.
 # Each step gets what is left of a $DEADLINE-second budget; tables go to $OUT.
-#   SET=1|2           which ten mixers (default 1; the table needs a session for each set)
+#   SET=all|1|2       all twenty causal mixers (default), or one half of them
 #   MIXERS=a,b,c      these mixers on MQAR instead
-#   STEPS=N PAR=K     MQAR steps per mixer (default 20000) and runs at a time (default 10)
-#   EVAL_EVERY=N      MQAR held-out evaluation every N steps (default 5000); a run cut by the
+#   STEPS=N PAR=K     MQAR steps per mixer (default 1500, the config's) and runs at a time (default 20)
+#   EVAL_EVERY=N      MQAR held-out evaluation every N steps (default 250); a run cut by the
 #                     deadline still reports its last evaluation
 #   PARTS=a,b         a subset of mqar,selective_copy,tests (default: mqar,tests)
 #   GRID=key=v1,v2    MQAR runs per mixer and value, e.g. GRID=optimizer.learning_rate=1e-3,3e-3
 #                     (Zoology reports each mixer's best learning rate; sweep.py prints it)
-#   FRONT=conv|none   MQAR models: an ungated 5-tap `conv` layer, then the mixer (default conv:
-#                     Zoology puts a short conv in layer 0, and on a small MQAR this is what lets
-#                     attention leave the plateau, BENCHMARKS.md), or the mixer in both layers
+#   FRONT=conv|none   MQAR models: the config's conv layer, then the mixer (default), or the
+#                     mixer in both layers (`model.mixer_schedule=` empty)
 #   SMOKE=1           the same steps with :smoke configs (a check of the script itself, any machine)
 # Measured on an H200 (2026-11-27): 1500 selective-copy steps take ~45-55 s per run with three
 # runs sharing the GPU. MQAR (2026-11-28): twenty runs at once made 30-66 steps/s each for the
-# fast mixers and 7-20 for the slow ones (mamba, lmu, the sparse kernels); none had learned the
-# task but sla after ~6000 steps, hence 20000 steps for ten at a time (BENCHMARKS.md).
+# fast mixers and 7-20 for the slow ones (mamba, lmu, the sparse kernels), so 1500 steps fit
+# the step's 400 s. With the conv layer and tied embeddings, exact attention reaches 0.99 by
+# step 1000 on 2 CPU cores (BENCHMARKS.md); before them nothing but sla learned it in 6000 steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_mixers_out}"
@@ -31,20 +32,25 @@ if ! "$PY" -c "import ml_collections" 2>/dev/null; then
 fi
 "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee "$OUT/versions.txt"
 
-SUFFIX=""; STEPS="${STEPS:-20000}"; SC_STEPS=3000; PAR="${PAR:-10}"; PARTS=",${PARTS:-mqar,tests},"
+SUFFIX=""; STEPS="${STEPS:-1500}"; SC_STEPS=3000; PAR="${PAR:-20}"; PARTS=",${PARTS:-mqar,tests},"
 if [[ "${SMOKE:-0}" == 1 ]]; then SUFFIX=":smoke"; STEPS=4; SC_STEPS=4; PAR=2; fi
-EVAL_EVERY="${EVAL_EVERY:-$(( STEPS < 5000 ? STEPS : 5000 ))}"
+EVAL_EVERY="${EVAL_EVERY:-$(( STEPS < 250 ? STEPS : 250 ))}"
 part() { [[ "$PARTS" == *",$1,"* ]]; }
 FRONT_SET=()
 case "${FRONT:-conv}" in
-  conv) FRONT_SET=(--set model.mixer_schedule=conv,mixer --set model.conv.gate=false --set model.conv.kernel=5)
-        [[ -n "$SUFFIX" ]] && FRONT_SET+=(--set model.num_layers=2) ;;  # :smoke has one layer
-  none) ;;
+  conv) [[ -n "$SUFFIX" ]] && FRONT_SET=(--set model.num_layers=2 --set model.mixer_schedule=conv,mixer
+                                        --set model.conv.gate=false --set model.conv.kernel=5) ;;  # :smoke has neither
+  none) FRONT_SET=(--set model.mixer_schedule=) ;;
   *) echo "FRONT=${FRONT} is not conv or none" >&2; exit 2 ;;
 esac
 SET1=attention,mamba,linear,sla,performer,transnormer,lmu,local,sparse_transformer,longformer
 SET2=flash,bigbird,block_sparse,xattention,combiner,swin,ecoformer,reformer,sinkhorn,synthesizer
-if [[ "${SET:-1}" == 2 ]]; then MIXERS=${MIXERS:-$SET2}; else MIXERS=${MIXERS:-$SET1}; fi
+case "${SET:-all}" in
+  all) MIXERS=${MIXERS:-$SET1,$SET2} ;;
+  1) MIXERS=${MIXERS:-$SET1} ;;
+  2) MIXERS=${MIXERS:-$SET2} ;;
+  *) echo "SET=${SET} is not all, 1 or 2" >&2; exit 2 ;;
+esac
 
 if part mqar; then
 echo "== MQAR, $STEPS steps per mixer, $PAR runs at a time, front layer: ${FRONT:-conv}"

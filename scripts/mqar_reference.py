@@ -6,8 +6,9 @@ for the learning curve of `model.mixer=attention` that shares no model or traine
 Pre-RMSNorm blocks (causal softmax attention with RoPE, GELU MLP), untied output head, AdamW
 (b2 0.98, weight decay 0.1, clip 1.0, 50 warmup steps then cosine to lr/10), batch 64 of
 `trainer.data.mqar.MQAR` training examples in the trainer's order; held-out accuracy on 512
-test examples every 100 steps. `configs/mqar.py` with the same task settings should follow
-the same curve (BENCHMARKS.md compares them).
+test examples every 100 steps. `configs/mqar.py` with the same task settings and its model
+made alike (`--config.model.mixer_schedule= --config.model.tie_embeddings=false`: attention in
+both layers, untied head) should follow the same curve (BENCHMARKS.md compares them).
 """
 
 from __future__ import annotations
