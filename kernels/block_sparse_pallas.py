@@ -18,6 +18,14 @@ one block size for queries and keys (the table's granularity):
   block j, the (query head of its group, query block) pairs whose rows list j, as entries
   g * C + i. The program owns dK/dV of its tile, so no atomics.
 
+Program tiles (`q_tile`, `kv_tile` in 1, 2, 4; default 1): a forward/dQ program may own r
+consecutive query blocks (an r * block-row tile) and walk the union of their rows, each
+entry carrying r bits that say which of the r blocks list it; the visited tile's rows whose
+block does not list it are masked. The same for dK/dV programs over r key blocks and the
+transposed table. Fewer, longer programs for tables with short rows, at the price of the
+union's unlisted sub-tiles (computed, then masked). Unlisted-by-all tiles are still never
+loaded. Whether it pays on a GPU is for `scripts/bench_kernels.py` to say (not yet measured).
+
 Cost: forward 4 * B * N * (kept block pairs) * block^2 * H FLOPs, backward 2.5x; memory
 O(T * H) residuals plus the tables: [B or 1, N, C, M] int32, and the transposed table
 [B or 1, K, C, M_T] where M_T is the largest number of listers of one key block (found
@@ -61,6 +69,8 @@ class _Config:
   table_batched: bool  # the table has a batch axis of B (else 1, shared)
   num_warps: int
   num_stages: int
+  q_tile: int = 1  # table blocks per forward / dQ program (its query tile: q_tile * block rows)
+  kv_tile: int = 1  # table blocks per dK/dV program (its key tile: kv_tile * block rows)
 
 
 def _compiler_params(cfg: _Config):
@@ -80,6 +90,19 @@ def _tile_mask(row_pos, col_pos, row_seg, col_seg, cfg: _Config, rows_are_querie
   return mask
 
 
+def _split(e, r: int):
+  """An entry of a merged row (see `merge_rows`) -> (block or transposed entry, sub-block bits)."""
+  if r == 1:
+    return e, None
+  return lax.div(e, 1 << r), lax.rem(e, 1 << r)
+
+
+def _sub_keep(bits, r: int, bs: int):
+  """[r * bs] bool: the tile's rows whose sub-block (row // bs) has its bit set in `bits`."""
+  sub = lax.div(jnp.arange(r * bs, dtype=jnp.int32), jnp.int32(bs))
+  return jnp.bitwise_and(bits, jnp.left_shift(jnp.int32(1), sub)) != 0
+
+
 def _entry(row, m):
   """row[m] of a loaded table row (a masked sum: a vector load plus a reduction lowers everywhere)."""
   return jnp.sum(jnp.where(jnp.arange(row.shape[0], dtype=jnp.int32) == m, row, 0))
@@ -97,40 +120,46 @@ def _no_pad(seg):
 
 
 def _fwd_kernel(tbl_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, cfg: _Config):
-  bs = cfg.block
+  bs, r = cfg.block, cfg.q_tile
   i = pl.program_id(0)
   q = q_ref[...]
-  q_pos = i * bs + jnp.arange(bs, dtype=jnp.int32)
+  q_pos = i * (r * bs) + jnp.arange(r * bs, dtype=jnp.int32)
   q_seg = _no_pad(qs_ref[...])
   row = tbl_ref[...]
   c = cfg.scale * LOG2E
 
   def step(m, carry):
-    start = pl.multiple_of(_entry(row, m) * bs, bs)
+    blk, bits = _split(_entry(row, m), r)
+    start = pl.multiple_of(blk * bs, bs)
     k = k_ref[pl.ds(start, bs), :]
     s = _dot_t(q, k) * c
     mask = _tile_mask(q_pos, start + jnp.arange(bs, dtype=jnp.int32), q_seg, ks_ref[pl.ds(start, bs)], cfg, True)
+    if r > 1:
+      mask &= _sub_keep(bits, r, bs)[:, None]
     return _online_step(carry, jnp.where(mask, s, -jnp.inf), lambda: v_ref[pl.ds(start, bs), :])
 
-  _online_finish(lax.fori_loop(0, _count(row), step, _online_init(bs, q.shape[1])), o_ref, lse_ref)
+  _online_finish(lax.fori_loop(0, _count(row), step, _online_init(r * bs, q.shape[1])), o_ref, lse_ref)
 
 
 def _dq_kernel(tbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, *, cfg: _Config):
-  bs = cfg.block
+  bs, r = cfg.block, cfg.q_tile
   i = pl.program_id(0)
   q, do = q_ref[...], do_ref[...]
   lse2, delta = lse_ref[...], delta_ref[...]
-  q_pos = i * bs + jnp.arange(bs, dtype=jnp.int32)
+  q_pos = i * (r * bs) + jnp.arange(r * bs, dtype=jnp.int32)
   q_seg = _no_pad(qs_ref[...])
   row = tbl_ref[...]
   c = cfg.scale * LOG2E
 
   def step(m, dq):
-    start = pl.multiple_of(_entry(row, m) * bs, bs)
+    blk, bits = _split(_entry(row, m), r)
+    start = pl.multiple_of(blk * bs, bs)
     k = k_ref[pl.ds(start, bs), :]
     v = v_ref[pl.ds(start, bs), :]
     s = _dot_t(q, k) * c
     mask = _tile_mask(q_pos, start + jnp.arange(bs, dtype=jnp.int32), q_seg, ks_ref[pl.ds(start, bs)], cfg, True)
+    if r > 1:
+      mask &= _sub_keep(bits, r, bs)[:, None]
     p = jnp.where(mask, jnp.exp2(s - lse2[:, None]), 0.0)
     ds = p * (_dot_t(do, v) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
@@ -141,17 +170,17 @@ def _dq_kernel(tbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref,
 
 def _dkv_kernel(tbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref, *,
                 cfg: _Config):
-  bs, nq = cfg.block, cfg.num_blocks
+  bs, nq, r = cfg.block, cfg.num_blocks, cfg.kv_tile
   j = pl.program_id(0)
   k, v = k_ref[...], v_ref[...]
-  k_pos = j * bs + jnp.arange(bs, dtype=jnp.int32)
+  k_pos = j * (r * bs) + jnp.arange(r * bs, dtype=jnp.int32)
   k_seg = _no_pad(ks_ref[...])
   row = tbl_ref[...]
   c = cfg.scale * LOG2E
 
   def step(m, carry):
     dk, dv = carry
-    e = _entry(row, m)
+    e, bits = _split(_entry(row, m), r)
     g, i = lax.div(e, nq), lax.rem(e, nq)
     start = pl.multiple_of(i * bs, bs)
     q = q_ref[pl.ds(start, bs), g, :]
@@ -160,6 +189,8 @@ def _dkv_kernel(tbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref
     delta = delta_ref[g, pl.ds(start, bs)]
     st = _dot_t(k, q) * c  # S^T [bk, bq]
     mask = _tile_mask(k_pos, start + jnp.arange(bs, dtype=jnp.int32), k_seg, qs_ref[pl.ds(start, bs)], cfg, False)
+    if r > 1:
+      mask &= _sub_keep(bits, r, bs)[:, None]
     pt = jnp.where(mask, jnp.exp2(st - lse2[None, :]), 0.0)
     dv = dv + _dot(pt.astype(do.dtype), do)
     dst = pt * (_dot_t(v, do) - delta[None, :])
@@ -183,22 +214,23 @@ def _forward(rows, cols, q, k, v, seg, cfg: _Config):
   del cols  # the transposed table: the backward's
   b, tp, n, h = q.shape
   kvh = k.shape[2]
-  g, bs, mp = n // kvh, cfg.block, rows.shape[-1]
+  g, mp = n // kvh, rows.shape[-1]
+  bq = cfg.q_tile * cfg.block
   tb = _tsel(cfg)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg),
-      grid=(cfg.num_blocks, n, b),
+      grid=(cfg.num_blocks // cfg.q_tile, n, b),
       in_specs=[
           pl.BlockSpec((_SQ, _SQ, _SQ, mp), lambda i, hd, bt: (tb(bt), hd, i, 0)),
-          pl.BlockSpec((_SQ, bs, _SQ, h), lambda i, hd, bt: (bt, i, hd, 0)),
+          pl.BlockSpec((_SQ, bq, _SQ, h), lambda i, hd, bt: (bt, i, hd, 0)),
           pl.BlockSpec((_SQ, tp, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
           pl.BlockSpec((_SQ, tp, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
-          pl.BlockSpec((_SQ, bs), lambda i, hd, bt: (bt, i)),
+          pl.BlockSpec((_SQ, bq), lambda i, hd, bt: (bt, i)),
           pl.BlockSpec((_SQ, tp), lambda i, hd, bt: (bt, 0)),
       ],
       out_specs=[
-          pl.BlockSpec((_SQ, bs, _SQ, h), lambda i, hd, bt: (bt, i, hd, 0)),
-          pl.BlockSpec((_SQ, _SQ, bs), lambda i, hd, bt: (bt, hd, i)),
+          pl.BlockSpec((_SQ, bq, _SQ, h), lambda i, hd, bt: (bt, i, hd, 0)),
+          pl.BlockSpec((_SQ, _SQ, bq), lambda i, hd, bt: (bt, hd, i)),
       ],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
       compiler_params=_compiler_params(cfg),
@@ -210,20 +242,21 @@ def _forward(rows, cols, q, k, v, seg, cfg: _Config):
 def _backward(rows, cols, q, k, v, seg, out, lse, d_out, cfg: _Config):
   b, tp, n, h = q.shape
   kvh = k.shape[2]
-  g, bs = n // kvh, cfg.block
+  g = n // kvh
+  bq, bk = cfg.q_tile * cfg.block, cfg.kv_tile * cfg.block
   tb = _tsel(cfg)
   delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
   lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0)  # rows that see nothing: every P is masked to 0
 
-  q_spec = pl.BlockSpec((_SQ, bs, _SQ, h), lambda i, hd, bt: (bt, i, hd, 0))
+  q_spec = pl.BlockSpec((_SQ, bq, _SQ, h), lambda i, hd, bt: (bt, i, hd, 0))
   kv_spec = pl.BlockSpec((_SQ, tp, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0))
-  row_spec = pl.BlockSpec((_SQ, _SQ, bs), lambda i, hd, bt: (bt, hd, i))
+  row_spec = pl.BlockSpec((_SQ, _SQ, bq), lambda i, hd, bt: (bt, hd, i))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg),
-      grid=(cfg.num_blocks, n, b),
+      grid=(cfg.num_blocks // cfg.q_tile, n, b),
       in_specs=[pl.BlockSpec((_SQ, _SQ, _SQ, rows.shape[-1]), lambda i, hd, bt: (tb(bt), hd, i, 0)),
                 q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                pl.BlockSpec((_SQ, bs), lambda i, hd, bt: (bt, i)),
+                pl.BlockSpec((_SQ, bq), lambda i, hd, bt: (bt, i)),
                 pl.BlockSpec((_SQ, tp), lambda i, hd, bt: (bt, 0))],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -234,14 +267,14 @@ def _backward(rows, cols, q, k, v, seg, out, lse, d_out, cfg: _Config):
 
   qg_spec = pl.BlockSpec((_SQ, tp, g, h), lambda j, kh, bt: (bt, 0, kh, 0))
   rowg_spec = pl.BlockSpec((_SQ, g, tp), lambda j, kh, bt: (bt, kh, 0))
-  kt_spec = pl.BlockSpec((_SQ, bs, _SQ, h), lambda j, kh, bt: (bt, j, kh, 0))
+  kt_spec = pl.BlockSpec((_SQ, bk, _SQ, h), lambda j, kh, bt: (bt, j, kh, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, cfg=cfg),
-      grid=(cfg.num_blocks, kvh, b),
+      grid=(cfg.num_blocks // cfg.kv_tile, kvh, b),
       in_specs=[pl.BlockSpec((_SQ, _SQ, _SQ, cols.shape[-1]), lambda j, kh, bt: (tb(bt), kh, j, 0)),
                 qg_spec, kt_spec, kt_spec, qg_spec, rowg_spec, rowg_spec,
                 pl.BlockSpec((_SQ, tp), lambda j, kh, bt: (bt, 0)),
-                pl.BlockSpec((_SQ, bs), lambda j, kh, bt: (bt, j))],
+                pl.BlockSpec((_SQ, bk), lambda j, kh, bt: (bt, j))],
       out_specs=[kt_spec, kt_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=_compiler_params(cfg),
@@ -311,12 +344,50 @@ def transpose_table(rows, num_kv_heads: int):
   return xp.pad(cols, [(0, 0)] * 3 + [(0, width - cols.shape[-1])], constant_values=-1)
 
 
+_BIG = 1 << 26  # above every entry (a transposed entry is below G * C); times 2^4 it still fits int32
+TILES = (1, 2, 4)  # table blocks per program
+
+
+def merge_rows(rows, r: int):
+  """rows [B or 1, H, C, M] (C a multiple of r; each row's distinct entries first, then -1) ->
+  [B or 1, H, C / r, W]: merged row i lists once each entry e of rows i*r .. i*r + r - 1, as
+  e * 2^r + bits, where bit s says that row i*r + s lists e; then -1. One program walks a merged
+  row for a tile of r table blocks and masks each visited tile's rows by their bit. W is the
+  longest merged row rounded up to a power of two >= 16 (r * M for a table traced under jit).
+  numpy in, numpy out; jax in, jax out."""
+  if r == 1:
+    return rows
+  concrete = isinstance(rows, np.ndarray)
+  xp = np if concrete else jnp
+  argsort = (lambda a: np.argsort(a, axis=-1, kind="stable")) if concrete else (
+      lambda a: jnp.argsort(a, axis=-1, stable=True))
+  tb, h, c, m = rows.shape
+  x = xp.asarray(rows).astype(np.int32).reshape(tb, h, c // r, r * m)
+  vals = xp.where(x >= 0, x, _BIG)
+  order = argsort(vals)
+  sv = xp.take_along_axis(vals, order, axis=-1)
+  sub_bit = xp.broadcast_to(xp.asarray(1 << np.repeat(np.arange(r, dtype=np.int32), m)), x.shape)
+  sb = xp.where(sv < _BIG, xp.take_along_axis(sub_bit, order, axis=-1), 0)
+  first = (sv < _BIG) & xp.concatenate([xp.ones_like(sv[..., :1], bool), sv[..., 1:] != sv[..., :-1]], axis=-1)
+  bits = sb  # a run of equal entries is at most r long (a row's entries are distinct): add its bits
+  for d in range(1, r):
+    pad = [(0, 0)] * 3 + [(0, d)]
+    bits = bits + xp.where(xp.pad(sv[..., d:], pad, constant_values=-1) == sv, xp.pad(sb[..., d:], pad), 0)
+  enc = xp.take_along_axis(xp.where(first, sv * (1 << r) + bits, -1), argsort(~first), axis=-1)
+  longest = int(first.sum(-1).max(initial=0)) if concrete else r * m
+  width = _pow2_at_least(max(longest, 1), 16)
+  if width <= enc.shape[-1]:
+    return enc[..., :width]
+  return xp.pad(enc, [(0, 0)] * 3 + [(0, width - enc.shape[-1])], constant_values=-1)
+
+
 # ----------------------------------------------------------------------------- public API
 
 
-def checked_tables(q_btnh, k_bskh, v_bskh, kv_blocks, kv_valid, block: int):
+def checked_tables(q_btnh, k_bskh, v_bskh, kv_blocks, kv_valid, block: int, multiple: int = 1):
   """The shape checks every block-sparse kernel shares, then (rows, cols): the compacted table
-  and its transpose (see `compact_table`, `transpose_table`)."""
+  and its transpose (see `compact_table`, `transpose_table`), the block count padded with
+  empty rows to a multiple of `multiple`."""
   b, t, n, h = q_btnh.shape
   kvh = k_bskh.shape[2]
   if k_bskh.shape != v_bskh.shape or k_bskh.shape[:2] != (b, t) or k_bskh.shape[3] != h:
@@ -327,24 +398,40 @@ def checked_tables(q_btnh, k_bskh, v_bskh, kv_blocks, kv_valid, block: int):
   rows = compact_table(kv_blocks, kv_valid, n, kvh, -(-t // block))
   if rows.shape[0] not in (1, b):
     raise ValueError(f"block table batch {rows.shape[0]} does not fit batch {b}")
+  extra = -rows.shape[2] % multiple
+  if extra:
+    rows = (np if isinstance(rows, np.ndarray) else jnp).pad(rows, [(0, 0), (0, 0), (0, extra), (0, 0)],
+                                                            constant_values=-1)
+  if n * rows.shape[2] >= _BIG:
+    raise ValueError(f"{n} heads x {rows.shape[2]} blocks is too many table entries for int32 tables")
   return rows, transpose_table(rows, kvh)
 
 
 def block_sparse_attention_pallas(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_valid, *, block: int,
                                   causal: bool, band=None, interpret: bool | None = None,
-                                  num_warps: int | None = None, num_stages: int = 2):
+                                  num_warps: int | None = None, num_stages: int = 2, q_tile: int = 1,
+                                  kv_tile: int = 1):
   """`block_sparse_attention` through the Pallas kernels: same arguments, same result.
 
   q [B, T, N, H]; k, v [B, T, K, H] (N a multiple of K; grouped-query heads read their
   kv head's tiles, no copies); segment_ids [B, T] (0 = padding); kv_blocks / kv_valid
   [B or 1, N or K or 1, ceil(T / block), M]; block a power of two >= 16. Queries that see
   no key give zeros. Differentiable in q, k, v.
+
+  q_tile / kv_tile (1, 2 or 4): table blocks per forward and dQ program / per dK/dV program.
+  A program of r blocks walks the union of their r rows (`merge_rows`) with r * block-row
+  tiles, masking each visited tile's rows by the blocks that list it: fewer, longer programs
+  when rows are short (the FLOPs of the union's unlisted sub-tiles are spent, then masked).
   """
   if block < 16 or block & (block - 1):
     raise ValueError(f"block={block}: the Pallas block-sparse kernel needs a power of two >= 16")
-  rows, cols = checked_tables(q_btnh, k_bskh, v_bskh, kv_blocks, kv_valid, block)
+  for name, r in (("q_tile", q_tile), ("kv_tile", kv_tile)):
+    if r not in TILES:
+      raise ValueError(f"{name}={r}: table blocks per program must be one of {TILES}")
+  rows, cols = checked_tables(q_btnh, k_bskh, v_bskh, kv_blocks, kv_valid, block, multiple=max(q_tile, kv_tile))
+  rows, cols = merge_rows(rows, q_tile), merge_rows(cols, kv_tile)
   b, t, n, h = q_btnh.shape
-  nb = rows.shape[2]
+  nb = rows.shape[2] * q_tile
   tp = nb * block
   hp = _pow2_at_least(h, 16)
   seg = _pad_axis(jnp.asarray(segment_ids, jnp.int32), 1, tp)
@@ -353,7 +440,8 @@ def block_sparse_attention_pallas(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks
   v = _pad_axis(_pad_axis(v_bskh, 3, hp), 1, tp)
   cfg = _Config(block=block, causal=bool(causal), band=None if band is None else (int(band[0]), int(band[1])),
                 scale=1.0 / math.sqrt(h), interpret=_resolve_interpret(interpret), num_blocks=nb,
-                table_batched=rows.shape[0] > 1, num_warps=num_warps or (4 if block * hp <= 64 * 64 else 8),
-                num_stages=num_stages)
+                table_batched=rows.shape[0] > 1,
+                num_warps=num_warps or (4 if max(q_tile, kv_tile) * block * hp <= 64 * 64 else 8),
+                num_stages=num_stages, q_tile=q_tile, kv_tile=kv_tile)
   out = _attention(jnp.asarray(rows), jnp.asarray(cols), q, k, v, seg, cfg=cfg)
   return out[:, :t, :, :h]

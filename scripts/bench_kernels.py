@@ -217,24 +217,33 @@ def run_block_sparse(args, interpret: bool, start: float) -> list[dict]:
             row[f"{name}_{mode}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
       print(json.dumps(row), flush=True)
       out.append(row)
+  # Launch settings and program tiles of our kernel at the last length, both patterns (the first
+  # GPU run found each kept block at ~0.3x the dense kernel's rate with the default 8 warps, 2
+  # stages, one 64-row block per program). Tiles (q_tile, kv_tile): table blocks per forward/dQ
+  # and per dK/dV program, walking the union of their rows (kernels/block_sparse_pallas.py).
+  settings = ((2, 2, None, 2), (4, 4, None, 2), (2, 1, None, 2), (1, 2, None, 2), (1, 1, 4, 3), (1, 1, 8, 3),
+              (2, 2, None, 3))
   if interpret:
-    return out
-  # Launch settings of our kernel at the last shape (the first GPU run found each kept block at
-  # ~0.3x the dense kernel's rate with the default 8 warps, 2 stages at block 64, H=128).
-  for warps, stages in ((4, 2), (4, 3), (8, 3), (4, 4)):
-    if time.perf_counter() - start > args.budget_s:
-      break
-    cfg = {"T": t, "pattern": pattern, "num_warps": warps, "num_stages": stages}
-    f = lambda q, k, v, w=warps, st=stages: block_sparse_attention_pallas(
-        q, k, v, seg, blocks, valid, block=block, causal=True, num_warps=w, num_stages=st)
-    fwd, fwd_bwd = _fwd_and_fwd_bwd(f)
-    for mode, fn, fargs in (("fwd", fwd, (q, k, v)), ("fwdbwd", fwd_bwd, (q, k, v, do))):
-      try:
-        cfg[mode] = flops * (3.5 if mode == "fwdbwd" else 1.0) / _median_time(fn, fargs) / 1e12
-      except Exception as e:  # noqa: BLE001
-        cfg[mode] = f"err {type(e).__name__}: {str(e)[:200]}"
-    print(json.dumps(cfg), flush=True)
-    out.append(cfg)
+    settings = ((2, 2, None, 2),)
+  tables = {p: _sparse_tables(p, -(-t // block), heads) for p in ("local", "random")}
+  for q_tile, kv_tile, warps, stages in settings:
+    for pattern, (blocks, valid, pairs) in tables.items():
+      if time.perf_counter() - start > args.budget_s:
+        return out
+      flops = 4.0 * b * heads * pairs * block * block * h
+      cfg = {"T": t, "pattern": pattern, "q_tile": q_tile, "kv_tile": kv_tile, "num_warps": warps or "default",
+             "num_stages": stages}
+      f = lambda q, k, v, w=warps, st=stages, qt=q_tile, kt=kv_tile, bl=blocks, va=valid: block_sparse_attention_pallas(
+          q, k, v, seg, bl, va, block=block, causal=True, num_warps=w, num_stages=st, q_tile=qt, kv_tile=kt,
+          interpret=True if interpret else None)
+      fwd, fwd_bwd = _fwd_and_fwd_bwd(f)
+      for mode, fn, fargs in (("fwd", fwd, (q, k, v)), ("fwdbwd", fwd_bwd, (q, k, v, do))):
+        try:
+          cfg[mode] = flops * (3.5 if mode == "fwdbwd" else 1.0) / _median_time(fn, fargs) / 1e12
+        except Exception as e:  # noqa: BLE001
+          cfg[mode] = f"err {type(e).__name__}: {str(e)[:200]}"
+      print(json.dumps(cfg), flush=True)
+      out.append(cfg)
   return out
 
 
@@ -407,13 +416,14 @@ def print_tables(result: dict, device: str) -> None:
           print(f"  {k} T={r['T']} {r['pattern']}: {r[k].splitlines()[0][:200]}")
     launch = [r for r in result["sparse"] if "num_warps" in r]
     if launch:
-      print(f"\n## Block-sparse kernel launch settings, T={launch[0]['T']} {launch[0]['pattern']}: TFLOP/s on kept "
-            f"pairs (default: 8 warps, 2 stages)")
-      print("| warps | stages | fwd | f+b |")
-      print("|---|---|---|---|")
+      print(f"\n## Block-sparse kernel launch settings and program tiles, T={launch[0]['T']}: TFLOP/s on kept "
+            f"pairs (default: 1 block per program, 8 warps at block 64 and H=128, 2 stages)")
+      print("| pattern | q_tile | kv_tile | warps | stages | fwd | f+b |")
+      print("|---|---|---|---|---|---|---|")
       for r in launch:
         fmt = lambda x: f"{x:.1f}" if isinstance(x, float) else str(x)[:60]
-        print(f"| {r['num_warps']} | {r['num_stages']} | {fmt(r.get('fwd'))} | {fmt(r.get('fwdbwd'))} |")
+        print(f"| {r['pattern']} | {r['q_tile']} | {r['kv_tile']} | {r['num_warps']} | {r['num_stages']} | "
+              f"{fmt(r.get('fwd'))} | {fmt(r.get('fwdbwd'))} |")
   if result["errors"]:
     print(f"\n{len(result['errors'])} failed measurements (first line of each):")
     for k, v in list(result["errors"].items())[:12]:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.block_sparse_pallas import block_sparse_attention_pallas, compact_table, transpose_table
+from kernels.block_sparse_pallas import block_sparse_attention_pallas, compact_table, merge_rows, transpose_table
 from kernels.block_sparse_tpu import block_sparse_attention_tpu
 from layers.attention import block_sparse as bs
 from tests.helpers import values_and_grads
@@ -99,6 +99,33 @@ def test_matches_engine_and_dense_reference(kernel, kind, causal, band, dtype, s
   assert np.all(np.asarray(got, np.float32)[pad] == 0) and np.all(np.asarray(g_got[0], np.float32)[pad] == 0)
 
 
+@pytest.mark.parametrize("kind,causal,band,dtype,q_tile,kv_tile", [
+    ("random_per_query_head", True, None, jnp.float32, 2, 1),
+    ("random_per_kv_head", False, None, jnp.float32, 1, 2),
+    ("strided_shared", True, (9, 0), jnp.float32, 4, 2),
+    ("random_per_query_head", True, None, jnp.bfloat16, 2, 4),
+])
+def test_multi_block_tiles_match_dense_reference(kind, causal, band, dtype, q_tile, kv_tile):
+  """Programs of q_tile / kv_tile table blocks (the union of their rows, each tile's rows masked
+  by the blocks that list it) give the dense reference's values and gradients. 5 blocks of 16:
+  the block count is padded to the tile with empty rows."""
+  q, k, v, seg, w = _case(dtype, seed=30 + q_tile)
+  nb = bs.num_blocks(T, BLOCK)
+  blocks, valid = _tables(kind, causal, nb)
+  kw = dict(block=BLOCK, causal=causal, band=band)
+  got, g_got = values_and_grads(lambda q, k, v: block_sparse_attention_pallas(
+      q, k, v, seg, blocks, valid, q_tile=q_tile, kv_tile=kv_tile, **kw), q, k, v, w)
+  f32 = lambda x: x.astype(jnp.float32)
+  want, g_want = values_and_grads(
+      lambda q, k, v: bs.reference_block_sparse_attention(q, k, v, seg, blocks, valid, **kw), f32(q), f32(k), f32(v), w)
+  assert got.dtype == dtype
+  _check("out", got, want, dtype)
+  for name, a, b in zip("qkv", g_got, g_want):
+    _check(f"d{name}", a, b, dtype)
+  pad = seg == 0
+  assert np.all(np.asarray(got, np.float32)[pad] == 0) and np.all(np.asarray(g_got[0], np.float32)[pad] == 0)
+
+
 @pytest.mark.parametrize("kernel", ["triton", "tpu"])
 def test_unlisted_blocks_are_never_loaded(kernel):
   """No row lists key block 2, so its K and V are NaN: a kernel that loaded the tile (even to
@@ -128,8 +155,9 @@ def test_unlisted_blocks_are_never_loaded(kernel):
 @pytest.mark.parametrize("kernel", ["triton", "tpu"])
 def test_table_computed_under_jit(kernel):
   """A per-input table (as XAttention's) is a traced array: the kernel takes it as data, with
-  the transposed table bounded by G * C entries."""
+  the transposed table bounded by G * C entries (Triton: merged for 2-block tiles under jit too)."""
   q, k, v, seg, w = _case(seed=8)
+  tiles = dict(q_tile=2, kv_tile=2) if kernel == "triton" else {}
   block = BLOCKS[kernel]
   nb = bs.num_blocks(T, block)
 
@@ -145,7 +173,7 @@ def test_table_computed_under_jit(kernel):
 
   def through_kernel(q, k, v):
     blocks, valid = per_input(q, k, v)
-    return KERNELS[kernel](q, k, v, seg, jax.lax.stop_gradient(blocks), valid, block=block, causal=False)
+    return KERNELS[kernel](q, k, v, seg, jax.lax.stop_gradient(blocks), valid, block=block, causal=False, **tiles)
 
   def reference(q, k, v):
     blocks, valid = per_input(q, k, v)
@@ -180,6 +208,32 @@ def test_tables_compact_and_transpose():
   assert {j: sorted(int(e) for e in np.asarray(traced)[0, 0, j] if e >= 0) for j in range(nb)} == want
 
 
+def test_merge_rows_lists_each_block_once_with_the_rows_that_list_it():
+  """Merged row i: every entry of rows i*r .. i*r + r - 1 once, as e * 2^r + bits (bit s: row
+  i*r + s lists e), then -1; the same for a table traced under jit."""
+  rng = np.random.default_rng(3)
+  c, m, r = 8, 5, 4
+  rows = np.full((2, 3, c, 16), -1, np.int32)
+  for idx in np.ndindex(2, 3, c):
+    n_valid = rng.integers(0, m + 1)
+    rows[idx][:n_valid] = rng.choice(12, n_valid, replace=False)
+  for merged in (merge_rows(rows, r), np.asarray(jax.jit(lambda x: merge_rows(x, r))(jnp.asarray(rows)))):
+    assert merged.shape[2] == c // r and merged.shape[-1] % 16 == 0
+    for idx in np.ndindex(2, 3, c // r):
+      entries = merged[idx]
+      valid = entries[entries >= 0]
+      assert np.all(entries[len(valid):] == -1), "valid entries first"
+      got = {int(e) >> r: int(e) & ((1 << r) - 1) for e in valid}
+      assert len(got) == len(valid), "an entry listed twice"
+      want = {}
+      for s_ in range(r):
+        for e in rows[idx[0], idx[1], idx[2] * r + s_]:
+          if e >= 0:
+            want[int(e)] = want.get(int(e), 0) | (1 << s_)
+      assert got == want
+  assert merge_rows(rows, 1) is rows
+
+
 def test_lowers_to_triton_for_gpu():
   """Three Triton kernels: forward and dQ over (query blocks, query heads, batch), dK/dV over
   (key blocks, kv heads, batch)."""
@@ -196,6 +250,14 @@ def test_lowers_to_triton_for_gpu():
   got = {name: tuple(int(x) for x in g) for *g, name in grids}
   assert got == {"block_sparse_fwd": (nb, n, b), "block_sparse_bwd_dq": (nb, n, b),
                  "block_sparse_bwd_dkv": (nb, kv, b)}, got
+  # 2-block query tiles, 4-block key tiles: 16 blocks -> 8 forward / dQ and 4 dK/dV programs per head.
+  loss = lambda q, k, v, s: jnp.sum(block_sparse_attention_pallas(
+      q, k, v, s, blocks, valid, block=block, causal=True, interpret=False, q_tile=2, kv_tile=4).astype(jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(lowering_platforms=("cuda",)).as_text()
+  grids = re.findall(r'grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32.*?name = "(\w+)"', text)
+  got = {name: tuple(int(x) for x in g) for *g, name in grids}
+  assert got == {"block_sparse_fwd": (nb // 2, n, b), "block_sparse_bwd_dq": (nb // 2, n, b),
+                 "block_sparse_bwd_dkv": (nb // 4, kv, b)}, got
 
 
 def test_lowers_to_mosaic_for_tpu():
@@ -222,6 +284,8 @@ def test_rejects_bad_arguments():
                                   block=24, causal=True)
   with pytest.raises(ValueError, match="does not fit"):
     block_sparse_attention_pallas(q, k, v, seg, blocks[:, :, :-1], valid[:, :, :-1], block=BLOCK, causal=True)
+  with pytest.raises(ValueError, match="q_tile=3"):
+    block_sparse_attention_pallas(q, k, v, seg, blocks, valid, block=BLOCK, causal=True, q_tile=3)
   with pytest.raises(ValueError, match="block=12"):
     block_sparse_attention_tpu(q, k, v, seg, blocks, valid, block=12, causal=True)
   with pytest.raises(ValueError, match="does not fit"):
