@@ -23,8 +23,10 @@ consecutive query blocks (an r * block-row tile) and walk the union of their row
 entry carrying r bits that say which of the r blocks list it; the visited tile's rows whose
 block does not list it are masked. The same for dK/dV programs over r key blocks and the
 transposed table. Fewer, longer programs for tables with short rows, at the price of the
-union's unlisted sub-tiles (computed, then masked). Unlisted-by-all tiles are still never
-loaded. Whether it pays on a GPU is for `scripts/bench_kernels.py` to say (not yet measured).
+union's unlisted sub-tiles (computed, then masked). A streamed tile that none of the
+program's blocks lists is never loaded; the program's own tile is loaded whole, and the rows
+of its blocks that nothing lists get zero gradients whatever their values (NaN included).
+Whether it pays on a GPU is for `scripts/bench_kernels.py` to say (not yet measured).
 
 Cost: forward 4 * B * N * (kept block pairs) * block^2 * H FLOPs, backward 2.5x; memory
 O(T * H) residuals plus the tables: [B or 1, N, C, M] int32, and the transposed table
@@ -162,6 +164,8 @@ def _dq_kernel(tbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref,
       mask &= _sub_keep(bits, r, bs)[:, None]
     p = jnp.where(mask, jnp.exp2(s - lse2[:, None]), 0.0)
     ds = p * (_dot_t(do, v) - delta[:, None])
+    if r > 1:  # the tile's rows of a block with an empty row: their dO is never read
+      ds = jnp.where(mask, ds, 0.0)
     return dq + _dot(ds.astype(k.dtype), k)
 
   dq = lax.fori_loop(0, _count(row), step, jnp.zeros(q.shape, jnp.float32))
@@ -194,6 +198,8 @@ def _dkv_kernel(tbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref
     pt = jnp.where(mask, jnp.exp2(st - lse2[None, :]), 0.0)
     dv = dv + _dot(pt.astype(do.dtype), do)
     dst = pt * (_dot_t(v, do) - delta[None, :])
+    if r > 1:  # the tile's key rows of a block no row lists: their K/V are never read
+      dst = jnp.where(mask, dst, 0.0)
     dk = dk + _dot(dst.astype(q.dtype), q)
     return dk, dv
 
@@ -369,10 +375,10 @@ def merge_rows(rows, r: int):
   sub_bit = xp.broadcast_to(xp.asarray(1 << np.repeat(np.arange(r, dtype=np.int32), m)), x.shape)
   sb = xp.where(sv < _BIG, xp.take_along_axis(sub_bit, order, axis=-1), 0)
   first = (sv < _BIG) & xp.concatenate([xp.ones_like(sv[..., :1], bool), sv[..., 1:] != sv[..., :-1]], axis=-1)
-  bits = sb  # a run of equal entries is at most r long (a row's entries are distinct): add its bits
+  bits = sb  # a run of equal entries is at most r long (a row's entries are distinct): OR its bits
   for d in range(1, r):
     pad = [(0, 0)] * 3 + [(0, d)]
-    bits = bits + xp.where(xp.pad(sv[..., d:], pad, constant_values=-1) == sv, xp.pad(sb[..., d:], pad), 0)
+    bits = bits | xp.where(xp.pad(sv[..., d:], pad, constant_values=-1) == sv, xp.pad(sb[..., d:], pad), 0)
   enc = xp.take_along_axis(xp.where(first, sv * (1 << r) + bits, -1), argsort(~first), axis=-1)
   longest = int(first.sum(-1).max(initial=0)) if concrete else r * m
   width = _pow2_at_least(max(longest, 1), 16)

@@ -126,11 +126,13 @@ def test_multi_block_tiles_match_dense_reference(kind, causal, band, dtype, q_ti
   assert np.all(np.asarray(got, np.float32)[pad] == 0) and np.all(np.asarray(g_got[0], np.float32)[pad] == 0)
 
 
-@pytest.mark.parametrize("kernel", ["triton", "tpu"])
-def test_unlisted_blocks_are_never_loaded(kernel):
+@pytest.mark.parametrize("kernel,tiles", [("triton", {}), ("triton", dict(q_tile=2)), ("triton", dict(kv_tile=2)),
+                                          ("triton", dict(q_tile=4, kv_tile=4)), ("tpu", {})])
+def test_unlisted_blocks_are_never_loaded(kernel, tiles):
   """No row lists key block 2, so its K and V are NaN: a kernel that loaded the tile (even to
   mask it) would produce NaN (0 * NaN in P V, dP = dO V^T). Results must be finite, equal the
-  dense reference on clean inputs, and dK/dV of block 2 must be exactly zero."""
+  dense reference on clean inputs, and dK/dV of block 2 must be exactly zero - also when a
+  dK/dV program's own multi-block tile holds block 2 beside listed blocks."""
   q, k, v, seg, w = _case(seed=5)
   seg = np.ones_like(seg)
   block = BLOCKS[kernel]
@@ -142,7 +144,7 @@ def test_unlisted_blocks_are_never_loaded(kernel):
   k_nan, v_nan = k.at[:, poisoned].set(jnp.nan), v.at[:, poisoned].set(jnp.nan)
   kw = dict(block=block, causal=True)
   got, (dq, dk, dv) = values_and_grads(
-      lambda q, k, v: KERNELS[kernel](q, k, v, seg, blocks, valid, **kw), q, k_nan, v_nan, w)
+      lambda q, k, v: KERNELS[kernel](q, k, v, seg, blocks, valid, **kw, **tiles), q, k_nan, v_nan, w)
   want, (dq_r, dk_r, dv_r) = values_and_grads(
       lambda q, k, v: bs.reference_block_sparse_attention(q, k, v, seg, blocks, valid, **kw), q, k, v, w)
   _check("out", got, want, jnp.float32)
@@ -250,14 +252,21 @@ def test_lowers_to_triton_for_gpu():
   got = {name: tuple(int(x) for x in g) for *g, name in grids}
   assert got == {"block_sparse_fwd": (nb, n, b), "block_sparse_bwd_dq": (nb, n, b),
                  "block_sparse_bwd_dkv": (nb, kv, b)}, got
-  # 2-block query tiles, 4-block key tiles: 16 blocks -> 8 forward / dQ and 4 dK/dV programs per head.
+  # 2-block query tiles, 4-block key tiles over 15 blocks (T=900), padded to 16: 8 forward / dQ
+  # and 4 dK/dV programs per head.
+  t = 900
+  nb = bs.num_blocks(t, block)
+  blocks, valid = bs.stack_heads([bs.pack_rows(bs.local_rows(nb, True, 2, 0))])
+  q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((b, t, kv, h), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
   loss = lambda q, k, v, s: jnp.sum(block_sparse_attention_pallas(
       q, k, v, s, blocks, valid, block=block, causal=True, interpret=False, q_tile=2, kv_tile=4).astype(jnp.float32))
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(lowering_platforms=("cuda",)).as_text()
   grids = re.findall(r'grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32.*?name = "(\w+)"', text)
   got = {name: tuple(int(x) for x in g) for *g, name in grids}
-  assert got == {"block_sparse_fwd": (nb // 2, n, b), "block_sparse_bwd_dq": (nb // 2, n, b),
-                 "block_sparse_bwd_dkv": (nb // 4, kv, b)}, got
+  assert nb == 15 and got == {"block_sparse_fwd": (8, n, b), "block_sparse_bwd_dq": (8, n, b),
+                              "block_sparse_bwd_dkv": (4, kv, b)}, got
 
 
 def test_lowers_to_mosaic_for_tpu():
