@@ -236,37 +236,26 @@ def test_merge_rows_lists_each_block_once_with_the_rows_that_list_it():
   assert merge_rows(rows, 1) is rows
 
 
-def test_lowers_to_triton_for_gpu():
-  """Three Triton kernels: forward and dQ over (query blocks, query heads, batch), dK/dV over
-  (key blocks, kv heads, batch)."""
-  b, t, n, kv, h, block = 2, 1000, 8, 2, 128, 64
+@pytest.mark.parametrize("t,tiles,want", [
+    (1000, {}, (16, 16, 16)),  # 16 blocks of 64, one block per program
+    (900, dict(q_tile=2, kv_tile=4), (8, 8, 4)),  # 15 blocks padded to 16: 2-block / 4-block programs
+])
+def test_lowers_to_triton_for_gpu(t, tiles, want):
+  """Three Triton kernels: forward and dQ over (query programs, query heads, batch), dK/dV over
+  (key programs, kv heads, batch)."""
+  b, n, kv, h, block = 2, 8, 2, 128, 64
   nb = bs.num_blocks(t, block)
   blocks, valid = bs.stack_heads([bs.pack_rows(bs.local_rows(nb, True, 2, 0))])
   q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((b, t, kv, h), jnp.bfloat16)
   seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
   loss = lambda q, k, v, s: jnp.sum(block_sparse_attention_pallas(
-      q, k, v, s, blocks, valid, block=block, causal=True, interpret=False).astype(jnp.float32))
+      q, k, v, s, blocks, valid, block=block, causal=True, interpret=False, **tiles).astype(jnp.float32))
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(lowering_platforms=("cuda",)).as_text()
   grids = re.findall(r'grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32.*?name = "(\w+)"', text)
   got = {name: tuple(int(x) for x in g) for *g, name in grids}
-  assert got == {"block_sparse_fwd": (nb, n, b), "block_sparse_bwd_dq": (nb, n, b),
-                 "block_sparse_bwd_dkv": (nb, kv, b)}, got
-  # 2-block query tiles, 4-block key tiles over 15 blocks (T=900), padded to 16: 8 forward / dQ
-  # and 4 dK/dV programs per head.
-  t = 900
-  nb = bs.num_blocks(t, block)
-  blocks, valid = bs.stack_heads([bs.pack_rows(bs.local_rows(nb, True, 2, 0))])
-  q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
-  k = jax.ShapeDtypeStruct((b, t, kv, h), jnp.bfloat16)
-  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
-  loss = lambda q, k, v, s: jnp.sum(block_sparse_attention_pallas(
-      q, k, v, s, blocks, valid, block=block, causal=True, interpret=False, q_tile=2, kv_tile=4).astype(jnp.float32))
-  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(lowering_platforms=("cuda",)).as_text()
-  grids = re.findall(r'grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32.*?name = "(\w+)"', text)
-  got = {name: tuple(int(x) for x in g) for *g, name in grids}
-  assert nb == 15 and got == {"block_sparse_fwd": (8, n, b), "block_sparse_bwd_dq": (8, n, b),
-                              "block_sparse_bwd_dkv": (4, kv, b)}, got
+  assert got == {"block_sparse_fwd": (want[0], n, b), "block_sparse_bwd_dq": (want[1], n, b),
+                 "block_sparse_bwd_dkv": (want[2], kv, b)}, got
 
 
 def test_lowers_to_mosaic_for_tpu():
