@@ -81,9 +81,12 @@ def _compiler_params(cfg: _Config):
   return _pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _tile_mask(row_pos, col_pos, row_seg, col_seg, cfg: _Config, rows_are_queries: bool):
-  """[rows, cols] visibility: same nonzero segment (rows arrive with 0 remapped to -1), causal, band."""
+def _tile_mask(row_pos, col_pos, row_seg, col_seg, cfg: _Config, rows_are_queries: bool, bits=None):
+  """[rows, cols] visibility: same nonzero segment (rows arrive with 0 remapped to -1), causal, band;
+  with `bits` (a multi-block program's entry, see `merge_rows`), only the rows of the blocks that list it."""
   mask = row_seg[:, None] == col_seg[None, :]
+  if bits is not None:
+    mask &= _sub_keep(bits, row_pos.shape[0] // cfg.block, cfg.block)[:, None]
   qp, kp = (row_pos[:, None], col_pos[None, :]) if rows_are_queries else (col_pos[None, :], row_pos[:, None])
   if cfg.causal:
     mask &= kp <= qp
@@ -135,9 +138,7 @@ def _fwd_kernel(tbl_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *,
     start = pl.multiple_of(blk * bs, bs)
     k = k_ref[pl.ds(start, bs), :]
     s = _dot_t(q, k) * c
-    mask = _tile_mask(q_pos, start + jnp.arange(bs, dtype=jnp.int32), q_seg, ks_ref[pl.ds(start, bs)], cfg, True)
-    if r > 1:
-      mask &= _sub_keep(bits, r, bs)[:, None]
+    mask = _tile_mask(q_pos, start + jnp.arange(bs, dtype=jnp.int32), q_seg, ks_ref[pl.ds(start, bs)], cfg, True, bits)
     return _online_step(carry, jnp.where(mask, s, -jnp.inf), lambda: v_ref[pl.ds(start, bs), :])
 
   _online_finish(lax.fori_loop(0, _count(row), step, _online_init(r * bs, q.shape[1])), o_ref, lse_ref)
@@ -159,9 +160,7 @@ def _dq_kernel(tbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref,
     k = k_ref[pl.ds(start, bs), :]
     v = v_ref[pl.ds(start, bs), :]
     s = _dot_t(q, k) * c
-    mask = _tile_mask(q_pos, start + jnp.arange(bs, dtype=jnp.int32), q_seg, ks_ref[pl.ds(start, bs)], cfg, True)
-    if r > 1:
-      mask &= _sub_keep(bits, r, bs)[:, None]
+    mask = _tile_mask(q_pos, start + jnp.arange(bs, dtype=jnp.int32), q_seg, ks_ref[pl.ds(start, bs)], cfg, True, bits)
     p = jnp.where(mask, jnp.exp2(s - lse2[:, None]), 0.0)
     ds = p * (_dot_t(do, v) - delta[:, None])
     if r > 1:  # the tile's rows of a block with an empty row: their dO is never read
@@ -192,9 +191,8 @@ def _dkv_kernel(tbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref
     lse2 = lse_ref[g, pl.ds(start, bs)]
     delta = delta_ref[g, pl.ds(start, bs)]
     st = _dot_t(k, q) * c  # S^T [bk, bq]
-    mask = _tile_mask(k_pos, start + jnp.arange(bs, dtype=jnp.int32), k_seg, qs_ref[pl.ds(start, bs)], cfg, False)
-    if r > 1:
-      mask &= _sub_keep(bits, r, bs)[:, None]
+    mask = _tile_mask(k_pos, start + jnp.arange(bs, dtype=jnp.int32), k_seg, qs_ref[pl.ds(start, bs)], cfg, False,
+                      bits)
     pt = jnp.where(mask, jnp.exp2(st - lse2[None, :]), 0.0)
     dv = dv + _dot(pt.astype(do.dtype), do)
     dst = pt * (_dot_t(v, do) - delta[None, :])
