@@ -167,7 +167,7 @@ def get_config(arg=None):
   c.model.mamba.d_conv = 4  # causal depth-wise conv width
   c.model.mamba.dt_rank = 0  # low rank of the delta projection; 0 = ceil(d_model / 16)
   c.model.mamba.scan = "chunked"  # "chunked" (O(chunk) state memory) | "associative" | "sequential" (reference)
-  c.model.mamba.chunk = 64  # tokens per chunk for scan="chunked"
+  c.model.mamba.chunk = 64  # tokens per chunk for scan="chunked" (inside a chunk: a token loop on CPU, else associative)
   c.model.mamba.dt_min = 0.001  # initial delta is log-uniform in [dt_min, dt_max]
   c.model.mamba.dt_max = 0.1  # (see dt_min)
   c.model.lmu = ml_collections.ConfigDict()

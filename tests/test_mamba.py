@@ -12,11 +12,13 @@ import pytest
 from flax import nnx
 
 from layers.mixer_base import MixContext, MixerSpec
-from layers.ssm.mamba import SCANS, Mamba, chunk_decay, combine, selective_scan
+from layers.ssm.mamba import INNERS, SCANS, Mamba, chunk_decay, combine, selective_scan
 
 B, T, D, S = 2, 13, 5, 3  # T = 13: not a multiple of the chunk sizes below
 
-scan = jax.jit(selective_scan, static_argnames=("impl", "chunk"))
+scan = jax.jit(selective_scan, static_argnames=("impl", "chunk", "inner"))
+# Every scan implementation, the chunked one with each algorithm inside a chunk.
+VARIANTS = [("sequential", "auto"), ("associative", "auto"), ("chunked", "associative"), ("chunked", "sequential")]
 
 
 def _scan_inputs(seed=0):
@@ -60,11 +62,13 @@ def loop_scan_jnp(x, delta, a, b, c, reset, h0):
   return jnp.stack(ys, axis=1), h
 
 
-@pytest.mark.parametrize("impl, chunk", [("sequential", 0), ("associative", 0), ("chunked", 4), ("chunked", 64)])
-def test_scans_equal_numpy_loop(impl, chunk):
+@pytest.mark.parametrize("impl, chunk, inner", [("sequential", 0, "auto"), ("associative", 0, "auto"),
+                                                ("chunked", 4, "associative"), ("chunked", 64, "associative"),
+                                                ("chunked", 4, "sequential"), ("chunked", 64, "sequential")])
+def test_scans_equal_numpy_loop(impl, chunk, inner):
   x, delta, a, b, c, h0, reset = _scan_inputs()
   for rs, h in ((reset, h0), (np.zeros_like(reset), np.zeros_like(h0))):
-    y, h_last = scan(x, delta, a, b, c, reset_bt=rs, h0_bds=h, impl=impl, chunk=chunk)
+    y, h_last = scan(x, delta, a, b, c, reset_bt=rs, h0_bds=h, impl=impl, chunk=chunk, inner=inner)
     want_y, want_h = loop_scan_numpy(x, delta, a, b, c, rs, h)
     assert np.abs(np.asarray(y) - want_y).max() < 1e-5, np.abs(np.asarray(y) - want_y).max()
     assert np.abs(np.asarray(h_last) - want_h).max() < 1e-5
@@ -83,11 +87,12 @@ def test_scan_gradients_agree_with_loop():
 
   want = grads(lambda *v: loop_scan_jnp(*v[:5], reset, v[5]))(x, delta, a, b, c, h0)  # eager
   every = jax.jit(lambda *v: [grads(lambda *u: selective_scan(*u[:5], reset_bt=reset, h0_bds=u[5], impl=impl,
-                                                              chunk=4))(*v) for impl in SCANS])
-  for impl, got in zip(SCANS, every(x, delta, a, b, c, h0)):
+                                                              chunk=4, inner=inner))(*v) for impl, inner in VARIANTS])
+  assert {impl for impl, _ in VARIANTS} == set(SCANS) and {i for _, i in VARIANTS} | {"auto"} == set(INNERS)
+  for (impl, inner), got in zip(VARIANTS, every(x, delta, a, b, c, h0)):
     for name, g, gw in zip(("x", "delta", "a", "b", "c", "h0"), got, want):
       err = np.abs(np.asarray(g) - np.asarray(gw)).max() / (1 + np.abs(np.asarray(gw)).max())
-      assert err < 1e-5, f"{impl} d/d{name}: {err:.2e}"
+      assert err < 1e-5, f"{impl} ({inner}) d/d{name}: {err:.2e}"
 
 
 def test_reset_and_incoming_state_split_the_scan():
@@ -124,16 +129,18 @@ def test_chunked_scan_memory_is_far_below_associative():
   args = (sd((1, n, 16), jnp.float32), sd((1, n, 16), jnp.float32), sd((16, 8), jnp.float32),
           sd((1, n, 8), jnp.float32), sd((1, n, 8), jnp.float32))
 
-  def temp(kind, grad):
-    f = lambda *v: jnp.sum(selective_scan(*v, impl=kind, chunk=64)[0])
+  def temp(kind, grad, inner="auto"):
+    f = lambda *v: jnp.sum(selective_scan(*v, impl=kind, chunk=64, inner=inner)[0])
     f = jax.grad(f, argnums=(0, 1, 2, 3, 4)) if grad else f
     return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
   full_state = n * 16 * 8 * 4
   for grad in (False, True):
-    chunked, assoc = temp("chunked", grad), temp("associative", grad)
-    assert chunked < assoc / 4, (grad, chunked, assoc)
-    assert chunked < full_state, (grad, chunked, full_state)
+    assoc = temp("associative", grad)
+    for inner in ("associative", "sequential"):
+      chunked = temp("chunked", grad, inner)
+      assert chunked < assoc / 4, (grad, inner, chunked, assoc)
+      assert chunked < full_state, (grad, inner, chunked, full_state)
 
 
 # -- the mixer ---------------------------------------------------------------------------------
@@ -258,6 +265,9 @@ def test_errors_are_plain():
   with pytest.raises(ValueError, match="impl='fast'"):
     selective_scan(np.zeros((1, 2, 1)), np.zeros((1, 2, 1)), -np.ones((1, 1)), np.zeros((1, 2, 1)),
                    np.zeros((1, 2, 1)), impl="fast")
+  with pytest.raises(ValueError, match="inner='tree'"):
+    selective_scan(np.zeros((1, 2, 1)), np.zeros((1, 2, 1)), -np.ones((1, 1)), np.zeros((1, 2, 1)),
+                   np.zeros((1, 2, 1)), inner="tree")
 
 
 def test_bfloat16_tracks_float32():

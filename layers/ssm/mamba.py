@@ -14,9 +14,11 @@ implementations (`sequential` is the obviously-correct twin of the other two):
 * sequential:  lax.scan over tokens (reverse mode keeps every state: O(T E S) memory);
 * associative: lax.associative_scan over (decay, input) pairs (O(T E S) memory);
 * chunked:     lax.scan over chunks of `chunk` tokens carrying the [B, E, S] state; inside a
-               chunk an associative scan. Each chunk body is rematerialised (jax.checkpoint),
-               so neither the forward nor the backward pass ever holds more than
-               [B, chunk, E, S] of states: O(T E + chunk E S) memory.
+               chunk an associative scan (`inner="associative"`, parallel over the chunk's
+               tokens: accelerators) or a token loop (`inner="sequential"`, ~1/3 of the work:
+               CPU); `inner="auto"` picks by backend. Each chunk body is rematerialised
+               (jax.checkpoint), so neither the forward nor the backward pass ever holds more
+               than [B, chunk, E, S] of states: O(T E + chunk E S) memory.
 
 Segments: the state is zeroed at every segment start (`reset_bt`) and the conv taps only
 read tokens of the same segment, so packed examples and padding (segment 0) never mix.
@@ -45,6 +47,7 @@ from layers.core import Dense, param
 from layers.mixer_base import MixContext, Mixer, MixerSpec, sequence_parallel
 
 SCANS = ("sequential", "associative", "chunked")
+INNERS = ("auto", "associative", "sequential")  # the chunked scan's algorithm inside a chunk
 # The scan's contractions stay in full fp32 (on GPUs the default for fp32 matmuls is TF32).
 HIGHEST = jax.lax.Precision.HIGHEST
 DT_INIT_FLOOR = 1e-4
@@ -89,7 +92,7 @@ def _scan_associative(x, delta, a, b, c, reset, h0):
   return jnp.einsum("btds,bts->btd", hs, c, precision=HIGHEST), hs[:, -1]
 
 
-def _scan_chunked(x, delta, a, b, c, reset, h0, chunk):
+def _scan_chunked(x, delta, a, b, c, reset, h0, chunk, inner):
   bsz, t, d = x.shape
   cl = max(1, min(chunk, t))
   nc = -(-t // cl)
@@ -104,6 +107,9 @@ def _scan_chunked(x, delta, a, b, c, reset, h0, chunk):
   @jax.checkpoint  # the backward pass recomputes a chunk's [B, C, D, S] states instead of storing them
   def body(h_bds, xs):
     xc, dc, bc, cc, rc = xs
+    if inner == "sequential":
+      y, h_last = _scan_sequential(xc, dc, a, bc, cc, rc, h_bds)
+      return h_last, y
     decay, inp = _decay_and_input(xc, dc, a, bc, rc)
     prod, hs = jax.lax.associative_scan(combine, (decay, inp), axis=1)
     hs = hs + prod * h_bds[:, None]  # the carried state, decayed to each token (0 after a reset)
@@ -114,16 +120,22 @@ def _scan_chunked(x, delta, a, b, c, reset, h0, chunk):
 
 
 def selective_scan(x_btd, delta_btd, a_ds, b_bts, c_bts, *, reset_bt=None, h0_bds=None, impl: str = "chunked",
-                   chunk: int = 64):
+                   chunk: int = 64, inner: str = "auto"):
   """h_t = exp(delta_t A) h_{t-1} + (delta_t x_t) B_t,  y_t = h_t C_t  (no D skip), in fp32.
 
   reset_bt: True where a new segment starts: the carried state is zeroed before that token.
   h0_bds: the state entering token 0 (zeros when None). Returns (y_btd, h_last_bds: the
   state after the last token), both fp32 whatever the inputs' dtype, so that callers add
-  the D skip or an incoming-state correction before rounding.
+  the D skip or an incoming-state correction before rounding. inner: the chunked scan's
+  algorithm inside a chunk (see the module docstring); "auto" = a token loop on CPU, where it
+  does ~1/3 of the associative scan's work, and the associative scan on accelerators.
   """
   if impl not in SCANS:
     raise ValueError(f"selective_scan impl={impl!r} is not one of {SCANS}")
+  if inner not in INNERS:
+    raise ValueError(f"selective_scan inner={inner!r} is not one of {INNERS}")
+  if inner == "auto":
+    inner = "sequential" if jax.default_backend() == "cpu" else "associative"
   bsz, t, d = x_btd.shape
   s = a_ds.shape[-1]
   f32 = lambda v: jnp.asarray(v, jnp.float32)
@@ -135,7 +147,7 @@ def selective_scan(x_btd, delta_btd, a_ds, b_bts, c_bts, *, reset_bt=None, h0_bd
   elif impl == "associative":
     y, h = _scan_associative(x, delta, a, b, c, reset, h0)
   else:
-    y, h = _scan_chunked(x, delta, a, b, c, reset, h0, int(chunk))
+    y, h = _scan_chunked(x, delta, a, b, c, reset, h0, int(chunk), inner)
   return y, h
 
 
