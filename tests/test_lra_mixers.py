@@ -311,6 +311,22 @@ def test_reformer_is_causal_and_rotations_are_fixed_per_layer():
   assert not np.allclose(m.rotations()[0], m.rotations()[1])  # per hash round
 
 
+def test_lsh_attention_gradient_is_finite_for_a_zero_token():
+  """A real token whose shared qk is exactly 0 (e.g. a zero input) has a zero key direction:
+  its gradient must stay finite, not 0 * inf from the key normalisation."""
+  b, t, n, h = 1, 8, 1, 4
+  r = np.random.default_rng(0)
+  qk = jnp.asarray(r.normal(size=(b, t, n, h)), jnp.float32).at[:, 3].set(0.0)
+  v = jnp.asarray(r.normal(size=(b, t, n, h)), jnp.float32)
+  seg = np.ones((b, t), np.int32)
+  idx = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+  buckets = np.asarray(R.lsh_buckets(qk, R.lsh_rotations(0, 0, 2, n, h, 2), 2))
+  for causal in (True, False):
+    g = jax.grad(lambda qk, v: jnp.sum(R.lsh_attention(qk, v, seg, idx, buckets, chunk=4, causal=causal,
+                                                       dedup=True, same_bucket=False) ** 2), (0, 1))(qk, v)
+    assert all(np.isfinite(np.asarray(x)).all() for x in g), f"causal={causal}: non-finite gradient"
+
+
 def test_reformer_errors():
   with pytest.raises(ValueError, match="n_buckets=3"):
     R.Reformer(_spec(True, n_buckets=3), rngs=nnx.Rngs(0))
@@ -419,6 +435,26 @@ def test_sinkhorn_gumbel_noise_only_in_training():
   np.testing.assert_array_equal(np.asarray(plain), np.asarray(run(x, jax.random.key(2), False)))
   noisy = run(x, jax.random.key(1), True)
   assert float(jnp.abs(noisy - plain).max()) > 1e-4
+
+
+def test_sinkhorn_gradient_is_finite_for_a_nearly_hard_permutation():
+  """A slot whose sorted mixture holds real tokens only through ~1e-22 of P (a nearly hard P
+  pointing at a block that is padding there) keeps finite values and gradients."""
+  t, block = 10, 4  # blocks [0-3], [4-7], [8-9 + 2 padding slots]
+  r = np.random.default_rng(0)
+  q = jnp.asarray(r.normal(size=(1, t, 2, 4)), jnp.float32)
+  k = jnp.asarray(r.normal(size=(1, t, 1, 4)), jnp.float32)
+  v = jnp.asarray(r.normal(size=(1, t, 1, 4)), jnp.float32)
+  seg = np.ones((1, t), np.int32)
+  p = jnp.asarray(np.eye(3)[::-1].copy(), jnp.float32)[None, None]  # block i sorted from block 2 - i
+  p = jnp.maximum(p, 1e-22)  # row 0 points at block 2, whose slots 2 and 3 are padding
+
+  def loss(q, k, v, p):
+    return jnp.sum(S.sinkhorn_attention(q, k, v, seg, p, block=block, causal=False) ** 2)
+
+  val, grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, p)
+  assert np.isfinite(float(val))
+  assert all(np.isfinite(np.asarray(x)).all() for x in grads), [bool(np.isfinite(np.asarray(x)).all()) for x in grads]
 
 
 def test_sinkhorn_errors():

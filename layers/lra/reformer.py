@@ -111,8 +111,10 @@ def lsh_attention(qk_btnh, v_btnh, segment_ids, index, buckets_rbnt, *, chunk: i
 
   qk = jnp.moveaxis(_pad_last(jnp.moveaxis(qk_btnh.astype(jnp.float32), 1, -1), tp, 0.0), -1, 2)  # [B, N, Tp, H]
   v = jnp.moveaxis(_pad_last(jnp.moveaxis(v_btnh.astype(jnp.float32), 1, -1), tp, 0.0), -1, 2)
-  norm = jnp.sqrt(jnp.sum(jnp.square(qk), axis=-1, keepdims=True))
-  k_hat = qk / jnp.maximum(norm, 1e-6) / math.sqrt(h)
+  # The epsilon inside the root keeps the gradient finite for a real token whose qk is 0
+  # (sqrt's derivative is infinite at 0, and a clamp after it passes 0 * inf = NaN back).
+  norm = jnp.sqrt(jnp.sum(jnp.square(qk), axis=-1, keepdims=True) + 1e-12)
+  k_hat = qk / norm / math.sqrt(h)
   full = lambda x: jnp.broadcast_to(x[None], (r,) + x.shape)
   sq, sk, sv = (_gather_tokens(full(x), perm) for x in (qk, k_hat, v))  # [R, B, N, Tp, H]
   sseg, sidx, sbkt = (_gather_tokens(x, perm) for x in (seg_r, idx_r, buckets))  # [R, B, N, Tp]

@@ -129,12 +129,16 @@ def sinkhorn_attention(q_btnh, k_btkh, v_btkh, segment_ids, p_bkij, *, block: in
   row_mass = jnp.sum(p, axis=-1)[..., None]  # [B, K, nb, 1]
   real_mass = jnp.einsum("bkij,bjm->bkim", p, u)  # [B, K, nb, b]
   safe = lambda a: jnp.where(a > 0, a, 1.0)
-  k_sorted = jnp.einsum("bkij,bjm,bjmkh->bimkh", p, u, k) / jnp.moveaxis(safe(real_mass), 1, -1)[..., None]
-  v_sorted = jnp.einsum("bkij,bjm,bjmkh->bimkh", p, u, v) / jnp.moveaxis(safe(real_mass), 1, -1)[..., None]
+  # Divisors and the log are floored (1e-12, 1e-30) rather than only guarded at 0: a nearly hard P
+  # gives slots whose real mass is tiny but positive, and x / y or log(y) would pass back
+  # x / y^2 or 1 / y, which overflows fp32. Below the floors a slot's weight is < e^-69.
+  mass_div = jnp.moveaxis(jnp.maximum(real_mass, 1e-12), 1, -1)[..., None]
+  k_sorted = jnp.einsum("bkij,bjm,bjmkh->bimkh", p, u, k) / mass_div
+  v_sorted = jnp.einsum("bkij,bjm,bjmkh->bimkh", p, u, v) / mass_div
   share = real_mass / safe(row_mass)
   sorted_mask = (real[:, None, None, :, :, None] & (share > 0)[:, :, None, :, None, :])  # [B, K, 1, nb, b, b]
   sorted_logits = (jnp.einsum("bimkgh,binkh->bkgimn", q, k_sorted)
-                   + jnp.log(safe(share))[:, :, None, :, None, :])
+                   + jnp.log(jnp.maximum(share, 1e-30))[:, :, None, :, None, :])
 
   logits = jnp.concatenate([local, sorted_logits], axis=-1)
   mask = jnp.concatenate(jnp.broadcast_arrays(local_mask, sorted_mask), axis=-1)
