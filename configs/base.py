@@ -96,6 +96,9 @@ def get_config(arg=None):
   c.model.xattention.stride = 8  # S: antidiagonal stride for block scoring; block must be a multiple
   c.model.xattention.threshold = 0.9  # tau: keep blocks until this share of each row's scored mass (1.0 = exact)
   c.model.xattention.max_blocks = 0  # cap on kept blocks per query block (0 = no cap)
+  # whose queries score query block I: 'block' (the paper: its own; outputs then depend on later tokens of
+  # the block), 'previous' (block I-1's: strictly causal), 'auto' ('previous' if causal, else 'block')
+  c.model.xattention.selection = "auto"
   c.model.sparse_transformer = ml_collections.ConfigDict()
   c.model.sparse_transformer.pattern = "strided"  # "strided" (last l + every l-th) or "fixed" (own block + last c of each)
   c.model.sparse_transformer.stride = 0  # l; 0 = ceil(sqrt(T)), which makes the cost O(T sqrt T)

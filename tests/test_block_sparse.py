@@ -206,6 +206,10 @@ def test_bad_table_and_options_are_reported():
     _mixer(bs.BlockSparseAttention, True, pattern="diagonal")
   with pytest.raises(ValueError, match="multiple of model.xattention.stride"):
     _mixer(bs.XAttention, True, block=12, stride=8)
+  with pytest.raises(ValueError, match="selection='ahead' is not one of"):
+    _mixer(bs.XAttention, True, selection="ahead")
+  with pytest.raises(ValueError, match="selection='previous' is for causal models"):
+    _mixer(bs.XAttention, False, selection="previous")
   with pytest.raises(ValueError, match="bigbird decodes only causally"):  # causal decoding: test_sparse_decode.py
     _mixer(lc.BigBirdAttention, False).init_cache(1, 8, jnp.float32)
   with pytest.raises(ValueError, match="decodes only causally"):  # local decodes, causally only
@@ -224,48 +228,127 @@ def test_xattention_threshold_one_equals_exact_attention(causal):
   assert_same_values_and_grads(lambda *a: mixer.attend(*a, _ctx(seg)), lambda *a: _exact(*a, seg, causal), q, k, v)
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_xattention_selection_and_attention(causal):
-  """At threshold 0.5 the selection equals a numpy loop of the paper's rule, keeps the first
-  and diagonal blocks, reaches the threshold, is minimal, and (causal) the mixer equals the
-  dense twin with that (constant) table - gradients included, i.e. none flow through the
-  selection."""
+def _unaligned_segments(t=64):
+  """Row 0: segments [0, 18), [18, 45), [45, 61), then padding; row 1: one segment, padding from 50.
+  No boundary is a multiple of the stride (4) or the block (8), so stride tiles and blocks straddle."""
+  seg = np.ones((B, t), np.int32)
+  seg[0, 18:], seg[0, 45:], seg[0, 61:] = 2, 3, 0
+  seg[1, 50:] = 0
+  return seg
+
+
+XSEL_CASES = [(True, "previous", "aligned"), (True, "block", "aligned"), (False, "block", "aligned"),
+              (True, "previous", "unaligned"), (True, "block", "unaligned"), (False, "block", "unaligned")]
+
+
+@pytest.mark.parametrize("causal,selection,layout", XSEL_CASES, ids=["-".join(map(str, c)) for c in XSEL_CASES])
+def test_xattention_selection_and_attention(causal, selection, layout):
+  """At threshold 0.5 the selection equals a numpy loop of the rule, keeps each row's sink
+  (its segment's first block) and diagonal, reaches the threshold, is minimal, and (causal)
+  the mixer equals the dense twin with that (constant) table - gradients included, i.e. none
+  flow through the selection. "unaligned": segment boundaries inside stride tiles and blocks."""
   t, block, stride, tau = 64, 8, 4, 0.5
   q, k, v, seg = _case(t=t, seed=3)
+  if layout == "unaligned":
+    seg = _unaligned_segments(t)
   q = q * 3.0  # sharper coarse softmax, so the threshold actually drops blocks
-  mixer = _mixer(bs.XAttention, causal, block=block, stride=stride, threshold=tau)
+  mixer = _mixer(bs.XAttention, causal, block=block, stride=stride, threshold=tau, selection=selection)
+  assert mixer.selection == selection
   nb = t // block
   blocks, valid = jax.jit(mixer.block_table)(q, k, jnp.asarray(seg))
   got = np.asarray(bs.block_table_mask(blocks, valid, nb))
-  want = bs.reference_xattention_block_mask(q, k, seg, block=block, stride=stride, threshold=tau, causal=causal)
+  want = bs.reference_xattention_block_mask(q, k, seg, block=block, stride=stride, threshold=tau, causal=causal,
+                                            selection=selection)
   np.testing.assert_array_equal(got, want)
   density = got.sum() / (B * N * (nb * (nb + 1) // 2 if causal else nb * nb))
   assert density < 0.8, f"threshold {tau} kept {density:.0%} of the blocks: the test would not see a sparse table"
   i = np.arange(nb)
-  assert got[..., 0].all() and got[..., i, i].all()
+  sink = np.zeros((B, nb), int)  # first block of the segment of each query block's first real token
+  for b in range(B):
+    for blk in range(nb):
+      ids = seg[b, blk * block:(blk + 1) * block]
+      if (ids > 0).any():
+        sink[b, blk] = min(np.flatnonzero(seg[b] == ids[ids > 0].min())) // block
+  assert np.take_along_axis(got, sink[:, None, :, None], axis=-1).all() and got[..., i, i].all()
   if causal:
     assert not np.any(np.triu(got, 1))
+  # The mass each row was selected by: its own queries' (block) or the previous block's (previous).
   mass = np.asarray(jax.jit(lambda q, k: bs.xattention_block_mass(q, k, seg, block=block, stride=stride,
                                                                    causal=causal))(q, k), np.float64)
+  if selection == "previous":
+    mass = np.concatenate([np.zeros_like(mass[:, :, :1]), mass[:, :, :-1]], axis=2)
+  vis = np.asarray(bs.tile_visible(jnp.asarray(seg), block, causal))[:, None]
+  mass = np.where(vis, mass, 0.0)
+  single = np.array([[len(set(seg[b, x * block:(x + 1) * block]) - {0}) <= 1 for x in range(nb)] for b in range(B)])
+  rows = np.broadcast_to(single[:, None], got.shape[:3])  # rows that hold two examples keep every block
   kept = np.where(got, mass, 0).sum(-1)
   total = mass.sum(-1)
-  assert np.all(kept >= tau * total - 1e-5)
+  assert np.all((kept >= tau * total - 1e-5)[rows])
   # Minimal: dropping the smallest kept non-forced block falls below the threshold.
-  optional = got & ~((i[None, :] == 0) | (i[None, :] == i[:, None]))
+  optional = got & ~((i[None, None, None, :] == sink[:, None, :, None]) | (i[None, :] == i[:, None]))
   smallest = np.where(optional, mass, np.inf).min(-1)
-  has = np.isfinite(smallest)
+  has = np.isfinite(smallest) & rows
   assert has.any()
   assert np.all((kept - smallest)[has] < tau * total[has] + 1e-6)
 
   # max_blocks keeps the head of the same ranking (forced blocks, then by mass).
-  seg_pad = jnp.asarray(seg)
-  capped = jax.jit(lambda m: bs.xattention_select(m, bs.tile_visible(seg_pad, block, causal), threshold=tau,
-                                                  max_blocks=2))(jnp.asarray(mass, jnp.float32))
-  np.testing.assert_array_equal(np.asarray(capped[0]), np.asarray(blocks)[..., :2])
-  np.testing.assert_array_equal(np.asarray(capped[1]), np.asarray(valid)[..., :2])
+  if layout == "aligned":
+    capped = _mixer(bs.XAttention, causal, block=block, stride=stride, threshold=tau, selection=selection,
+                    max_blocks=2)
+    cb, cv = jax.jit(capped.block_table)(q, k, jnp.asarray(seg))
+    np.testing.assert_array_equal(np.asarray(cb), np.asarray(blocks)[..., :2])
+    np.testing.assert_array_equal(np.asarray(cv), np.asarray(valid)[..., :2])
   if causal:  # (bidirectional attention equality: the threshold-1 test and the engine tests)
     dense = lambda *a: bs.reference_block_sparse_attention(*a, seg, blocks, valid, block=block, causal=causal)
     assert_same_values_and_grads(lambda *a: mixer.attend(*a, _ctx(seg)), dense, q, k, v)
+
+
+def _xattention_outputs(causal, selection, seg, q, k, v):
+  mixer = _mixer(bs.XAttention, causal, block=8, stride=4, threshold=0.5, selection=selection)
+  return np.asarray(jax.jit(lambda q, k, v: mixer.attend(q, k, v, _ctx(seg)))(q, k, v))
+
+
+def test_xattention_previous_selection_is_causal_and_the_papers_is_not():
+  """With selection=previous no output moves when later tokens change (cuts inside a block);
+  the paper's rule (selection=block) moves earlier outputs of the same block, which is what
+  this check is there to catch."""
+  t = 64
+  q, k, v, _ = _case(t=t, seed=3)
+  q = q * 3.0
+  seg = np.ones((B, t), np.int32)
+  noise = np.random.default_rng(7).normal(size=(3, B, t) + q.shape[2:]) * 3.0
+  leak = {}
+  for selection in ("previous", "block"):
+    base = _xattention_outputs(True, selection, seg, q, k, v)
+    worst = 0.0
+    for cut in (13, 27, 42, 59):
+      later = np.arange(t) >= cut
+      moved = [jnp.where(later[None, :, None, None], x + jnp.asarray(n[..., :x.shape[2], :], x.dtype), x)
+               for x, n in zip((q, k, v), noise)]
+      out = _xattention_outputs(True, selection, seg, *moved)
+      worst = max(worst, float(np.abs(out[:, :cut] - base[:, :cut]).max()))
+    leak[selection] = worst
+  assert leak["previous"] < 1e-5, leak
+  assert leak["block"] > 1e-2, leak
+
+
+@pytest.mark.parametrize("causal,selection", [(True, "previous"), (True, "block"), (False, "block")])
+def test_xattention_packed_examples_do_not_see_each_other(causal, selection):
+  """Changing one packed example's q/k/v leaves every other example's outputs as they were, with
+  boundaries inside stride tiles and blocks (the selection included)."""
+  t = 64
+  q, k, v, _ = _case(t=t, seed=3)
+  q = q * 3.0
+  seg = _unaligned_segments(t)
+  base = _xattention_outputs(causal, selection, seg, q, k, v)
+  noise = np.random.default_rng(8).normal(size=(3, B, t) + q.shape[2:]) * 3.0
+  for example in (1, 2, 3):
+    mine = jnp.asarray(seg == example)[:, :, None, None]
+    moved = [jnp.where(mine, x + jnp.asarray(n[..., :x.shape[2], :], x.dtype), x) for x, n in zip((q, k, v), noise)]
+    out = _xattention_outputs(causal, selection, seg, *moved)
+    others = (seg != example) & (seg > 0)
+    np.testing.assert_allclose(out[others], base[others], atol=1e-5, err_msg=f"example {example} leaked")
+    assert np.abs(out[seg == example] - base[seg == example]).max() > 1e-2  # it did change its own outputs
 
 
 def test_xattention_scores_are_antidiagonal_means():

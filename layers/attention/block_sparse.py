@@ -451,20 +451,25 @@ class BlockSparseAttention(PatternCacheMixin, Attention):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def tile_segment_range(segment_ids, tile: int) -> tuple[jax.Array, jax.Array]:
+  """(lo, hi) [B, T/tile]: each tile's smallest nonzero segment id (int32 max if none) and largest id."""
+  b, t = segment_ids.shape
+  seg = segment_ids.reshape(b, t // tile, tile)
+  lo = jnp.min(jnp.where(seg > 0, seg, jnp.iinfo(jnp.int32).max), axis=-1)
+  return lo, jnp.max(seg, axis=-1)
+
+
 def tile_visible(segment_ids, tile: int, causal: bool) -> jax.Array:
   """[B, R, R]: may any (query, key) token pair of tile pair (r, s) be visible?
 
   By each tile's range of nonzero segment ids (exact for contiguous segments, a superset
   otherwise) and, if causal, s <= r.
   """
-  b, t = segment_ids.shape
-  seg = segment_ids.reshape(b, t // tile, tile)
-  big = jnp.iinfo(jnp.int32).max
-  lo, hi = jnp.min(jnp.where(seg > 0, seg, big), axis=-1), jnp.max(seg, axis=-1)
+  lo, hi = tile_segment_range(segment_ids, tile)
   vis = (hi[:, :, None] > 0) & (hi[:, None, :] > 0) & (lo[:, :, None] <= hi[:, None, :]) & (
       lo[:, None, :] <= hi[:, :, None])
   if causal:
-    r = jnp.arange(t // tile)
+    r = jnp.arange(lo.shape[1])
     vis &= r[None, :] <= r[:, None]
   return vis
 
@@ -476,6 +481,11 @@ def xattention_block_mass(q_btnh, k_btkh, segment_ids, *, block: int, stride: in
   antidiagonal of each S x S tile (queries concatenated in reverse order), softmax over
   the visible coarse keys of each coarse query, summed over the (B/S)^2 tiles of a block.
   Padding tokens are zeroed (like the official zero padding) and invisible tiles masked.
+  Packed rows: an antidiagonal term counts only when its query and key tokens share a
+  segment, so a tile that straddles a segment boundary scores each example against itself
+  only and no example's content moves another's selection (the paper has one sequence per
+  row; with one segment this is its score exactly). The S terms are accumulated one by one
+  ([B, N, T/S, T/S] live, the same FLOPs as one contraction over S*H).
   """
   q_btnh, k_btkh = jax.lax.stop_gradient(q_btnh), jax.lax.stop_gradient(k_btkh)
   b, t, n, h = q_btnh.shape
@@ -486,27 +496,49 @@ def xattention_block_mass(q_btnh, k_btkh, segment_ids, *, block: int, stride: in
   real = (seg > 0)[:, :, None, None]
   q = jnp.where(real, pad_length(q_btnh, tp), 0).astype(jnp.float32)
   k = jnp.where(real, pad_length(k_btkh, tp), 0).astype(jnp.float32)
-  q_coarse = q.reshape(b, r, stride, n, h)[:, :, ::-1].transpose(0, 1, 3, 2, 4).reshape(b, r, kvh, n // kvh,
-                                                                                        stride * h)
-  k_coarse = k.reshape(b, r, stride, kvh, h).transpose(0, 1, 3, 2, 4).reshape(b, r, kvh, stride * h)
-  scores = jnp.einsum("brkgx,bskx->bkgrs", q_coarse, k_coarse) / (math.sqrt(h) * stride)
-  scores = scores.reshape(b, n, r, r)
+  # Term u of tile (i, j): query iS+S-1-u against key jS+u. Leading axis u for the scan.
+  q_u = jnp.moveaxis(q.reshape(b, r, stride, kvh, n // kvh, h)[:, :, ::-1], 2, 0)
+  k_u = jnp.moveaxis(k.reshape(b, r, stride, kvh, h), 2, 0)
+  sq_u = jnp.moveaxis(seg.reshape(b, r, stride)[:, :, ::-1], 2, 0)
+  sk_u = jnp.moveaxis(seg.reshape(b, r, stride), 2, 0)
+
+  def add_term(acc, xs):
+    qu, ku, squ, sku = xs
+    same = (squ[:, :, None] == sku[:, None, :])[:, None, None]  # [b, 1, 1, r, r]
+    return acc + jnp.where(same, jnp.einsum("brkgh,bskh->bkgrs", qu, ku), 0.0), None
+
+  zero = jnp.zeros((b, kvh, n // kvh, r, r), jnp.float32)
+  scores, _ = jax.lax.scan(add_term, zero, (q_u, k_u, sq_u, sk_u))
+  scores = scores.reshape(b, n, r, r) / (math.sqrt(h) * stride)
   vis = tile_visible(seg, stride, causal)[:, None]
   probs = jnp.where(vis, jax.nn.softmax(jnp.where(vis, scores, MASK_VALUE), axis=-1), 0.0)
   per = block // stride
   return probs.reshape(b, n, nb, per, nb, per).sum(axis=(3, 5))
 
 
-def xattention_select(mass_bncc, visible_bcc, *, threshold: float, max_blocks: int | None = None):
-  """Per query block, the forced blocks (first and diagonal) plus the smallest greedy set of
-  the others, by descending mass, whose cumulative mass (forced included) reaches
-  `threshold` x the row's total. Returns (kv_blocks, kv_valid) [B, N, C, M], kept entries
+def segment_sink_blocks(segment_ids, block: int) -> jax.Array:
+  """[B, C] int32: for each query block, the first block of the segment its first real token
+  belongs to (XAttention's "sink", key block 0 for an unpacked row; 0 for a padding block).
+  Segments are taken as contiguous runs, as packing lays them out."""
+  lo, hi = tile_segment_range(segment_ids, block)
+  holds = (lo[:, None, :] <= lo[:, :, None]) & (lo[:, :, None] <= hi[:, None, :])  # [B, I, J]: J holds I's first id
+  return jnp.argmax(holds, axis=-1).astype(jnp.int32)
+
+
+def xattention_select(mass_bncc, visible_bcc, *, threshold: float, max_blocks: int | None = None, sink_bc=None,
+                      exact_bc=None):
+  """Per query block, the forced blocks (the sink, key block 0 or `sink_bc`, and the
+  diagonal) plus the smallest greedy set of the others, by descending mass, whose cumulative
+  mass (forced included) reaches `threshold` x the row's total; rows flagged in `exact_bc`
+  [B, C] keep every visible block. Returns (kv_blocks, kv_valid) [B, N, C, M], kept entries
   first. `threshold >= 1` keeps every visible block (the greedy rule would too, up to
   rounding of the cumulative sum and probabilities that underflow to 0).
   """
   b, n, nb, _ = mass_bncc.shape
   i, j = jnp.arange(nb)[:, None], jnp.arange(nb)[None, :]
-  forced = jnp.broadcast_to((j == 0) | (j == i), mass_bncc.shape)
+  sink = jnp.zeros((b, nb), jnp.int32) if sink_bc is None else sink_bc
+  forced = (j[None, None] == sink[:, None, :, None]) | (j == i)[None, None]
+  forced = jnp.broadcast_to(forced, mass_bncc.shape)
   visible = visible_bcc[:, None]
   # Forced blocks sort first (stable, in block order), then the others by descending mass.
   order = jnp.argsort(jnp.where(forced, -jnp.inf, -mass_bncc), axis=-1, stable=True)
@@ -518,6 +550,8 @@ def xattention_select(mass_bncc, visible_bcc, *, threshold: float, max_blocks: i
     keep = jnp.ones_like(forced_sorted)
   else:
     keep = forced_sorted | (before < threshold * jnp.sum(mass_bncc, axis=-1, keepdims=True))
+    if exact_bc is not None:
+      keep |= exact_bc[:, None, :, None]
   keep &= jnp.take_along_axis(jnp.broadcast_to(visible, mass_bncc.shape), order, axis=-1) | forced_sorted
   if max_blocks is not None:
     order, keep = order[..., :max_blocks], keep[..., :max_blocks]
@@ -525,9 +559,11 @@ def xattention_select(mass_bncc, visible_bcc, *, threshold: float, max_blocks: i
 
 
 def reference_xattention_block_mask(q, k, segment_ids, *, block: int, stride: int, threshold: float,
-                                    causal: bool) -> np.ndarray:
+                                    causal: bool, selection: str = "block") -> np.ndarray:
   """XAttention's selection written out with numpy loops: bool [B, N, C, C] (the twin of
-  `xattention_block_mass` + `xattention_select`, same padding/segment conventions)."""
+  `XAttention.block_table`: token-pair segment masking of the antidiagonal terms, each
+  segment's first block as the sink, query blocks holding two segments keeping every visible
+  block, `selection="previous"` scoring block I by block I-1's queries)."""
   q, k, seg = np.asarray(q, np.float64), np.asarray(k, np.float64), np.asarray(segment_ids)
   b, t, n, h = q.shape
   g = n // k.shape[2]
@@ -535,7 +571,6 @@ def reference_xattention_block_mask(q, k, segment_ids, *, block: int, stride: in
   tp, r = nb * block, nb * block // stride
   pad = lambda x: np.concatenate([x, np.zeros((b, tp - t) + x.shape[2:], x.dtype)], axis=1)
   q, k, seg = pad(q), pad(k), pad(seg)
-  q[seg == 0], k[seg == 0] = 0.0, 0.0
 
   def tiles_see(s1, s2, size):
     a, c = seg[bi, s1 * size:(s1 + 1) * size], seg[bi, s2 * size:(s2 + 1) * size]
@@ -544,6 +579,13 @@ def reference_xattention_block_mask(q, k, segment_ids, *, block: int, stride: in
       return False
     return a.min() <= c.max() and c.min() <= a.max()
 
+  def sink_of(bq):
+    ids = seg[bi, bq * block:(bq + 1) * block]
+    if not (ids > 0).any():
+      return 0
+    first = ids[ids > 0].min()
+    return min(x for x in range(nb) if first in seg[bi, x * block:(x + 1) * block])
+
   out = np.zeros((b, n, nb, nb), bool)
   for bi in range(b):
     for ni in range(n):
@@ -551,8 +593,12 @@ def reference_xattention_block_mask(q, k, segment_ids, *, block: int, stride: in
       for ri in range(r):
         for si in range(r):
           if tiles_see(ri, si, stride):
-            coarse[ri, si] = sum(q[bi, ri * stride + stride - 1 - u, ni] @ k[bi, si * stride + u, ni // g]
-                                 for u in range(stride)) / (math.sqrt(h) * stride)
+            terms = []
+            for u in range(stride):
+              qi, ki = ri * stride + stride - 1 - u, si * stride + u
+              if seg[bi, qi] > 0 and seg[bi, qi] == seg[bi, ki]:
+                terms.append(q[bi, qi, ni] @ k[bi, ki, ni // g])
+            coarse[ri, si] = sum(terms) / (math.sqrt(h) * stride)
       probs = np.zeros_like(coarse)
       for ri in range(r):
         if np.isfinite(coarse[ri]).any():
@@ -560,15 +606,24 @@ def reference_xattention_block_mask(q, k, segment_ids, *, block: int, stride: in
           probs[ri] = e / e.sum()
       per = block // stride
       for bq in range(nb):
-        mass = np.array([probs[bq * per:(bq + 1) * per, bk * per:(bk + 1) * per].sum() for bk in range(nb)])
         vis = np.array([tiles_see(bq, bk, block) for bk in range(nb)])
-        chosen = {0, bq}
-        total = mass[0] + (mass[bq] if bq else 0.0)
+        src = bq - 1 if selection == "previous" else bq  # whose queries score this row
+        mass = np.zeros(nb)
+        if src >= 0:
+          mass = np.array([probs[src * per:(src + 1) * per, bk * per:(bk + 1) * per].sum() for bk in range(nb)])
+        mass = np.where(vis, mass, 0.0)
+        forced = {sink_of(bq), bq}
+        ids = seg[bi, bq * block:(bq + 1) * block]
+        if len(set(ids[ids > 0])) > 1:  # two examples share this query block: every visible block
+          out[bi, ni, bq] = vis | np.isin(np.arange(nb), list(forced))
+          continue
+        chosen = set(forced)
+        total = sum(mass[x] for x in forced)
         for bk in sorted((x for x in range(nb) if x not in chosen), key=lambda x: -mass[x]):
           if threshold >= 1.0 or total < threshold * mass.sum():
             chosen.add(bk)
             total += mass[bk]
-        out[bi, ni, bq] = [x in chosen and (vis[x] or x in (0, bq)) for x in range(nb)]
+        out[bi, ni, bq] = [x in chosen and (vis[x] or x in forced) for x in range(nb)]
   return out
 
 
@@ -578,11 +633,27 @@ class XAttention(Attention):
   Options (config group `model.xattention`): `block` (B, default 128 as in the paper's
   kernel), `stride` (S, default 8; B must be a multiple of S), `threshold` (tau, default
   0.9, the official estimator's), `max_blocks` (0 = no cap; else at most this many
-  blocks per query block, cutting the tail of the greedy set). Key block 0 and the
-  diagonal block are always kept and their mass counted first, as in the official causal
-  code. Bidirectional deviates slightly: the official code sorts all blocks without
-  forced ones (and keeps block 0 as a side effect); we force block 0 and the diagonal
-  there too, so every token sees itself. The selection is not differentiated.
+  blocks per query block, cutting the tail of the greedy set), `selection` (whose queries
+  score query block I's row: "block", the paper's rule, block I's own; "previous", block
+  I-1's; "auto", the default: "previous" when causal, "block" otherwise).
+
+  Why "previous" for causal models: the paper selects blocks for prefilling a known prompt,
+  so query block I is scored with all of its queries. In a causal model that makes the
+  output at position t depend on the later tokens of its block (which blocks t attends is
+  chosen with them), so a causal LM trained that way sees a little of its future. Scoring
+  block I from block I-1 uses only tokens before block I, which keeps every output a
+  function of its past (a test); the first block then keeps only itself. The paper's rule
+  remains `selection=block`.
+
+  The sink (each segment's first block; key block 0 for an unpacked row) and the diagonal
+  block are always kept and their mass counted first, as in the official causal code.
+  Bidirectional deviates slightly: the official code sorts all blocks without forced ones
+  (and keeps block 0 as a side effect); we force the sink and the diagonal there too, so
+  every token sees itself. Packed rows (contiguous segments): antidiagonal terms count only
+  within a segment (`xattention_block_mass`), and a query block that holds two examples keeps
+  every block either can see (one table serves the whole block, so a threshold over their
+  pooled mass would let one example's content choose the other's blocks); so each output is a
+  function of its own example alone (a test). The selection is not differentiated.
   Cost: estimation O(T^2 H / S) (scores [B, N, T/S, T/S]), attention O(rho T^2 H) for
   block density rho (steps beyond the longest kept row are skipped).
   Incremental decoding is not supported (init_cache and decode calls raise): the selection scores whole
@@ -599,6 +670,13 @@ class XAttention(Attention):
     self.stride = int(spec.option("stride", 8))
     self.threshold = float(spec.option("threshold", 0.9))
     self.max_blocks = int(spec.option("max_blocks", 0)) or None
+    selection = spec.option("selection", "auto")
+    if selection not in ("auto", "block", "previous"):
+      raise ValueError(f"model.xattention.selection={selection!r} is not one of auto, block, previous")
+    if selection == "previous" and not spec.causal:
+      raise ValueError("model.xattention.selection='previous' is for causal models (it keeps outputs causal); "
+                       "a bidirectional model uses 'block'")
+    self.selection = ("previous" if spec.causal else "block") if selection == "auto" else selection
     if self.block < 1 or self.stride < 1 or self.block % self.stride:
       raise ValueError(f"model.xattention.block={self.block} must be a positive multiple of "
                        f"model.xattention.stride={self.stride}")
@@ -619,9 +697,14 @@ class XAttention(Attention):
     mass = xattention_block_mass(q_btnh, k_btkh, segment_ids, block=self.block, stride=self.stride,
                                  causal=self.spec.causal)
     nb = mass.shape[-1]
+    if self.selection == "previous":  # row I scored by block I-1's queries; block 0 keeps only itself
+      mass = jnp.concatenate([jnp.zeros_like(mass[:, :, :1]), mass[:, :, :-1]], axis=2)
     seg = pad_length(jnp.asarray(segment_ids, jnp.int32), nb * self.block)
-    return xattention_select(mass, tile_visible(seg, self.block, self.spec.causal), threshold=self.threshold,
-                             max_blocks=self.max_blocks)
+    visible = tile_visible(seg, self.block, self.spec.causal)
+    mass = jnp.where(visible[:, None], mass, 0.0)  # a block this row cannot see takes no share of tau
+    lo, hi = tile_segment_range(seg, self.block)
+    return xattention_select(mass, visible, threshold=self.threshold, max_blocks=self.max_blocks,
+                             sink_bc=segment_sink_blocks(seg, self.block), exact_bc=(hi > 0) & (lo != hi))
 
   def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
     check_storage_order(ctx, "xattention")
