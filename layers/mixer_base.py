@@ -69,6 +69,9 @@ class Mixer(nnx.Module):
   # tell token order (kernelised attention applies no rotary embedding): the trainer
   # refuses such a model rather than train a bag of tokens.
   ORDER_AWARE: bool = True
+  # Non-empty for a mixer through which examples packed into one row (task.packing) can see
+  # each other: the reason, which the trainer gives when it refuses such a run.
+  PACKING_LEAK: str = ""
 
   def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
     raise NotImplementedError

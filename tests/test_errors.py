@@ -33,6 +33,10 @@ def good_run(tmp_path_factory):
     (["--config.batch_size=12"], "batch_size=12 is not divisible by the data-parallel size 8"),
     (["--config.mesh.data=1", "--config.mesh.sequence=8", "--config.task.seq_len=36"],
      "task.seq_len=36 is not divisible by mesh.sequence=8"),
+    (["--config.task.packing=true", "--config.model.mixer=sinkhorn"],
+     "task.packing=true cannot train mixer 'sinkhorn': its sorted block is a soft mixture of whole blocks"),
+    (["--config.model.attention_impl=cudnn"], "model.attention_impl='cudnn' needs an NVIDIA GPU, but this run's "
+                                              "backend is 'cpu'"),
     (["--config.model.d_model=48"], "parameter 'encoder/blocks/0/mixer/key/kernel' has shape (32, 4, 8) in the "
                                     "checkpoint but (48, 4, 12) in this config"),
 ])

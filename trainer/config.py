@@ -167,10 +167,23 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice("model.pooling", cfg.model.pooling, ("mean", "cls"))
   _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
   _choice("on_nonfinite", cfg.on_nonfinite, ("stop", "skip"))
-  _choice("model.attention_impl", cfg.model.attention_impl, ("xla", "flash", "pallas", "auto"))
+  _choice("model.attention_impl", cfg.model.attention_impl, ("xla", "flash", "pallas", "cudnn", "auto"))
+  if cfg.model.attention_impl == "cudnn":
+    import jax  # only here: the rest of the validation needs no backend
+
+    if jax.default_backend() != "gpu":
+      raise UserError(f"model.attention_impl='cudnn' needs an NVIDIA GPU, but this run's backend is "
+                      f"{jax.default_backend()!r}; use 'auto' (Pallas on GPU/TPU, blockwise 'flash' elsewhere)")
+    if cfg.model.dtype != "bfloat16":
+      raise UserError(f"model.attention_impl='cudnn' takes 16-bit activations, but model.dtype="
+                      f"{cfg.model.dtype!r}; set model.dtype=bfloat16")
   _choice("parallel.sequence_strategy", cfg.parallel.sequence_strategy, ("auto", "ring", "all_to_all", "all_gather", "scan"))
   strategy = cfg.parallel.sequence_strategy
   for name in sorted(set(mixer_schedule(cfg))):
+    leak = mixers.MIXERS[name].PACKING_LEAK
+    if cfg.task.packing and leak:
+      raise UserError(f"task.packing=true cannot train mixer {name!r}: {leak}, so packed examples would see each "
+                      f"other; train it on unpacked rows (task.packing=false)")
     supported = mixers.MIXERS[name].SEQUENCE_STRATEGIES
     if strategy not in supported:
       raise UserError(f"parallel.sequence_strategy={strategy!r} is not available for mixer {name!r}; "

@@ -18,8 +18,10 @@ state table.
 Segments (packing): a segment is a contiguous run of one nonzero id. The carried state
 restarts where a run starts; padding tokens (id 0) contribute nothing, produce zeros,
 and do not break the run around them (ids are forward-filled across padding), so a
-right-padded prompt decodes like an unpadded one. Two runs of the same id separated by
-another id are separate segments (packing gives each example its own id).
+right-padded prompt decodes like an unpadded one. Ids must not repeat after another id:
+tokens with equal ids inside one chunk are treated as one segment, so two runs of the same
+id separated by another id are kept apart only across chunk boundaries. Packing gives
+each example its own increasing id, so this never arises in training.
 
 The state after a call, (S, id of the last run), is both the decode cache and the
 summary the sequence-parallel scan exchanges (`sp_summary_*` below).

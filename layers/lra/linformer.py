@@ -52,6 +52,7 @@ class Linformer(Attention):
   # The projection needs every position of the row at once; only compiler-propagated
   # sharding ("auto"). (all_to_all / all_gather could carry it: E is shared by the heads.)
   SEQUENCE_STRATEGIES = ("auto",)
+  PACKING_LEAK = "its length projection mixes every position of the row into each of its k rows"
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     if spec.causal:
