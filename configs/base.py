@@ -186,7 +186,9 @@ def get_config(arg=None):
   c.model.synthesizer.fixed = False  # random kind: R drawn at init and not trained (kept outside the params)
   # How `attention` computes: "xla" (dense reference), "flash" (pure-JAX blockwise, O(T) memory),
   # "pallas" (fused kernels: Triton on GPU, Mosaic on TPU, interpret mode elsewhere; also the ring's
-  # inner step and the block-sparse mixers' kernel) or "auto" (pallas on GPU and TPU, else flash).
+  # inner step and the block-sparse mixers' kernel), "cudnn" (jax.nn.dot_product_attention's fused cuDNN
+  # kernel for rows of one example + padding, blockwise for packed batches; NVIDIA GPU and bfloat16 only)
+  # or "auto" (pallas on GPU and TPU, else flash).
   c.model.attention_impl = "xla"
 
   c.optimizer = ml_collections.ConfigDict()

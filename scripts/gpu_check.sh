@@ -35,9 +35,11 @@ JAX_PLATFORMS=cuda timeout "$BENCH_S" "$PY" scripts/bench_kernels.py --out "$OUT
 if ! "$PY" -c "import ml_collections" 2>/dev/null; then
   "$PY" -m pip install --quiet --no-deps --no-index .gpu_wheels/*.whl || echo "ml-collections missing: skipping the trainer steps"
 fi
-echo "== the model's decoding on the Pallas kernels, compiled for the GPU"
+echo "== the model's decoding on the Pallas kernels, and attention_impl=cudnn, compiled for the GPU"
 JAX_PLATFORMS=cuda timeout "$(budget 60)" "$PY" -m pytest -q -p no:cacheprovider -rs -k "pallas or gpu-" \
   tests/test_decode.py 2>&1 | tail -8 | tee "$OUT/decode_tests.txt"
+JAX_PLATFORMS=cuda timeout "$(budget 40)" "$PY" -m pytest -q -p no:cacheprovider -rs -k "cudnn" \
+  tests/test_attention.py 2>&1 | tail -4 | tee "$OUT/cudnn_tests.txt"
 echo "== CPU-platform tests under this machine's packages"
 # (The Triton-lowering tests are for machines without CUDA; here the real compile above covers them.
 # tests/test_scan.py is left out: it crashes XLA's CPU backend in jax 0.11.2, see BENCHMARKS.md.)
@@ -53,7 +55,7 @@ timeout "$(budget 200)" "$PY" -m trainer.train --config=configs/default.py --wor
   --config.model.dtype=bfloat16 --config.model.attention_impl=auto --config.progress_bar=false 2>&1 | tail -12 \
   | tee "$OUT/train.txt"
 cp /tmp/gpu_default/metrics.jsonl "$OUT/metrics.jsonl" 2>/dev/null
-for IMPL in xla flash auto; do  # compiled memory of a 25M-param LM at T=4096: dense vs blockwise vs Pallas
+for IMPL in xla flash auto cudnn; do  # compiled memory of a 25M-param LM at T=4096: dense, blockwise, Pallas, cuDNN
   echo -n "attention_impl=$IMPL T=4096: " | tee -a "$OUT/dry_run.txt"
   timeout "$(budget 120)" "$PY" -m trainer.train --config=configs/default.py --workdir=/tmp/gpu_dry_$IMPL --dry_run \
     --config.model.dtype=bfloat16 --config.task.seq_len=4096 --config.model.d_model=512 --config.model.num_heads=8 \
@@ -64,6 +66,7 @@ echo
 echo "== summary ($SECONDS s in all)"
 echo "kernel tests (GPU): $(grep -E 'passed|failed|error' "$OUT/kernel_tests.txt" | tail -1)"
 echo "CPU-platform tests: $(grep -E 'passed|failed|error' "$OUT/tests.txt" | tail -1)"
+echo "attention_impl=cudnn (GPU): $(grep -E 'passed|failed|error' "$OUT/cudnn_tests.txt" | tail -1)"
 echo "default job (pallas): $(grep -E 'held-out' "$OUT/train.txt")"
 cat "$OUT/dry_run.txt"
 sed -n '/^## Attention TFLOP/,$p' "$OUT/bench_kernels.txt"

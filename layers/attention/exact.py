@@ -51,6 +51,42 @@ def reference_attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jax.Array:
   return out.reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
+def one_example_per_row(segment_ids_bt) -> jax.Array:
+  """Scalar bool: every row is one example (a single nonzero id from position 0) followed only
+  by padding, i.e. fully described by its length. Padding-only rows count as such."""
+  seg = jnp.asarray(segment_ids_bt, jnp.int32)
+  lengths = jnp.sum(seg > 0, axis=1)
+  first = jnp.arange(seg.shape[1])[None, :] < lengths[:, None]
+  return jnp.all(seg == jnp.where(first, seg[:, :1], 0))
+
+
+def cudnn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, *, causal: bool, block: int = 128,
+                    implementation: str = "cudnn") -> jax.Array:
+  """`jax.nn.dot_product_attention`'s fused cuDNN kernel (forward and backward) for rows that
+  hold one example followed by padding, passed as per-row lengths; a batch with packed rows
+  (or padding before a real token) takes the pure-JAX blockwise path instead, chosen at run
+  time (`lax.cond`), so the result is exact for every input. Padding queries give zeros.
+  cuDNN takes 16-bit inputs only (bfloat16 / float16); `implementation="xla"` runs the same
+  call through XLA, which is how the CPU tests check the wiring.
+  """
+  if implementation == "cudnn" and q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention_impl='cudnn' takes bfloat16 or float16 activations, got {q_btnh.dtype} "
+                     f"(set model.dtype=bfloat16)")
+  seg = jnp.asarray(segment_ids_bt, jnp.int32)
+  lengths = jnp.maximum(jnp.sum(seg > 0, axis=1), 1).astype(jnp.int32)  # an all-padding row: zeroed below
+
+  def fused(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, query_seq_lengths=lengths,
+                                        key_value_seq_lengths=lengths, implementation=implementation)
+
+  def blockwise(q, k, v):
+    idx = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)
+    return flash_attention_lse(q, k, v, seg, seg, idx, idx, causal=causal, block_q=block, block_k=block)[0]
+
+  out = jax.lax.cond(one_example_per_row(seg), fused, blockwise, q_btnh, k_btkh, v_btkh)
+  return jnp.where((seg > 0)[:, :, None, None], out, 0).astype(q_btnh.dtype)
+
+
 def rope(x_btnh: jax.Array, positions_bt: jax.Array, base: float = 10000.0) -> jax.Array:
   """Rotary embedding (rotate-half form) at the given per-token positions."""
   h = x_btnh.shape[-1]
@@ -102,6 +138,9 @@ class Attention(Mixer):
       return sp.attention(self.local_attention, q_btnh, k_btkh, v_btkh, ctx.segment_ids, index,
                           causal=self.spec.causal, block_q=self.spec.option("block_q", 128),
                           block_k=self.spec.option("block_k", 128), impl=self.impl())
+    if self.impl() == "cudnn" and ctx.index is None:  # lengths describe storage-order rows only
+      return cudnn_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, causal=self.spec.causal,
+                             block=self.spec.option("block_q", 128))
     if self.impl() == "pallas":  # storage order (no ctx.index): the kernel's diagonal loop bounds
       from kernels.flash_pallas import flash_attention_pallas
       return flash_attention_pallas(q_btnh, k_btkh, v_btkh, ctx.segment_ids, ctx.segment_ids,
@@ -109,7 +148,9 @@ class Attention(Mixer):
     return self.local_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, ctx.segment_ids, index, index)
 
   def impl(self) -> str:
-    """`auto` -> the Pallas kernels on GPU (Triton) and TPU (Mosaic), the pure-JAX blockwise path elsewhere."""
+    """`auto` -> the Pallas kernels on GPU (Triton) and TPU (Mosaic), the pure-JAX blockwise path elsewhere.
+    `cudnn`: exact attention's full-sequence path on cuDNN; everything else (other mixers, decoding,
+    sequence-parallel pieces, permuted rows) treats it as `flash`."""
     impl = self.spec.attention_impl
     if impl == "auto":
       impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "flash"
@@ -121,7 +162,7 @@ class Attention(Mixer):
       from kernels.flash_pallas import flash_attention_pallas
       return flash_attention_pallas(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, causal=self.spec.causal,
                                     q_index=q_index, kv_index=kv_index)
-    if self.impl() == "flash":
+    if self.impl() in ("flash", "cudnn"):
       return flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index,
                                  causal=self.spec.causal, block_q=self.spec.option("block_q", 128),
                                  block_k=self.spec.option("block_k", 128),
