@@ -17,15 +17,28 @@ from flax import nnx
 from layers import axes
 
 
-def param(rngs: nnx.Rngs, init, shape: Sequence[int], logical_axes: Sequence[str | None]) -> nnx.Param:
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], logical_axes: Sequence[str | None], *,
+          weight_decay: bool = True) -> nnx.Param:
+  """A parameter with its logical axes. `weight_decay=False` exempts it from AdamW's decay
+  whatever its rank (e.g. Mamba's A_log, Swin's relative position bias): the optimizer's
+  default decays matrices only (trainer.optim.decay_mask)."""
   if len(shape) != len(logical_axes):
     raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(logical_axes)} differ in rank")
-  return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), logical_axes=tuple(logical_axes))
+  meta = {} if weight_decay else {"weight_decay": False}
+  return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), logical_axes=tuple(logical_axes), **meta)
+
+
+def _metadata(variable) -> dict:
+  return variable.get_metadata() if hasattr(variable, "get_metadata") else {}
 
 
 def logical_axes_of(variable) -> tuple | None:
-  meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
-  return meta.get("logical_axes")
+  return _metadata(variable).get("logical_axes")
+
+
+def weight_decay_of(variable) -> bool:
+  """False where the parameter was declared `weight_decay=False`."""
+  return bool(_metadata(variable).get("weight_decay", True))
 
 
 class Dense(nnx.Module):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.core import logical_axes_of
+from layers.core import logical_axes_of, weight_decay_of
 
 
 def _is_var(x) -> bool:
@@ -46,6 +46,9 @@ class FunctionalModel:
     self._params, self._extra = _Collection(params), _Collection(extra)
     self.logical_axes = {n: logical_axes_of(v) for n, (_, v) in zip(self._params.names, self._params.leaves)}
     self.extra_logical_axes = {n: logical_axes_of(v) for n, (_, v) in zip(self._extra.names, self._extra.leaves)}
+    # Parameters declared weight_decay=False (layers.core.param), whatever their rank.
+    self.no_decay = frozenset(n for n, (_, v) in zip(self._params.names, self._params.leaves)
+                              if not weight_decay_of(v))
     self.module_type = type(module)
 
   def init_params(self) -> dict[str, jax.Array]:

@@ -98,7 +98,8 @@ class Experiment:
     self.fm = FunctionalModel(nnx.eval_shape(lambda: build_model(self.spec, cfg.seed)))
     self.lr_schedule = optim.schedule(cfg.optimizer, cfg.total_steps)
     abstract_params = self.fm.init_params()
-    self.tx = optim.make_optimizer(cfg.optimizer, cfg.total_steps, abstract_params, cfg.on_nonfinite == "skip")
+    self.tx = optim.make_optimizer(cfg.optimizer, cfg.total_steps, abstract_params, cfg.on_nonfinite == "skip",
+                                   self.fm.no_decay)
     self.num_params = int(sum(np.prod(v.shape) for v in abstract_params.values()))
 
     # Shapes and shardings of the whole train state, derived without allocating it.

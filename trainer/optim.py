@@ -19,17 +19,19 @@ def schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([warmup, after], [warm]) if warm else after
 
 
-def decay_mask(params: dict) -> dict:
-  """Weight decay on matrices only: norms' scales and biases are left alone."""
-  return {k: len(v.shape) >= 2 and not k.endswith("bias") for k, v in params.items()}
+def decay_mask(params: dict, no_decay=frozenset()) -> dict:
+  """Weight decay on matrices only: norms' scales, biases and the parameters named in
+  `no_decay` (declared weight_decay=False, e.g. Mamba's A_log) are left alone."""
+  return {k: len(v.shape) >= 2 and not k.endswith("bias") and k not in no_decay for k, v in params.items()}
 
 
-def make_optimizer(opt_cfg, total_steps: int, params: dict, skip_nonfinite: bool) -> optax.GradientTransformation:
+def make_optimizer(opt_cfg, total_steps: int, params: dict, skip_nonfinite: bool,
+                   no_decay=frozenset()) -> optax.GradientTransformation:
   parts = []
   if opt_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
   parts.append(optax.adamw(schedule(opt_cfg, total_steps), b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                           weight_decay=opt_cfg.weight_decay, mask=decay_mask(params)))
+                           weight_decay=opt_cfg.weight_decay, mask=decay_mask(params, no_decay)))
   tx = optax.chain(*parts)
   if skip_nonfinite:
     # A step whose gradients are not finite leaves params and moments unchanged.

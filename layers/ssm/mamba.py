@@ -226,9 +226,10 @@ class SSMBranch(nnx.Module):
     self.x_c = Dense((e,), (s,), in_axes=(mlp,), out_axes=(axes.STATE,), rngs=rngs)
     self.dt_weight = param(rngs, _uniform(dt_rank ** -0.5), (dt_rank, e), (None, mlp))
     self.dt_bias = param(rngs, dt_bias_init(dt_min, dt_max), (e,), (mlp,))
-    # S4D-real: A = -(1, ..., S) for every channel.
+    # S4D-real: A = -(1, ..., S) for every channel. Not weight-decayed (as in the reference
+    # code): decay would pull every A_log toward 0, i.e. every A toward -1, erasing the spectrum.
     a_log = lambda key, shape, dtype: jnp.broadcast_to(jnp.log(jnp.arange(1, s + 1, dtype=dtype)), shape)
-    self.a_log = param(rngs, a_log, (e, s), (mlp, axes.STATE))
+    self.a_log = param(rngs, a_log, (e, s), (mlp, axes.STATE), weight_decay=False)
     self.skip = param(rngs, jax.nn.initializers.ones, (e,), (mlp,))
 
   def delta(self, xc_bte):
