@@ -237,7 +237,9 @@ class SSMBranch(nnx.Module):
     return jax.nn.softplus(dt + self.dt_bias[...])
 
   def __call__(self, x_in_bte, segment_ids_bt, reset_bt, *, impl: str, chunk: int, h0_bes=None,
-               context_bke=None, context_segment_ids_bk=None):
+               context_bke=None, context_segment_ids_bk=None, hold_bt=None):
+    """hold_bt: True where a token must leave the state unchanged (delta = 0: exp(0 A) = 1 and
+    no input), i.e. padding inside a decode call."""
     xc = jax.nn.silu(causal_conv(x_in_bte, segment_ids_bt, self.conv_weight[...], self.conv_bias[...],
                                  context_bke, context_segment_ids_bk))
     a = -jnp.exp(self.a_log[...])
@@ -248,7 +250,10 @@ class SSMBranch(nnx.Module):
       y, h_last = sp.selective_scan(xc, self.delta(xc), a, self.x_b(xc), self.x_c(xc), reset_bt, impl=impl,
                                     chunk=chunk), None
     else:
-      y, h_last = selective_scan(xc, self.delta(xc), a, self.x_b(xc), self.x_c(xc), reset_bt=reset_bt,
+      delta = self.delta(xc)
+      if hold_bt is not None:
+        delta = jnp.where(hold_bt[..., None], 0.0, delta)
+      y, h_last = selective_scan(xc, delta, a, self.x_b(xc), self.x_c(xc), reset_bt=reset_bt,
                                  h0_bds=h0_bes, impl=impl, chunk=chunk)
     y = y + self.skip[...] * xc.astype(jnp.float32)
     return y.astype(x_in_bte.dtype), h_last
@@ -324,16 +329,27 @@ class Mamba(Mixer):
       raise ValueError("mamba with causal=False cannot decode incrementally; decoding needs causal=True")
     if getattr(self, "ssm_state", None) is None:
       raise ValueError("decode=True needs init_cache(batch, max_len, dtype) first")
-    reset = segment_starts(seg_bt, self.last_segment_id[...][:, None])
-    impl = self.scan if x_in_bte.shape[1] > 1 else "sequential"
+    # Padding in a decode call (a right-padded prompt of a ragged batch) is transparent: it
+    # neither updates the SSM state nor enters the conv state nor starts a segment, so a row's
+    # next real token continues its own sequence as if the padding were not there (the cache
+    # attention mixers mask padding slots to the same effect).
+    real = seg_bt != 0
+    last = self.last_segment_id[...]
+    t = seg_bt.shape[1]
+    latest = jax.lax.cummax(jnp.where(real, jnp.arange(t, dtype=jnp.int32)[None], -1), axis=1)
+    seg_filled = jnp.where(latest >= 0, jnp.take_along_axis(seg_bt, jnp.maximum(latest, 0), axis=1), last[:, None])
+    reset = segment_starts(seg_filled, last[:, None]) & real
+    impl = self.scan if t > 1 else "sequential"
     y, h_last = self.forward_ssm(x_in_bte, seg_bt, reset, impl=impl, chunk=self.chunk, h0_bes=self.ssm_state[...],
-                                 context_bke=self.conv_state[...], context_segment_ids_bk=self.conv_segment_ids[...])
-    if self.d_conv > 1:
+                                 context_bke=self.conv_state[...], context_segment_ids_bk=self.conv_segment_ids[...],
+                                 hold_bt=~real)
+    if self.d_conv > 1:  # the last K-1 real tokens (stable sort: padding first, real tokens in order)
       keep = self.d_conv - 1
       xs = jnp.concatenate([self.conv_state[...], x_in_bte.astype(self.conv_state.dtype)], axis=1)
       segs = jnp.concatenate([self.conv_segment_ids[...], seg_bt], axis=1)
-      self.conv_state[...] = xs[:, -keep:]
-      self.conv_segment_ids[...] = segs[:, -keep:]
+      order = jnp.argsort(segs != 0, axis=1, stable=True)[:, -keep:]
+      self.conv_state[...] = jnp.take_along_axis(xs, order[..., None], axis=1)
+      self.conv_segment_ids[...] = jnp.take_along_axis(segs, order, axis=1)
     self.ssm_state[...] = h_last
-    self.last_segment_id[...] = seg_bt[:, -1]
+    self.last_segment_id[...] = seg_filled[:, -1]
     return y
