@@ -421,3 +421,35 @@ def test_prompt_tokenizers_round_trip_and_reject_bad_ids():
     encode_prompt("mqar", "5 8192", 8192)
   with pytest.raises(UserError, match="token ids separated"):
     encode_prompt("mqar", "five", 8192)
+
+
+def test_sampler_runs_the_model_at_its_training_step():
+  """Performer's features are a function of the step (redrawn every `redraw_every`): the
+  sampler given step 5 must decode with step 5's features. Sampled at temperature 1 with the
+  sampler's keys (token k drawn with fold_in(key, k)), its tokens equal draws from full
+  forwards at step 5, which here differ from step 0's (so the check can fail)."""
+  from layers.functional import FunctionalModel
+  from trainer.generate import make_sampler, sample
+  spec = _spec("performer", num_kv_heads=4, mixer_options=(("performer", (("redraw_every", 1), ("features", 4))),))
+  fm = FunctionalModel(build_model(spec, seed=11))
+  params, extra = fm.init_params(), fm.init_extra()
+  prompt, n_new, width, key = np.array([7, 3, 41, 12, 9], np.int32), 10, 16, jax.random.key(4)
+
+  def drawn(step):
+    apply = jax.jit(lambda ids, seg, pos: fm.apply(params, extra, {"inputs": ids, "segment_ids": seg,
+                                                                   "positions": pos}, step=step)[0])
+    tokens = list(prompt)
+    for k in range(n_new):
+      ids = np.zeros((1, width), np.int32)
+      ids[0, :len(tokens)] = tokens
+      seg = (np.arange(width) < len(tokens)).astype(np.int32)[None]
+      logits = apply(ids, seg, np.arange(width, dtype=np.int32)[None])[:, len(tokens) - 1]
+      tokens.append(int(sample(logits, jax.random.fold_in(key, k), 1.0, 0, (0,))[0]))
+    return tokens[len(prompt):]
+
+  want = drawn(5)
+  assert want != drawn(0)
+  model = fm.module(params, extra)
+  model.encoder.init_cache(1, width)
+  got = make_sampler(model, len(prompt), n_new, temperature=1.0, top_k=0, banned=(0,), step=5)(prompt[None], key)
+  assert np.asarray(got)[0].tolist() == want

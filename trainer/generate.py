@@ -79,8 +79,12 @@ def sample(logits_bv, rng, temperature: float, top_k: int, banned: tuple[int, ..
 
 
 def make_sampler(model, prompt_len: int, max_new_tokens: int, *, temperature: float, top_k: int,
-                 banned: tuple[int, ...] = ()):
+                 banned: tuple[int, ...] = (), step: int | None = None):
   """Returns `generate(prompt_bp, rng) -> tokens [B, max_new_tokens]` for an NNX LM whose cache is initialised.
+
+  `step` is the training step the model is run at: mixers whose computation depends on it
+  (Performer's random features, redrawn every `redraw_every` steps) then use the features
+  the checkpoint was trained and evaluated with, not step 0's.
 
   The model is split once into its decode state (nnx.Cache) and everything else
   (params, other state); the jitted prefill and decode take both as arguments rather
@@ -93,7 +97,7 @@ def make_sampler(model, prompt_len: int, max_new_tokens: int, *, temperature: fl
   def run(rest, cache, tokens_bt, positions_bt):
     m = nnx.merge(graphdef, cache, rest)
     ones = jnp.ones(tokens_bt.shape, jnp.int32)
-    logits = m({"inputs": tokens_bt, "segment_ids": ones, "positions": positions_bt}, decode=True)
+    logits = m({"inputs": tokens_bt, "segment_ids": ones, "positions": positions_bt}, decode=True, step=step)
     return logits[:, -1], nnx.state(m, nnx.Cache)
 
   @jax.jit
@@ -194,13 +198,13 @@ def run(argv) -> int:
     model.encoder.init_cache(args.num_samples, spec.seq_len)
   except NotImplementedError as e:
     raise UserError(f"{e}; choose a config whose mixers all support decoding") from None
+  trained_step = int(jax.device_get(state["step"]))
   generate = make_sampler(model, p, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          banned=banned_ids(cfg.task.name))
+                          banned=banned_ids(cfg.task.name), step=trained_step)
   prompt_bp = np.broadcast_to(prompt, (args.num_samples, p))
   tokens = np.asarray(jax.device_get(generate(prompt_bp, jax.random.key(args.seed))))
   if jax.process_index() == 0:
-    step = int(jax.device_get(state["step"]))
-    print(f"step {step}, temperature {args.temperature:g}, top_k {args.top_k}, seed {args.seed}", flush=True)
+    print(f"step {trained_step}, temperature {args.temperature:g}, top_k {args.top_k}, seed {args.seed}", flush=True)
     print(f"prompt: {decode_tokens(cfg.task.name, prompt)!r}")
     for i, row in enumerate(tokens):
       label = "continuation" if args.num_samples == 1 else f"continuation {i}"
