@@ -23,9 +23,18 @@ class MixerSpec:
   num_layers: int
   max_len: int
   attention_impl: str = "xla"
+  # This layer's index among the layers of the same mixer (0 for the first): what "alternating
+  # layers" counts (Swin's shift, the Sparse Transformer's alternate heads), so that in a mixed
+  # schedule such as "local,swin,local,swin" the two swin layers still alternate. None: the
+  # layer index (a stack of one mixer).
+  kind_index: int | None = None
   # This mixer's own settings (config `model.<mixer name>.*`) as sorted (key, value) pairs:
   # hashable, because NNX keeps the spec as static module data.
   options: tuple = ()
+
+  @property
+  def alternation_index(self) -> int:
+    return self.layer_index if self.kind_index is None else self.kind_index
 
   @property
   def head_dim(self) -> int:

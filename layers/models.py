@@ -60,6 +60,7 @@ class Encoder(nnx.Module):
     self.blocks = nnx.List([
         Block(name, MixerSpec(d_model=spec.d_model, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
                               causal=causal, positions=spec.positions, layer_index=i,
+                              kind_index=spec.mixers[:i].count(name),
                               num_layers=len(spec.mixers), max_len=spec.max_len,
                               attention_impl=spec.attention_impl,
                               options=dict(spec.mixer_options).get(name, ())),

@@ -307,6 +307,21 @@ def test_causal_lm_with_combiner_and_swin_ignores_the_future(monkeypatch):
   assert np.abs(base[0, 9:] - out2[0, 9:]).max() > 1e-4
 
 
+def test_alternation_counts_layers_of_the_same_mixer_in_a_mixed_schedule():
+  """Swin shifts every second *Swin* layer and the Sparse Transformer's alternate mode flips
+  every second of its own layers: in "swin,local,swin,sparse,swin,sparse" the global layer
+  parity would leave every swin layer but one unshifted and both sparse layers on A2."""
+  options = (("swin", (("grid", 0), ("window", 4))), ("sparse_transformer", (("head_mode", "alternate"),)))
+  spec = ModelSpec(kind="lm", vocab_size=30, num_classes=30, max_len=16,
+                   mixers=("swin", "local", "swin", "sparse_transformer", "swin", "sparse_transformer"), d_model=16,
+                   num_heads=2, num_kv_heads=1, mlp_ratio=2, mlp="gelu", norm="rmsnorm", positions="rope",
+                   dropout=0.0, pooling="mean", tie_embeddings=True, dtype="float32", mixer_options=options)
+  blocks = build_model(spec, seed=0).encoder.blocks
+  assert [b.mixer.shifted for b in blocks if isinstance(b.mixer, S.Swin)] == [False, True, False]
+  sparse = [b.mixer.spec for b in blocks if b.mixer.spec.layer_index in (3, 5)]
+  assert [(m.layer_index, m.alternation_index) for m in sparse] == [(3, 0), (5, 1)]
+
+
 def test_user_errors_are_one_sentence():
   with pytest.raises(ValueError, match="only defined for the 1-D layout"):
     S.Swin(_spec(True, window=4, grid=(4, 4)), rngs=nnx.Rngs(0))

@@ -357,13 +357,13 @@ class SparseTransformer(PatternCacheMixin, WholeSequenceMixin, Attention):
                                       stride=auto_period(self.stride, size), c=self.c, causal=True)
     a1, a2 = (jnp.broadcast_to(a, position_bt.shape + (size,)) for a in (a1, a2))
     return sparse_transformer_head_masks(a1, a2, num_heads=self.spec.num_heads, head_mode=self.head_mode,
-                                         layer_index=self.spec.layer_index)
+                                         layer_index=self.spec.alternation_index)
 
   def attend(self, q_btnh, k_btkh, v_btkh, ctx: MixContext) -> jax.Array:
     return sparse_transformer_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, pattern=self.pattern,
                                         stride=auto_period(self.stride, q_btnh.shape[1]), c=self.c,
                                         causal=self.spec.causal, head_mode=self.head_mode,
-                                        layer_index=self.spec.layer_index)
+                                        layer_index=self.spec.alternation_index)
 
 
 # ----------------------------------------------------------------------------------------------

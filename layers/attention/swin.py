@@ -2,14 +2,18 @@
 
 Tokens lie on an h x w grid (option `grid`, row-major) or on a line (`grid` = 0: a
 1 x T grid). Attention stays inside non-overlapping M x M windows (M tokens in 1-D).
-On odd layers (`spec.layer_index` odd) the grid is cyclically shifted by
+On every second Swin layer (`spec.alternation_index` odd: counted among the Swin layers of
+a mixed schedule) the grid is cyclically shifted by
 (-floor(M/2), -floor(M/2)) before windowing and shifted back afterwards; the windows
 that wrap around the edge hold tokens from opposite ends of the grid, and a region
 mask (3 x 3 regions: the paper's "efficient batch computation for shifted
 configuration") keeps those apart. Every logit gets a learned bias B[head, dy, dx]
 from a table of (2M-1)^2 entries per head ((2M-1) in 1-D), indexed by the relative
-offset of the two tokens. An axis no longer than M gets one window and no shift, as
-in the official implementation.
+offset of the two tokens. Each axis no longer than M gets one window and no shift,
+axis by axis (needed for the 1-D layout). The official implementation instead sets the
+window to min(h, w) and the shift to 0 on both axes once min(h, w) <= M, so the two differ
+on elongated grids (e.g. 4 x 16 with M = 8: 4 x 8 windows shifted along the long axis
+here, 4 x 4 windows unshifted there).
 
 Grid sides that are not multiples of M are padded (segment id 0, masked), so any
 T works. Causal: defined for the 1-D layout only, as window attention with j <= i
@@ -192,10 +196,11 @@ class Swin(WholeSequenceMixin, Attention):
     if spec.causal and self.grid is not None:
       raise ValueError(f"swin: causal attention is only defined for the 1-D layout (swin.grid=0), got "
                        f"grid={self.grid}; use a bidirectional task or grid=0")
-    self.shifted = spec.layer_index % 2 == 1
+    self.shifted = spec.alternation_index % 2 == 1
     size = table_size(self.window, self.grid is not None)
+    # Not weight-decayed, as in Swin's reference training (a bias, stored as a table).
     self.relative_bias = param(rngs, jax.nn.initializers.truncated_normal(0.02), (spec.num_heads, size),
-                               (axes.HEADS, None))
+                               (axes.HEADS, None), weight_decay=False)
 
   def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
     self._check_context(ctx)
