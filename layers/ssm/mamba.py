@@ -44,6 +44,7 @@ from flax import nnx
 
 from layers import axes
 from layers.core import Dense, param
+from layers.linear.core import forward_fill
 from layers.mixer_base import MixContext, Mixer, MixerSpec, sequence_parallel
 
 SCANS = ("sequential", "associative", "chunked")
@@ -335,11 +336,9 @@ class Mamba(Mixer):
     # attention mixers mask padding slots to the same effect).
     real = seg_bt != 0
     last = self.last_segment_id[...]
-    t = seg_bt.shape[1]
-    latest = jax.lax.cummax(jnp.where(real, jnp.arange(t, dtype=jnp.int32)[None], -1), axis=1)
-    seg_filled = jnp.where(latest >= 0, jnp.take_along_axis(seg_bt, jnp.maximum(latest, 0), axis=1), last[:, None])
+    seg_filled = forward_fill(seg_bt, last)
     reset = segment_starts(seg_filled, last[:, None]) & real
-    impl = self.scan if t > 1 else "sequential"
+    impl = self.scan if seg_bt.shape[1] > 1 else "sequential"
     y, h_last = self.forward_ssm(x_in_bte, seg_bt, reset, impl=impl, chunk=self.chunk, h0_bes=self.ssm_state[...],
                                  context_bke=self.conv_state[...], context_segment_ids_bk=self.conv_segment_ids[...],
                                  hold_bt=~real)
