@@ -10,7 +10,9 @@ Three kernels, each a grid of independent programs over the native [B, T, N, H] 
   G = N/K query heads of its group stream by, recomputing P^T from the saved lse; the
   transposed formulation (S^T = K Q^T) keeps every matrix product's transposed operand
   a loaded tile, never a computed one.
-- dQ, grid (query block, head, batch): like the forward, accumulating dS K.
+- dQ, grid (query block, head, batch): like the forward, accumulating dS K. Or, with
+  `Tiling(fused_dq=True)`, no dQ kernel: the dK/dV programs add dS K into an fp32 dQ by
+  atomic adds, computing S and dP once per tile pair instead of twice.
 
 Causal attention skips fully masked tiles by loop bounds computed from the block index
 (not by masking them), and splits each loop into the tiles that straddle the diagonal
@@ -44,6 +46,8 @@ try:  # Triton compiler parameters (num_warps, num_stages); absent from some jax
 except ImportError:  # pragma: no cover
   _pltriton = None
 
+# Atomic read-modify-write on a ref: `pallas.triton.atomic_add` in newer jax, `pl.atomic_add` before.
+_atomic_add = getattr(_pltriton, "atomic_add", None) or getattr(pl, "atomic_add", None)
 # `pl.squeezed` (newer) and `None` (older) both mean "this block dimension is 1 and dropped".
 _SQ = getattr(pl, "squeezed", None)
 LOG2E = math.log2(math.e)
@@ -62,22 +66,31 @@ class Tiling:
   block_q: int = 128  # forward: query rows per program
   block_k: int = 64  # forward: key rows per streamed tile
   block_q_dkv: int = 32  # dK/dV: query rows per streamed tile
-  block_k_dkv: int = 128  # dK/dV: key rows per program
-  block_q_dq: int = 128  # dQ: query rows per program
+  block_k_dkv: int = 64  # dK/dV: key rows per program
+  block_q_dq: int = 64  # dQ: query rows per program
   block_k_dq: int = 32  # dQ: key rows per streamed tile
   num_warps: int = 8  # forward
   num_stages: int = 3  # forward: software-pipelining depth of the K/V loop
-  num_warps_bwd: int = 8
+  num_warps_bwd: int = 4
   num_stages_bwd: int = 3
+  # Backward as ONE kernel: the dK/dV programs also add dS K into an fp32 dQ by atomic adds
+  # (FlashAttention-2's scheme), so S and dP are computed once per tile pair, not twice (5 of
+  # the backward's matrix products instead of 7). dQ then depends on the order of the adds in
+  # its last bits. Off by default until a GPU run shows the atomics cost less than the saved
+  # products (scripts/bench_kernels.py's tile sweep times both).
+  fused_dq: bool = False
 
 
 def default_tiling(head_dim: int) -> Tiling:
-  """Per-head-dim GPU defaults, chosen for the register budget before any GPU measurement.
+  """Per-head-dim GPU defaults.
 
-  The backward kernels keep two fp32 accumulators of [128, H] (dK and dV) or one of [128, H]
-  (dQ) resident, so their streamed side is 32 rows: the [128, 32] score-sized temporaries
-  then cost 16 registers a thread at 8 warps. Starting points after the Triton fused-attention
-  tutorial's Hopper configs; the bench's sweep (scripts/bench_kernels.py) retunes them.
+  The backward kernels keep two fp32 accumulators of [rows, H] (dK and dV) or one (dQ)
+  resident, so their streamed side is 32 rows. For H=128 the forward keeps the 128-row query
+  tiles at 8 warps, and the backward uses 64-row programs at 4 warps: in the H200 tile sweep of
+  2026-11-27 (BENCHMARKS.md) those backward tiles ran the backward ~10% faster (non-causal)
+  and ~7% faster (causal) than the 128-row ones, while 128-row query tiles were the faster
+  forward; the two are separate launches, so each keeps its own best. The bench's sweep
+  (scripts/bench_kernels.py) re-times these and the fused-dQ variant on every GPU run.
   """
   if head_dim <= 64:
     return Tiling(128, 64, 32, 128, 128, 32, num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=3)
@@ -318,9 +331,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, 
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, qi_ref, ki_ref, dk_ref, dv_ref, *,
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, qi_ref, ki_ref, *refs,
                 cfg: _Config, nq: int, group: int):
+  """refs: (dk, dv) outputs, or with `fused_dq` (dq_in, dk, dv, dq): dq_in is the zero fp32 buffer
+  aliased to the dq output, which every program of the same query rows adds into."""
   t = cfg.tiling
+  dk_ref, dv_ref = refs[-3:-1] if t.fused_dq else refs
+  dq_ref = refs[-1] if t.fused_dq else None
   bq, bk = t.block_q_dkv, t.block_k_dkv
   j = pl.program_id(0)
   k, v = k_ref[...], v_ref[...]
@@ -353,6 +370,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
     dpt = _dot_t(v, do)
     dst = pt * (dpt - delta[None, :])
     dk = dk + _dot(dst.astype(q.dtype), q)
+    if dq_ref is not None:  # dQ_i += dS K (unscaled; the caller applies 1/sqrt(H) once)
+      dq_tile = lax.dot_general(dst.astype(k.dtype), k, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+      _atomic_add(dq_ref, (pl.ds(start, bq), jnp.asarray(g, jnp.int32), slice(None)), dq_tile)
     return dk, dv
 
   def per_head(g, carry):
@@ -383,13 +403,61 @@ def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, d_lse, cfg: _Con
   delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32)) - d_lse
   lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0)  # empty rows: all P are masked to 0 anyway
 
+  dq = None if t.fused_dq else _dq_call(q, k, v, d_out, lse2, delta, qseg, kseg, qidx, kidx, cfg)
+  bq, bk = t.block_q_dkv, t.block_k_dkv
+  nq, nk = tq // bq, s // bk
+  # One program per (key block, kv head): it owns dK/dV of that tile, so the G query heads of
+  # its group are summed in registers (no atomics, no [B, S, N, H] intermediate). With
+  # fused_dq the same programs also add their dS K into the shared fp32 dQ (atomics there).
+  qg_spec = pl.BlockSpec((_SQ, tq, g, h), lambda j, kh, bt: (bt, 0, kh, 0))
+  rowg_spec = pl.BlockSpec((_SQ, g, tq), lambda j, kh, bt: (bt, kh, 0))
+  kt_spec = pl.BlockSpec((_SQ, bk, _SQ, h), lambda j, kh, bt: (bt, j, kh, 0))
+  in_specs = [qg_spec, kt_spec, kt_spec, qg_spec, rowg_spec, rowg_spec,
+              pl.BlockSpec((_SQ, tq), lambda j, kh, bt: (bt, 0)),
+              pl.BlockSpec((_SQ, bk), lambda j, kh, bt: (bt, j)),
+              pl.BlockSpec((_SQ, tq), lambda j, kh, bt: (bt, 0)),
+              pl.BlockSpec((_SQ, bk), lambda j, kh, bt: (bt, j))]
+  args = [q, k, v, d_out, lse2, delta, qseg, kseg, qidx, kidx]
+  out_specs = [kt_spec, kt_spec]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  aliases = {}
+  if t.fused_dq:
+    if _atomic_add is None:  # pragma: no cover
+      raise NotImplementedError("Tiling(fused_dq=True) needs Pallas atomic_add, which this jax lacks")
+    aliases = {len(args): 2}
+    args.append(jnp.zeros(q.shape, jnp.float32))
+    in_specs.append(qg_spec)
+    out_specs.append(qg_spec)
+    out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
+  outs = pl.pallas_call(
+      functools.partial(_dkv_kernel, cfg=cfg, nq=nq, group=g),
+      grid=(nk, kvh, b),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
+      compiler_params=_compiler_params(cfg, backward=True),
+      interpret=cfg.interpret,
+      name="flash_bwd_dkv_dq" if t.fused_dq else "flash_bwd_dkv",
+  )(*args)
+  dk, dv = outs[:2]
+  if t.fused_dq:
+    dq = (outs[2] * cfg.scale).astype(q.dtype)
+  return dq, dk, dv
+
+
+def _dq_call(q, k, v, d_out, lse2, delta, qseg, kseg, qidx, kidx, cfg: _Config):
+  b, tq, n, h = q.shape
+  s, kvh = k.shape[1], k.shape[2]
+  g = n // kvh
+  t = cfg.tiling
   nq, nk = tq // t.block_q_dq, s // t.block_k_dq
   qb = functools.partial(_q_block, nq=nq, causal=cfg.causal)
   bq, bk = t.block_q_dq, t.block_k_dq
   q_spec = pl.BlockSpec((_SQ, bq, _SQ, h), lambda i, hd, bt: (bt, qb(i), hd, 0))
   kv_spec = pl.BlockSpec((_SQ, s, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0))
   row_spec = pl.BlockSpec((_SQ, _SQ, bq), lambda i, hd, bt: (bt, hd, qb(i)))
-  dq = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg, nq=nq, nk=nk),
       grid=(nq, n, b),
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
@@ -403,29 +471,6 @@ def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, d_lse, cfg: _Con
       interpret=cfg.interpret,
       name="flash_bwd_dq",
   )(q, k, v, d_out, lse2, delta, qseg, kseg, qidx, kidx)
-
-  bq, bk = t.block_q_dkv, t.block_k_dkv
-  nq, nk = tq // bq, s // bk
-  # One program per (key block, kv head): it owns dK/dV of that tile, so the G query heads of
-  # its group are summed in registers (no atomics, no [B, S, N, H] intermediate).
-  qg_spec = pl.BlockSpec((_SQ, tq, g, h), lambda j, kh, bt: (bt, 0, kh, 0))
-  rowg_spec = pl.BlockSpec((_SQ, g, tq), lambda j, kh, bt: (bt, kh, 0))
-  kt_spec = pl.BlockSpec((_SQ, bk, _SQ, h), lambda j, kh, bt: (bt, j, kh, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg, nq=nq, group=g),
-      grid=(nk, kvh, b),
-      in_specs=[qg_spec, kt_spec, kt_spec, qg_spec, rowg_spec, rowg_spec,
-                pl.BlockSpec((_SQ, tq), lambda j, kh, bt: (bt, 0)),
-                pl.BlockSpec((_SQ, bk), lambda j, kh, bt: (bt, j)),
-                pl.BlockSpec((_SQ, tq), lambda j, kh, bt: (bt, 0)),
-                pl.BlockSpec((_SQ, bk), lambda j, kh, bt: (bt, j))],
-      out_specs=[kt_spec, kt_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_compiler_params(cfg, backward=True),
-      interpret=cfg.interpret,
-      name="flash_bwd_dkv",
-  )(q, k, v, d_out, lse2, delta, qseg, kseg, qidx, kidx)
-  return dq, dk, dv
 
 
 def fused_attention(forward, backward):

@@ -7,6 +7,7 @@ tiny so interpret mode stays fast; tiles are 16-32 so that several blocks, the c
 diagonal split and the padding of odd lengths are all exercised.
 """
 
+import dataclasses
 import re
 
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from kernels.decode_pallas import decode_attention_pallas
-from kernels.flash_pallas import (Tiling, flash_attention_pallas, flash_attention_pallas_lse,
+from kernels.flash_pallas import (Tiling, default_tiling, flash_attention_pallas, flash_attention_pallas_lse,
                                   flash_chunk_grads_pallas, reference_flash_attention_lse)
 from layers.attention.exact import make_mask, reference_attention
 from layers.attention.flash import MASK_VALUE
@@ -25,6 +26,8 @@ from tests.kernel_checks import (attention_case, check_chunk_grads, check_explic
 
 # Small blocks, different in every kernel (bq != bk) so the causal bounds are exercised off the square.
 TILES = Tiling(block_q=16, block_k=32, block_q_dkv=32, block_k_dkv=16, block_q_dq=16, block_k_dq=32)
+# The one-kernel backward: dQ added by the dK/dV programs (atomics), no dQ kernel.
+FUSED = dataclasses.replace(TILES, fused_dq=True)
 
 
 def _dense(q, k, v, seg, causal):
@@ -38,19 +41,24 @@ def _dense(q, k, v, seg, causal):
   return reference_attention(f32(q), f32(k), f32(v), mask)
 
 
-@pytest.mark.parametrize("dtype,causal,case", [
-    (jnp.float32, True, "gqa_segments_odd"),
-    (jnp.float32, False, "gqa_segments_odd"),
-    (jnp.bfloat16, True, "gqa_segments_odd"),
-    (jnp.bfloat16, False, "mha_aligned"),
-], ids=lambda x: {jnp.float32: "fp32", jnp.bfloat16: "bf16"}.get(x, str(x)))
-def test_values_and_gradients_match_dense_reference(dtype, causal, case):
+@pytest.mark.parametrize("dtype,causal,case,fused", [
+    (jnp.float32, True, "gqa_segments_odd", False),
+    (jnp.float32, False, "gqa_segments_odd", False),
+    (jnp.bfloat16, True, "gqa_segments_odd", False),
+    (jnp.bfloat16, False, "mha_aligned", False),
+    (jnp.float32, True, "gqa_segments_odd", True),
+    (jnp.bfloat16, False, "gqa_segments_odd", True),
+    (jnp.bfloat16, True, "mha_aligned", True),
+], ids=["fp32-causal-gqa_segments_odd", "fp32-bidir-gqa_segments_odd", "bf16-causal-gqa_segments_odd",
+        "bf16-bidir-mha_aligned", "fp32-causal-gqa_segments_odd-fused_dq", "bf16-bidir-gqa_segments_odd-fused_dq",
+        "bf16-causal-mha_aligned-fused_dq"])
+def test_values_and_gradients_match_dense_reference(dtype, causal, case, fused):
   if case == "gqa_segments_odd":  # 45 = not a multiple of 16 or 32; 2 query heads per kv head
     q, k, v, seg = attention_case(b=2, t=45, n=4, kv=2, h=64, dtype=dtype, seed=1 + causal)
   else:  # no segment ids, no padding: the kernels' unmasked fast path
     q, k, v, seg = attention_case(b=1, t=64, n=2, kv=2, h=64, dtype=dtype, seed=3 + causal, segments=False)
   w = jnp.asarray(np.random.default_rng(7).normal(size=q.shape), jnp.float32)
-  pallas = lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=causal, tiling=TILES)
+  pallas = lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=causal, tiling=FUSED if fused else TILES)
   got, g_got = values_and_grads(pallas, q, k, v, w)
   want, g_want = values_and_grads(lambda q, k, v: _dense(q, k, v, seg, causal), q, k, v, w)
   assert got.dtype == dtype and got.shape == q.shape
@@ -101,16 +109,18 @@ def test_lse_and_its_gradient_match_dense_reference():
   check_rel("lse vs blockwise twin", np.asarray(l1)[fin], np.asarray(l3)[fin], jnp.float32)
 
 
-def test_explicit_positions_match_the_blockwise_twin():
+@pytest.mark.parametrize("tiling", [TILES, FUSED], ids=["dq_kernel", "fused_dq"])
+def test_explicit_positions_match_the_blockwise_twin(tiling):
   """Causal masking by true positions (ring chunks, zigzag rows): values, lse and gradients
   equal the blockwise twin's, and tiles with no visible pair are skipped (NaN probe)."""
   check_explicit_positions(lambda q, k, v, qs, ks, qi, ki: flash_attention_pallas_lse(
-      q, k, v, qs, ks, causal=True, q_index=qi, kv_index=ki, tiling=TILES), empty_tiles_from=32)
+      q, k, v, qs, ks, causal=True, q_index=qi, kv_index=ki, tiling=tiling), empty_tiles_from=32)
 
 
-def test_chunk_grads_match_the_blockwise_twin():
+@pytest.mark.parametrize("tiling", [TILES, FUSED], ids=["dq_kernel", "fused_dq"])
+def test_chunk_grads_match_the_blockwise_twin(tiling):
   """Ring attention's backward step on the kernels: one key chunk's gradients from the final lse."""
-  check_chunk_grads(lambda *a: flash_chunk_grads_pallas(*a, causal=True, tiling=TILES))
+  check_chunk_grads(lambda *a: flash_chunk_grads_pallas(*a, causal=True, tiling=tiling))
 
 
 @pytest.mark.parametrize("h,causal", [(128, False), (256, True), (96, True)])
@@ -134,20 +144,24 @@ def test_head_dims_with_default_tiles(h, causal):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled kernels at GPU-sized tiles; too slow to interpret")
-@pytest.mark.parametrize("h,causal", [(64, True), (128, True), (128, False), (256, True)])
-def test_gpu_default_tiles_at_realistic_length(h, causal):
+@pytest.mark.parametrize("h,causal,fused", [(64, True, False), (128, True, False), (128, False, False),
+                                            (256, True, False), (128, True, True), (128, False, True)])
+def test_gpu_default_tiles_at_realistic_length(h, causal, fused):
   """The default GPU tiles (64-128 rows, 4-8 warps) unclamped: T = 1000 pads to 1024, several
   query and key blocks per program, grouped-query heads, packed segments, bf16."""
   q, k, v, seg = attention_case(b=2, t=1000, n=8, kv=2, h=h, dtype=jnp.bfloat16, seed=50 + h + causal)
   w = jnp.asarray(np.random.default_rng(51).normal(size=q.shape), jnp.float32)
-  got, g_got = values_and_grads(lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=causal), q, k, v, w)
+  tiling = dataclasses.replace(default_tiling(h), fused_dq=fused)  # the fused-dQ backward compiled with atomics
+  got, g_got = values_and_grads(lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=causal,
+                                                                       tiling=tiling), q, k, v, w)
   want, g_want = values_and_grads(lambda q, k, v: _dense(q, k, v, seg, causal), q, k, v, w)
   check_rel("out", got, want, jnp.bfloat16)
   for name, a, b in zip("qkv", g_got, g_want):
     check_rel(f"d{name}", a, b, jnp.bfloat16)
 
 
-def test_causal_tiles_beyond_the_diagonal_are_never_loaded():
+@pytest.mark.parametrize("tiling", [TILES, FUSED], ids=["dq_kernel", "fused_dq"])
+def test_causal_tiles_beyond_the_diagonal_are_never_loaded(tiling):
   """Keys 32..63 are invisible to queries 0..31 (causal). Filling them with NaN poisons any
   tile that is loaded, even if masked (0 * NaN = NaN in P V and in dP = dO V^T): finite,
   correct results prove the loops stop at the diagonal rather than mask past it."""
@@ -156,7 +170,7 @@ def test_causal_tiles_beyond_the_diagonal_are_never_loaded():
   v = v.at[:, 32:].set(jnp.nan)
   w = jnp.asarray(np.random.default_rng(31).normal(size=q.shape), jnp.float32)
   got, (dq, dk, dv) = values_and_grads(
-      lambda q, k, v: flash_attention_pallas(q, k, v, causal=True, tiling=TILES), q, k, v, w)
+      lambda q, k, v: flash_attention_pallas(q, k, v, causal=True, tiling=tiling), q, k, v, w)
   want, (dq_r, dk_r, dv_r) = values_and_grads(
       lambda q, k, v: _dense(q, k, v, None, True), q, k[:, :32], v[:, :32], w)
   check_rel("out", got, want, jnp.float32)
@@ -180,8 +194,17 @@ def test_lowers_to_triton_for_gpu():
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(lowering_platforms=("cuda",)).as_text()
   grids = re.findall(r'grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32.*?name = "(\w+)"', text)
   got = {name: tuple(int(x) for x in g) for *g, name in grids}
-  # Defaults for H=128: forward 128-row query tiles, dQ 128, dK/dV 128-row key tiles; 1000 -> 1024.
-  assert got == {"flash_fwd": (8, n, b), "flash_bwd_dq": (8, n, b), "flash_bwd_dkv": (8, kv, b)}, got
+  # Defaults for H=128: forward 128-row query tiles, dQ 64, dK/dV 64-row key tiles; 1000 -> 1024.
+  assert got == {"flash_fwd": (8, n, b), "flash_bwd_dq": (16, n, b), "flash_bwd_dkv": (16, kv, b)}, got
+  # The one-kernel backward: no dQ kernel, and the dK/dV kernel's dQ adds lower to Triton atomics.
+  fused = dataclasses.replace(default_tiling(h), fused_dq=True)
+  loss_fused = lambda q, k, v, s: jnp.sum(
+      flash_attention_pallas(q, k, v, s, s, causal=True, interpret=False, tiling=fused).astype(jnp.float32))
+  text = jax.jit(jax.grad(loss_fused, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(
+      lowering_platforms=("cuda",)).as_text()
+  grids = re.findall(r'grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32.*?name = "(\w+)"', text)
+  got = {name: tuple(int(x) for x in g) for *g, name in grids}
+  assert got == {"flash_fwd": (8, n, b), "flash_bwd_dkv_dq": (16, kv, b)}, got
   # With explicit positions (ring attention's chunks) the run-time tile skip lowers too.
   loss_idx = lambda q, k, v, s: jnp.sum(flash_attention_pallas(
       q, k, v, s, s, causal=True, q_index=s, kv_index=s, interpret=False).astype(jnp.float32))
