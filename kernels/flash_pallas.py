@@ -368,10 +368,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
     pt = jnp.exp2(st - lse2[None, :])
     dv = dv + _dot(pt.astype(do.dtype), do)
     dpt = _dot_t(v, do)
-    dst = pt * (dpt - delta[None, :])
-    dk = dk + _dot(dst.astype(q.dtype), q)
+    dst = (pt * (dpt - delta[None, :])).astype(q.dtype)
+    dk = dk + _dot(dst, q)
     if dq_ref is not None:  # dQ_i += dS K (unscaled; the caller applies 1/sqrt(H) once)
-      dq_tile = lax.dot_general(dst.astype(k.dtype), k, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+      dq_tile = lax.dot_general(dst, k, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
       _atomic_add(dq_ref, (pl.ds(start, bq), jnp.asarray(g, jnp.int32), slice(None)), dq_tile)
     return dk, dv
 
