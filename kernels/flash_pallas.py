@@ -39,6 +39,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels import flash_mgpu
 from layers.attention.flash import flash_attention_lse
 
 try:  # Triton compiler parameters (num_warps, num_stages); absent from some jax builds.
@@ -79,6 +80,11 @@ class Tiling:
   # its last bits. Off by default until a GPU run shows the atomics cost less than the saved
   # products (scripts/bench_kernels.py's tile sweep times both).
   fused_dq: bool = False
+  # Forward kernel: "triton" (the kernel below) or "mgpu", the Hopper Mosaic GPU kernel of
+  # kernels/flash_mgpu.py (wgmma, TMA, a producer warpgroup; 128 query rows per program, so
+  # block_q must be 128; block_k and num_stages set its K/V tiles and ring depth; bf16/fp16,
+  # head dims 64/128, no explicit positions). The backward kernels are the same for both.
+  forward: str = "triton"
 
 
 def default_tiling(head_dim: int) -> Tiling:
@@ -250,6 +256,10 @@ def _compiler_params(cfg: _Config, backward: bool):
 
 def _forward(q, k, v, qseg, kseg, qidx, kidx, cfg: _Config):
   """q [B, T, N, H], k/v [B, S, K, H] (padded) -> out [B, T, N, H], lse [B, N, T] (natural log)."""
+  if cfg.tiling.forward == "mgpu":
+    return flash_mgpu.forward(q, k, v, qseg, kseg, causal=cfg.causal, has_seg=cfg.has_seg, scale=cfg.scale,
+                              block_k=cfg.tiling.block_k, num_stages=cfg.tiling.num_stages,
+                              interpret=cfg.interpret, out_dtype=cfg.out_dtype)
   b, tq, n, h = q.shape
   s, kvh = k.shape[1], k.shape[2]
   g = n // kvh
@@ -591,8 +601,11 @@ def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_
       base = dataclasses.replace(base, block_q=bq, block_k=bk, block_q_dkv=bq, block_k_dkv=bk, block_q_dq=bq,
                                  block_k_dq=bk)
     tiling = base
+  if tiling.forward not in ("triton", "mgpu"):
+    raise ValueError(f"Tiling.forward={tiling.forward!r}: expected 'triton' or 'mgpu'")
+  mgpu = tiling.forward == "mgpu"
   tiling = dataclasses.replace(
-      tiling, block_q=_fit(tiling.block_q, t), block_k=_fit(tiling.block_k, s),
+      tiling, block_q=tiling.block_q if mgpu else _fit(tiling.block_q, t), block_k=_fit(tiling.block_k, s),
       block_q_dkv=_fit(tiling.block_q_dkv, t), block_k_dkv=_fit(tiling.block_k_dkv, s),
       block_q_dq=_fit(tiling.block_q_dq, t), block_k_dq=_fit(tiling.block_k_dq, s))
   for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
@@ -609,6 +622,13 @@ def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_
     q_segment_ids = jnp.ones((b, t), jnp.int32)
     kv_segment_ids = jnp.ones((b, s), jnp.int32)
   has_index = bool(causal) and q_index is not None  # positions matter only for the causal mask
+  if mgpu:
+    reason = flash_mgpu.unsupported_reason(q_btnh.dtype, hp, tiling.block_q, tiling.block_k, tiling.num_stages,
+                                           has_index)
+    if reason is None and out_dtype is not None and jnp.dtype(out_dtype) != q_btnh.dtype:
+      reason = f"out_dtype={jnp.dtype(out_dtype).name}: the Mosaic GPU forward writes q's dtype"
+    if reason is not None:
+      raise ValueError(f"Tiling(forward='mgpu'): {reason}")
   if q_index is None:
     q_index, kv_index = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
   pad_tok = lambda x, size: _pad_axis(jnp.asarray(x).astype(jnp.int32), 1, size)
