@@ -105,6 +105,14 @@ def default_tiling(head_dim: int) -> Tiling:
   return Tiling(64, 32, 32, 64, 64, 32, num_warps=4, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)
 
 
+def mgpu_tiling(head_dim: int) -> Tiling:
+  """`default_tiling` with the Hopper Mosaic GPU forward (kernels/flash_mgpu.py): 128-row
+  programs, 128-row K/V tiles, a ring of 2 (H=128: 160 KiB of shared memory) or 3 (H=64:
+  112 KiB) slots. Not yet timed on a GPU, so not the default anywhere."""
+  return dataclasses.replace(default_tiling(head_dim), block_q=128, block_k=128,
+                             num_stages=2 if head_dim > 64 else 3, forward="mgpu")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
   """Everything static about one call (hashable: a custom_vjp nondiff argument)."""

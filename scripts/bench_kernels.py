@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from kernels.block_sparse_pallas import block_sparse_attention_pallas  # noqa: E402
 from kernels.decode_pallas import decode_attention_pallas  # noqa: E402
-from kernels.flash_pallas import Tiling, default_tiling, flash_attention_pallas  # noqa: E402
+from kernels.flash_pallas import Tiling, default_tiling, flash_attention_pallas, mgpu_tiling  # noqa: E402
 
 
 TABLES = ("decode", "flash", "sparse", "sweep")
@@ -69,6 +69,9 @@ def _implementations(causal: bool, h: int, interpret: bool, tiling: Tiling | Non
   scale = 1.0 / math.sqrt(h)
   impls = {
       "ours": lambda q, k, v: flash_attention_pallas(q, k, v, causal=causal, tiling=tiling,
+                                                     interpret=True if interpret else None),
+      # The Hopper forward (Mosaic GPU: wgmma, TMA, a producer warpgroup); the backward is ours' Triton one.
+      "mgpu": lambda q, k, v: flash_attention_pallas(q, k, v, causal=causal, tiling=mgpu_tiling(h),
                                                      interpret=True if interpret else None),
       "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn"),
       "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla"),
@@ -108,7 +111,7 @@ def run(args) -> dict:
     lengths, head_dims, tokens, heads = [128, 256], [64], 256, 2
   else:
     lengths, head_dims, tokens, heads = args.lengths, args.head_dims, args.tokens, args.heads
-  names = ["ours", "cudnn", "xla", "jax_pallas"]
+  names = ["ours", "mgpu", "cudnn", "xla", "jax_pallas"]
   start = time.perf_counter()
   tables = set(args.tables.split(","))
   decode = run_decode(args, interpret) if "decode" in tables else {"rows": [], "sweep": []}
@@ -144,10 +147,13 @@ def run(args) -> dict:
         ref = outs.get("cudnn", outs.get("xla"))
         if "ours" in outs and ref is not None:
           row["err_vs_ref"] = _rel_err(outs["ours"], ref)
+        if "mgpu" in outs and ref is not None:
+          row["mgpu_err_vs_ref"] = _rel_err(outs["mgpu"], ref)
         for mode in ("fwd", "fwdbwd"):
-          ours, cudnn = row.get(f"ours_{mode}"), row.get(f"cudnn_{mode}")
-          if isinstance(ours, float) and isinstance(cudnn, float):
-            row[f"ratio_{mode}"] = ours / cudnn
+          for impl, key_ in (("ours", "ratio"), ("mgpu", "mgpu_ratio")):
+            ours, cudnn = row.get(f"{impl}_{mode}"), row.get(f"cudnn_{mode}")
+            if isinstance(ours, float) and isinstance(cudnn, float):
+              row[f"{key_}_{mode}"] = ours / cudnn
         print(json.dumps(row), flush=True)
 
   sparse = run_block_sparse(args, interpret, start) if "sparse" in tables else []
@@ -328,6 +334,10 @@ def _tile_sweep(args, start) -> list[dict]:
   ]
   # The same tiles with the one-kernel backward (dQ by fp32 atomic adds: 5 matrix products a tile pair, not 7).
   candidates = two_kernel + [dataclasses.replace(t, fused_dq=True) for t in two_kernel]
+  # The Mosaic GPU forward's K/V tile and ring depth (its default is 128 rows x 2 slots at H=128).
+  mgpu = mgpu_tiling(h)
+  candidates += [mgpu, dataclasses.replace(mgpu, block_k=64, num_stages=3),
+                 dataclasses.replace(mgpu, block_k=64, num_stages=4)]
   key = jax.random.PRNGKey(1)
   q, k, v, do = (jax.random.normal(x, (b, t, args.heads, h), jnp.bfloat16) for x in jax.random.split(key, 4))
   out = []
@@ -355,7 +365,8 @@ def print_tables(result: dict, device: str) -> None:
           f"{time.strftime('%Y-%m-%d')} (B*T={result['rows'][0]['B'] * result['rows'][0]['T']}, "
           f"N={result['rows'][0]['N']})")
     head = "| T | H | causal | " + " | ".join(f"{n} fwd" for n in names) + " | " + \
-        " | ".join(f"{n} f+b" for n in names) + " | ours/cuDNN fwd | ours/cuDNN f+b | rel err vs cuDNN |"
+        " | ".join(f"{n} f+b" for n in names) + " | ours/cuDNN fwd | ours/cuDNN f+b | mgpu/cuDNN fwd | " \
+        "mgpu/cuDNN f+b | rel err vs cuDNN (ours, mgpu) |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in result["rows"]:
@@ -363,17 +374,18 @@ def print_tables(result: dict, device: str) -> None:
         print(f"| {r['T']} | {r['H']} | {r['causal']} | skipped ({r['skipped']}) |")
         continue
       cells = [_fmt(r.get(f"{n}_fwd", "-")) for n in names] + [_fmt(r.get(f"{n}_fwdbwd", "-")) for n in names]
-      cells += [_fmt(r.get("ratio_fwd", "-"), digits=2), _fmt(r.get("ratio_fwdbwd", "-"), digits=2)]
-      err = r.get("err_vs_ref")
-      cells.append(f"{err:.1e}" if isinstance(err, float) else "-")
+      cells += [_fmt(r.get(f"{k}_{m}", "-"), digits=2) for k in ("ratio", "mgpu_ratio") for m in ("fwd", "fwdbwd")]
+      errs = [r.get("err_vs_ref"), r.get("mgpu_err_vs_ref")]
+      cells.append(", ".join(f"{e:.1e}" if isinstance(e, float) else "-" for e in errs))
       print(f"| {r['T']} | {r['H']} | {r['causal']} | " + " | ".join(cells) + " |")
   if result["sweep"]:
     print("\n## Tile sweep (ours), T=4096, H=128: TFLOP/s")
-    print("| bq | bk | bq_dkv | bk_dkv | bq_dq | bk_dq | warps fwd/bwd | stages fwd/bwd | fused dQ | causal | fwd | f+b |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| forward | bq | bk | bq_dkv | bk_dkv | bq_dq | bk_dq | warps fwd/bwd | stages fwd/bwd | fused dQ | causal | "
+          "fwd | f+b |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in result["sweep"]:
       t = s["tiling"]
-      print(f"| {t['block_q']} | {t['block_k']} | {t['block_q_dkv']} | {t['block_k_dkv']} | {t['block_q_dq']} | "
+      print(f"| {t['forward']} | {t['block_q']} | {t['block_k']} | {t['block_q_dkv']} | {t['block_k_dkv']} | {t['block_q_dq']} | "
             f"{t['block_k_dq']} | {t['num_warps']}/{t['num_warps_bwd']} | {t['num_stages']}/{t['num_stages_bwd']} | "
             f"{t['fused_dq']} | {s['causal']} | {_fmt(s['fwd'] if isinstance(s['fwd'], float) else 'err')} | "
             f"{_fmt(s['fwdbwd'] if isinstance(s['fwdbwd'], float) else 'err')} |")

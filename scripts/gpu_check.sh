@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (under 8 minutes: every step's timeout is cut to what is left of a
 # 420 s deadline): versions; the Pallas kernel tests compiled for the GPU (Triton, not
-# interpreted); the kernel benchmark (ours vs cuDNN, XLA, JAX's reference Pallas kernel);
+# interpreted; the Hopper forward's tests first); the kernel benchmark (ours, Triton and Mosaic GPU
+# forwards, vs cuDNN, XLA, JAX's reference Pallas kernel);
 # the model's decoding on the kernels; the CPU-platform test suite under that machine's
 # jax/flax (API compatibility, including the kernels in interpret mode); the default job on the GPU in bf16 and its compiled memory; and
 # last the kernel benchmark's table again. Results go to $OUT (or ./gpu_check_out). Needs jax,
@@ -23,8 +24,9 @@ print("devices", jax.devices())
 PYEOF
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee -a "$OUT/versions.txt"
 
-echo "== Pallas kernel tests on the GPU (compiled with Triton)"
-JAX_PLATFORMS=cuda timeout "$(budget 150)" "$PY" -m pytest -q -p no:cacheprovider -rs -k "not tpu" tests/test_kernels.py tests/test_block_sparse_kernel.py \
+echo "== Pallas kernel tests on the GPU (compiled: Mosaic GPU for test_flash_mgpu.py, Triton for the rest)"
+JAX_PLATFORMS=cuda timeout "$(budget 150)" "$PY" -m pytest -q -p no:cacheprovider -rs -k "not tpu" tests/test_flash_mgpu.py \
+  tests/test_kernels.py tests/test_block_sparse_kernel.py \
   2>&1 | tee "$OUT/kernel_tests_full.txt" | tail -25 | tee "$OUT/kernel_tests.txt"
 
 echo "== kernel benchmark (bf16)"
@@ -47,7 +49,7 @@ JAX_PLATFORMS=cpu timeout "$(budget 240)" "$PY" -m pytest -q -p no:cacheprovider
   tests/test_config.py tests/test_decode.py tests/test_mesh.py tests/test_block_sparse.py \
   tests/test_attention.py tests/test_tasks.py tests/test_train.py tests/test_errors.py tests/test_kernels.py \
   tests/test_flash.py tests/test_sequence_parallel.py tests/test_models.py tests/test_kernels_tpu.py \
-  tests/test_block_sparse_kernel.py tests/test_sparse_decode.py 2>&1 \
+  tests/test_block_sparse_kernel.py tests/test_sparse_decode.py tests/test_flash_mgpu.py 2>&1 \
   | tail -15 | tee "$OUT/tests.txt"
 echo "== default job on the GPU, bf16, attention through the Pallas kernel (attention_impl=auto)"
 rm -rf /tmp/gpu_default
