@@ -1,42 +1,53 @@
-"""Flash attention forward for Hopper GPUs as a Mosaic GPU Pallas kernel (wgmma, TMA, warp
-specialization); GPU interpret mode on CPU.
+"""Flash attention for Hopper GPUs as Mosaic GPU Pallas kernels (wgmma, TMA, warp
+specialization): forward, dQ and dK/dV; GPU interpret mode on CPU.
 
-Why a second forward: the Triton-lowered forward of `kernels/flash_pallas.py` reaches 0.61-0.73x
-cuDNN at head dim 128 on an H200 (BENCHMARKS.md). Triton issues its K/V loads and matrix products
-from the same warps, so the tensor cores idle while a tile's softmax runs. Here each program
-(CTA) owns 128 query rows and runs three warpgroups:
+Why a second set of kernels: the Triton-lowered ones of `kernels/flash_pallas.py` reach
+0.61-0.73x cuDNN forward and 0.59-0.69x forward+backward at head dim 128 on an H200
+(BENCHMARKS.md). Triton issues the K/V loads and the matrix products from the same warps. Here
+every program (CTA) owns 128 rows (queries for the forward and dQ, keys for dK/dV) and runs
+three warpgroups:
 
-- two consumer warpgroups, 64 query rows each: S = Q K^T by wgmma into fp32 registers, the
-  online softmax in base 2 on those registers, then O += P V by wgmma with P (bf16/fp16) as a
-  register operand; the 64 x H output accumulator never leaves registers;
-- one producer warpgroup that only issues TMA copies of K and V tiles into a ring of
-  `num_stages` shared-memory slots, each slot guarded by a "loaded" barrier (the TMA's
-  transaction count) and a "consumed" barrier (both consumers arrive after their wgmma has
-  read the slot).
+- two consumer warpgroups, 64 of the rows each, whose matrix products are wgmma with fp32
+  accumulators in registers (the 64 x H output accumulators never leave registers), the
+  softmax math in base 2 on those registers, and P / dS fed back to wgmma as register operands;
+- one producer warpgroup that only issues TMA copies of the streamed tiles into a ring of
+  `num_stages` shared-memory slots, each slot guarded by a "loaded" barrier (the copy's
+  transaction count) and a "released" barrier (both consumers arrive once their wgmma has read
+  the slot).
 
-So the loads of step j+1.. overlap the softmax and products of step j, and the two consumers
-interleave their softmax with each other's matrix products.
+So the loads of the next tiles overlap the current tile's products and softmax, and the two
+consumers interleave their softmax with each other's products.
 
-Work per program and step (one [bk, H] K/V tile): 2 x 2*64*bk*H FLOPs per consumer on the
-tensor cores, 64*bk exp2 per consumer; bytes: 2*bk*H*2 from HBM (L2) by TMA. At bk=128, H=128
-that is 4.2 MFLOP per 64 KiB, ~64 FLOPs/byte per program, and the K/V tiles of one head are
-shared by every query block of that head through L2.
+Kernels (S = Q K^T * scale, rows of a tile 64, streamed tile n rows, H the head dim):
+- forward: Q stationary, K/V streamed: S, online softmax, O += P V. 4*64*n*H FLOPs per
+  consumer and tile, 2*n*H*2 bytes per tile from HBM/L2 (at n = H = 128: ~64 FLOPs per byte
+  per program, and one head's K/V tiles are shared by all its query programs through L2).
+- dQ: Q, dO stationary, K/V streamed: S, P = exp2(S - lse), dP = dO V^T, dS = P (dP - delta),
+  dQ += dS K (3 products).
+- dK/dV: K, V stationary, the query tiles of every query head of the group streamed with their
+  dO, lse and delta, all transposed so each operand is a register array or a shared-memory tile:
+  S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q (4 products). With the dQ kernel that is
+  the two-kernel scheme's 7 products per tile pair (FlashAttention-2's one-kernel 5 would need
+  dQ atomics from registers).
 
 Contract: the padded arrays of `kernels.flash_pallas._prepare` (q [B, T, N, H], k/v [B, S, K, H],
-segment ids [B, T] / [B, S], 0 = padding) -> out [B, T, N, H] in q's dtype, lse [B, N, T] fp32
-natural log, the same as `flash_pallas._forward`, whose backward kernels then run unchanged
-(`Tiling(forward="mgpu")` selects this forward). Supported: bf16/fp16, head dims 64 and 128,
-causal by storage order with the masked tiles past the diagonal skipped by loop bounds, segment
-ids (mask built per tile from two vector loads), grouped-query attention through the producer's
-head index. Explicit token positions (`q_index` / `kv_index`), fp32 inputs and other head dims
-are refused with one sentence; `flash_pallas` handles them.
+segment ids [B, T] / [B, S], 0 = padding): `forward` -> out [B, T, N, H] in q's dtype and lse
+[B, N, T] fp32 natural log, as `flash_pallas._forward`; `backward` -> dq, dk, dv from d_out and
+the rows' (lse * log2(e), delta), as `flash_pallas._backward`. `Tiling(forward="mgpu")` and
+`Tiling(backward="mgpu")` select them (independently: either side runs with the Triton other).
+Supported: bf16/fp16, head dims 64 and 128, causal by storage order with the tiles past the
+diagonal skipped by loop bounds (no load, no product), segment ids (the mask built per tile
+from the stationary rows' ids and the streamed tile's, which travel with it), grouped-query
+attention through the producer's head index. Explicit token positions (`q_index` /
+`kv_index`), fp32 and other head dims are refused with one sentence; `flash_pallas` runs them.
 
-Interpret mode runs everything but the two matrix products as compiled: the warpgroups, the
-TMA copies, the barriers' protocol, the loop bounds, masks and softmax. Its interpreter has no
-`pl.run_state` (which starts the O accumulator's wgmma from O * alpha in place) and no
-transposed wgmma operand (K^T), so `_mma` is the one place where the two differ: interpreted,
-a product is a plain fp32 dot of the loaded tiles. The compiled variant is checked by lowering
-it to Mosaic GPU on any host (tests/test_flash_mgpu.py), which validates its layouts.
+Interpret mode runs everything but the matrix products as compiled: the warpgroups, the TMA
+copies, the barriers' protocol (a phase nobody waits on is an error there), the loop bounds,
+masks and softmax. Its interpreter has no `pl.run_state` (which starts an accumulator's wgmma
+from a value in place) and no transposed wgmma operand, so `_mma` is the one place where the
+two differ: interpreted, a product is a plain fp32 dot of the loaded tiles. The compiled
+variant is checked by lowering it to Mosaic GPU on any host (tests/test_flash_mgpu.py), which
+validates every register layout and shared-memory tiling; running it needs a Hopper GPU.
 """
 
 from __future__ import annotations
@@ -48,6 +59,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from kernels import flash_pallas as fp  # causal tile bounds (flash_pallas imports this module too)
 
 try:
   from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -62,34 +75,36 @@ except ImportError:  # pragma: no cover
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _M_INIT = -1e30  # finite start of the running max: a row that saw only masked scores keeps l = 0
-ROWS = 64  # query rows per consumer warpgroup (one wgmma M)
+ROWS = 64  # stationary rows per consumer warpgroup (one wgmma M)
 CONSUMERS = 2
-BLOCK_Q = ROWS * CONSUMERS  # query rows per program
+PROGRAM_ROWS = ROWS * CONSUMERS  # stationary rows per program (queries, or keys for dK/dV)
 HEAD_DIMS = (64, 128)
 DTYPES = ("bfloat16", "float16")
+# Registers per thread: 2 x 240 + 24 = 504 of the 512 that 3 warpgroups share (64K per SM). The
+# dK/dV consumer holds dK and dV (2 x 64 fp32 at H=128) and S^T, dP^T (2 x 32) at once.
+CONSUMER_REGISTERS, PRODUCER_REGISTERS = 240, 24
+STREAMED = (64, 128)  # rows of a streamed tile
+STAGES = tuple(range(2, 9))  # ring slots
 
 
 def available() -> bool:
   return plgpu is not None
 
 
-def unsupported_reason(dtype, head_dim: int, block_q: int, block_k: int, num_stages: int,
-                       has_index: bool) -> str | None:
-  """One sentence naming the first input this forward cannot run, or None."""
+def unsupported_reason(dtype, head_dim: int, has_index: bool, tiles=()) -> str | None:
+  """One sentence naming the first input these kernels cannot run, or None. tiles: (name, value,
+  allowed values) of the caller's tile settings."""
   if plgpu is None:
     return "this jax has no Mosaic GPU Pallas backend (jax.experimental.pallas.mosaic_gpu)"
   if jnp.dtype(dtype).name not in DTYPES:
-    return f"dtype={jnp.dtype(dtype).name}: the Mosaic GPU forward takes bfloat16 or float16 (wgmma operands)"
+    return f"dtype={jnp.dtype(dtype).name}: the Mosaic GPU kernels take bfloat16 or float16 (wgmma operands)"
   if head_dim not in HEAD_DIMS:
-    return f"head_dim={head_dim}: the Mosaic GPU forward takes head dims {HEAD_DIMS}"
-  if block_q != BLOCK_Q:
-    return f"block_q={block_q}: the Mosaic GPU forward's programs own {BLOCK_Q} query rows (2 warpgroups x {ROWS})"
-  if block_k not in (64, 128):
-    return f"block_k={block_k}: the Mosaic GPU forward streams K/V tiles of 64 or 128 rows"
-  if num_stages < 2:
-    return f"num_stages={num_stages}: the Mosaic GPU forward's K/V ring needs at least 2 slots"
+    return f"head_dim={head_dim}: the Mosaic GPU kernels take head dims {HEAD_DIMS}"
+  for name, value, allowed in tiles:
+    if value not in allowed:
+      return f"{name}={value}: the Mosaic GPU kernels take {name} in {tuple(allowed)}"
   if has_index:
-    return "explicit q_index/kv_index positions: the Mosaic GPU forward masks by storage order only"
+    return "explicit q_index/kv_index positions: the Mosaic GPU kernels mask by storage order only"
   return None
 
 
@@ -142,53 +157,120 @@ def _mma(init, a, b_ref, interpret: bool, transpose_b: bool = False):
   return pl.run_state(in_place)(plgpu.ACC.init(init))
 
 
-def _kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, qs_smem,
-            ks_smem, q_bar, k_bar, v_bar, qs_bar, ks_bar, k_done, v_done, *, causal: bool, has_seg: bool, scale: float, block_k: int,
-            num_stages: int, nq: int, nk: int, group: int, interpret: bool):
+def _producer(total, stages: int, groups):
+  """The producer warpgroup: for steps j = 0..total-1 into ring slot j % stages, each group
+  (done barriers, issue(j, slot)) waits until both consumers released the slot's previous
+  contents (from step j - stages), then issues its TMA copies. Finally it waits for the last
+  releases too, so that every barrier phase is observed."""
+  plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+
+  def load(j, _):
+    slot = lax.rem(j, stages)
+    for done, issue in groups:
+      @pl.when(j >= stages)
+      def _():
+        plgpu.barrier_wait(done.at[slot])
+      issue(j, slot)
+    return ()
+
+  lax.fori_loop(0, total, load, ())
+
+  def drain(j, _):
+    for done, _ in groups:
+      plgpu.barrier_wait(done.at[lax.rem(j, stages)])
+    return ()
+
+  lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, ())
+
+
+def _tile_mask(row_seg, col_seg_ref, seg_bar, row0, col0, shape, causal_tile: bool, rows_are_queries: bool,
+               interpret: bool):
+  """Visibility of a [64, n] tile (None: all visible). row_seg: the stationary rows' segment ids
+  with padding remapped to -1 (or None); col_seg_ref: the streamed tile's ids in shared memory,
+  loaded once seg_bar says they arrived."""
+  mask = None
+  if row_seg is not None:
+    plgpu.barrier_wait(seg_bar)
+    cols = _load(col_seg_ref, plgpu.Layout.WGMMA.reduce(0), interpret)
+    mask = _rows(row_seg, shape[1]) == _cols(cols)
+  if causal_tile:
+    iota = lambda d: _layout(lax.broadcasted_iota(jnp.int32, shape, d), plgpu.Layout.WGMMA, interpret)
+    row, col = row0 + iota(0), col0 + iota(1)
+    c = col <= row if rows_are_queries else row <= col
+    mask = c if mask is None else mask & c
+  return mask
+
+
+def _stationary_rows(seg_ref, seg_smem, seg_bar, interpret: bool):
+  """The stationary 64 rows' segment ids, padding remapped to -1 so it matches nothing."""
+  plgpu.copy_gmem_to_smem(seg_ref, seg_smem, seg_bar)
+  plgpu.barrier_wait(seg_bar)
+  ids = _load(seg_smem, plgpu.Layout.WGMMA.reduce(1), interpret)
+  return jnp.where(ids == 0, -1, ids)
+
+
+def _store(value, smem, gmem):
+  smem[...] = value.astype(smem.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(smem, gmem)
+
+
+def _query_rows_kernel(*refs, kind: str, causal: bool, has_seg: bool, scale: float, block_k: int, num_stages: int,
+                       nq: int, nk: int, group: int, interpret: bool):
+  """The forward (kind "fwd") and the dQ kernel (kind "dq"): 128 query rows per program, two
+  consumer warpgroups of 64 rows, key/value tiles streamed by the producer.
+
+  fwd refs: q, k, v, qseg, kseg | out, lse | q_smem, k_smem, v_smem, lse_smem, qs_smem, ks_smem,
+            q_bar, qs_bar, k_bar, v_bar, ks_bar, k_done, v_done
+  dq refs:  q, k, v, qseg, kseg, do, stats | dq | q_smem, k_smem, v_smem, do_smem, stats_smem,
+            qs_smem, ks_smem, q_bar, qs_bar, k_bar, v_bar, ks_bar, k_done, v_done, do_bar, stats_bar
+  (stats [B, N, 2, T] = the rows' lse * log2(e) and delta = rowsum(dO * O) - dlse)."""
+  if kind == "fwd":
+    (q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, qs_smem, ks_smem,
+     q_bar, qs_bar, k_bar, v_bar, ks_bar, k_done, v_done) = refs
+  else:
+    (q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, st_ref, dq_ref, q_smem, k_smem, v_smem, do_smem, st_smem,
+     qs_smem, ks_smem, q_bar, qs_bar, k_bar, v_bar, ks_bar, k_done, v_done, do_bar, st_bar) = refs
   bk, stages = block_k, num_stages
   pid, head, batch = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
   qb = nq - 1 - pid if causal else pid  # causal: the longest programs first, to even the tail
   wg = lax.axis_index("wg")
   if causal:
     # Key tiles [0, n_full) are visible to all 128 rows; [n_full, hi) straddle the diagonal.
-    n_full = jnp.minimum(lax.div(qb * BLOCK_Q + 1, bk), nk)
-    hi = jnp.minimum(lax.div((qb + 1) * BLOCK_Q + bk - 1, bk), nk)
+    n_full, hi = fp._causal_q_bounds(qb, PROGRAM_ROWS, bk, nk)
   else:
     n_full = hi = nk
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
-    r0 = qb * BLOCK_Q + wg * ROWS
+    plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+    r0 = qb * PROGRAM_ROWS + wg * ROWS
     rows = pl.ds(r0, ROWS)
     plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[wg], q_bar.at[wg])
+    if kind == "dq":
+      plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[wg], do_bar.at[wg])
+      plgpu.copy_gmem_to_smem(st_ref.at[batch, head, :, rows], st_smem.at[wg], st_bar.at[wg])
     row_layout = plgpu.Layout.WGMMA.reduce(1)
-    q_seg = None
-    if has_seg:
-      plgpu.copy_gmem_to_smem(qs_ref.at[batch, rows], qs_smem.at[wg], qs_bar.at[wg])
-      plgpu.barrier_wait(qs_bar.at[wg])
-      qs = _load(qs_smem.at[wg], row_layout, interpret)
-      q_seg = jnp.where(qs == 0, -1, qs)  # padding matches no key
+    q_seg = _stationary_rows(qs_ref.at[batch, rows], qs_smem.at[wg], qs_bar.at[wg], interpret) if has_seg else None
+    if kind == "dq":
+      plgpu.barrier_wait(st_bar.at[wg])
+      lse2 = _load(st_smem.at[wg, 0], row_layout, interpret)
+      delta = _load(st_smem.at[wg, 1], row_layout, interpret)
+      plgpu.barrier_wait(do_bar.at[wg])
     c = scale * LOG2E
     plgpu.barrier_wait(q_bar.at[wg])
 
-    def step(j, carry, masked: bool):
-      o, m, l = carry
-      slot = lax.rem(j, stages)
+    def scores(j, slot, masked: bool):
       plgpu.barrier_wait(k_bar.at[slot])
       s = _mma(None, q_smem.at[wg], k_smem.at[slot], interpret, transpose_b=True) * c
-      mask = None
-      if has_seg:
-        plgpu.barrier_wait(ks_bar.at[slot])
-        ks = _load(ks_smem.at[slot], plgpu.Layout.WGMMA.reduce(0), interpret)
-        mask = _rows(q_seg, bk) == _cols(ks)
+      mask = _tile_mask(q_seg, ks_smem.at[slot], ks_bar.at[slot], r0, j * bk, (ROWS, bk), masked, True, interpret)
+      return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+    def fwd_step(j, carry, masked: bool):
+      o, m, l = carry
+      slot = lax.rem(j, stages)
+      s = scores(j, slot, masked)
       plgpu.barrier_arrive(k_done.at[slot])
-      if masked:
-        iota = lambda d: _layout(lax.broadcasted_iota(jnp.int32, (ROWS, bk), d), plgpu.Layout.WGMMA, interpret)
-        row, col = r0 + iota(0), j * bk + iota(1)
-        mask = col <= row if mask is None else mask & (col <= row)
-      if mask is not None:
-        s = jnp.where(mask, s, -jnp.inf)
       m_new = jnp.maximum(m, s.max(axis=1))
       alpha = jnp.exp2(m - m_new)
       p = jnp.exp2(s - _rows(m_new, bk))
@@ -198,98 +280,224 @@ def _kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, q_smem, k_smem,
       plgpu.barrier_arrive(v_done.at[slot])
       return o, m_new, l
 
+    def dq_step(j, dq, masked: bool):
+      slot = lax.rem(j, stages)
+      p = jnp.exp2(scores(j, slot, masked) - _rows(lse2, bk))
+      plgpu.barrier_wait(v_bar.at[slot])
+      dp = _mma(None, do_smem.at[wg], v_smem.at[slot], interpret, transpose_b=True)
+      plgpu.barrier_arrive(v_done.at[slot])
+      ds = p * (dp - _rows(delta, bk))
+      dq = _mma(dq, ds.astype(q_ref.dtype), k_smem.at[slot], interpret)
+      plgpu.barrier_arrive(k_done.at[slot])
+      return dq
+
     h = q_smem.shape[-1]
-    carry = (_layout(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA, interpret),
-             _layout(jnp.full((ROWS,), _M_INIT, jnp.float32), row_layout, interpret),
-             _layout(jnp.zeros((ROWS,), jnp.float32), row_layout, interpret))
+    acc = _layout(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA, interpret)
+    if kind == "fwd":
+      step = fwd_step
+      carry = (acc, _layout(jnp.full((ROWS,), _M_INIT, jnp.float32), row_layout, interpret),
+               _layout(jnp.zeros((ROWS,), jnp.float32), row_layout, interpret))
+    else:
+      step, carry = dq_step, acc
     carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
     if causal:
       carry = lax.fori_loop(n_full, hi, functools.partial(step, masked=True), carry)
-    o, m, l = carry
-    empty = l == 0.0  # padding rows saw no key: out 0, lse -inf
-    l_safe = jnp.where(empty, 1.0, l)
-    q_smem[wg] = (o * _rows(1.0 / l_safe, o.shape[1])).astype(q_smem.dtype)  # Q is no longer read: reuse its slot
-    lse_smem[wg] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem.at[wg], o_ref.at[batch, rows, head])
-    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows])
+    # Q is no longer read: its slot stages the output tile.
+    if kind == "fwd":
+      o, m, l = carry
+      empty = l == 0.0  # padding rows saw no key: out 0, lse -inf
+      l_safe = jnp.where(empty, 1.0, l)
+      _store(o * _rows(1.0 / l_safe, h), q_smem.at[wg], o_ref.at[batch, rows, head])
+      _store(jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2), lse_smem.at[wg], lse_ref.at[batch, head, rows])
+    else:
+      _store(carry * scale, q_smem.at[wg], dq_ref.at[batch, rows, head])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == CONSUMERS)
-  def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+  def _():
     kv_head = lax.div(head, group)
+    tile = lambda j: pl.ds(j * bk, bk)
 
-    def load(j, _):
-      slot = lax.rem(j, stages)
-      tile = pl.ds(j * bk, bk)
-
-      @pl.when(j >= stages)
-      def _():
-        plgpu.barrier_wait(k_done.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[batch, tile, kv_head], k_smem.at[slot], k_bar.at[slot])
+    def issue_k(j, slot):
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, tile(j), kv_head], k_smem.at[slot], k_bar.at[slot])
       if has_seg:  # the slot's key segment ids travel with K (released by the same k_done)
-        plgpu.copy_gmem_to_smem(ks_ref.at[batch, tile], ks_smem.at[slot], ks_bar.at[slot])
+        plgpu.copy_gmem_to_smem(ks_ref.at[batch, tile(j)], ks_smem.at[slot], ks_bar.at[slot])
 
-      @pl.when(j >= stages)
-      def _():
-        plgpu.barrier_wait(v_done.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[batch, tile, kv_head], v_smem.at[slot], v_bar.at[slot])
-      return ()
+    def issue_v(j, slot):
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, tile(j), kv_head], v_smem.at[slot], v_bar.at[slot])
 
-    lax.fori_loop(0, hi, load, ())
+    _producer(hi, stages, [(k_done, issue_k), (v_done, issue_v)])
 
-    def drain(j, _):  # observe the last consumptions too, so every barrier phase is waited on
+
+def _dkv_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, st_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem,
+                do_smem, st_smem, qs_smem, ks_smem, k_bar, v_bar, ks_bar, q_bar, do_bar, st_bar, qs_bar, done, *,
+                causal: bool, has_seg: bool, scale: float, block_q: int, num_stages: int, nq: int, nk: int,
+                group: int, interpret: bool):
+  """dK and dV: 128 key rows per program (two consumer warpgroups of 64), the query tiles of
+  all `group` query heads of the kv head streamed by the producer with their dO, lse and delta.
+  Everything is transposed (S^T = K Q^T, rows are keys) so each product's operands are a
+  register array or a shared-memory tile: dV += P^T dO, dP^T = V dO^T, dK += dS^T Q."""
+  bq, stages = block_q, num_stages
+  pid, kv_head, batch = lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b")
+  kb = pid
+  wg = lax.axis_index("wg")
+  if causal:
+    # Query tiles [lo, q_full) straddle the diagonal of these 128 keys; [q_full, nq) see them all.
+    lo, q_full = fp._causal_k_bounds(kb, bq, PROGRAM_ROWS, nq)
+  else:
+    lo = q_full = 0
+  per_head = nq - lo
+
+  @pl.when(wg < CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+    r0 = kb * PROGRAM_ROWS + wg * ROWS
+    rows = pl.ds(r0, ROWS)
+    plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[wg], k_bar.at[wg])
+    plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[wg], v_bar.at[wg])
+    k_seg = _stationary_rows(ks_ref.at[batch, rows], ks_smem.at[wg], ks_bar.at[wg], interpret) if has_seg else None
+    col_layout = plgpu.Layout.WGMMA.reduce(0)
+    c = scale * LOG2E
+    plgpu.barrier_wait(k_bar.at[wg])
+    plgpu.barrier_wait(v_bar.at[wg])
+
+    def step(i, carry, g, masked: bool):
+      dk, dv = carry
+      j = g * per_head + i - lo  # the producer's step counter
       slot = lax.rem(j, stages)
-      plgpu.barrier_wait(k_done.at[slot])
-      plgpu.barrier_wait(v_done.at[slot])
-      return ()
+      plgpu.barrier_wait(q_bar.at[slot])
+      st = _mma(None, k_smem.at[wg], q_smem.at[slot], interpret, transpose_b=True) * c  # S^T [64 keys, bq]
+      mask = _tile_mask(k_seg, qs_smem.at[slot], qs_bar.at[slot], r0, i * bq, (ROWS, bq), masked, False, interpret)
+      if mask is not None:
+        st = jnp.where(mask, st, -jnp.inf)
+      plgpu.barrier_wait(st_bar.at[slot])
+      lse2 = _load(st_smem.at[slot, 0], col_layout, interpret)
+      delta = _load(st_smem.at[slot, 1], col_layout, interpret)
+      pt = jnp.exp2(st - _cols(lse2))
+      plgpu.barrier_wait(do_bar.at[slot])
+      dv = _mma(dv, pt.astype(q_ref.dtype), do_smem.at[slot], interpret)
+      dpt = _mma(None, v_smem.at[wg], do_smem.at[slot], interpret, transpose_b=True)
+      dst = pt * (dpt - _cols(delta))
+      dk = _mma(dk, dst.astype(q_ref.dtype), q_smem.at[slot], interpret)
+      plgpu.barrier_arrive(done.at[slot])
+      return dk, dv
 
-    lax.fori_loop(jnp.maximum(hi - stages, 0), hi, drain, ())
+    def head_loop(g, carry):
+      if causal:
+        carry = lax.fori_loop(lo, q_full, functools.partial(step, g=g, masked=True), carry)
+      return lax.fori_loop(q_full, nq, functools.partial(step, g=g, masked=False), carry)
+
+    h = k_smem.shape[-1]
+    zeros = _layout(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA, interpret)
+    dk, dv = lax.fori_loop(0, group, head_loop, (zeros, zeros))
+    # K and V are no longer read: their slots stage the output tiles.
+    _store(dk * scale, k_smem.at[wg], dk_ref.at[batch, rows, kv_head])
+    _store(dv, v_smem.at[wg], dv_ref.at[batch, rows, kv_head])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == CONSUMERS)
+  def _():
+    def issue(j, slot):
+      head = kv_head * group + lax.div(j, per_head)
+      tile = pl.ds((lo + lax.rem(j, per_head)) * bq, bq)
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, tile, head], q_smem.at[slot], q_bar.at[slot])
+      if has_seg:
+        plgpu.copy_gmem_to_smem(qs_ref.at[batch, tile], qs_smem.at[slot], qs_bar.at[slot])
+      plgpu.copy_gmem_to_smem(st_ref.at[batch, head, :, tile], st_smem.at[slot], st_bar.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[batch, tile, head], do_smem.at[slot], do_bar.at[slot])
+
+    _producer(group * per_head, stages, [(done, issue)])
+
+
+def _check(q, k, q_rows: int, k_rows: int, tiles, out_dtype=None):
+  """q_rows / k_rows: what T / S must be multiples of; tiles as for `unsupported_reason`."""
+  t, h, s = q.shape[1], q.shape[3], k.shape[1]
+  reason = unsupported_reason(q.dtype, h, False, tiles)
+  if reason is None and (t % q_rows or s % k_rows):
+    reason = f"lengths T={t}, S={s}: the Mosaic GPU kernels take them padded to {q_rows} and {k_rows} rows"
+  if reason is None and out_dtype is not None and jnp.dtype(out_dtype) != q.dtype:
+    reason = f"out_dtype={jnp.dtype(out_dtype).name}: the Mosaic GPU forward writes q's dtype"
+  if reason is not None:
+    raise ValueError(reason)
+  if _InterpretGPUParams is None:  # pragma: no cover
+    raise NotImplementedError("this jax has no Mosaic GPU interpret mode; run the Mosaic GPU kernels on a GPU")
+
+
+def _call(kernel, out_type, scratch, grid, grid_names, interpret: bool):
+  return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
+                      num_threads=CONSUMERS + 1, thread_name="wg",
+                      compiler_params=plgpu.CompilerParams(approx_math=True),
+                      interpret=_InterpretGPUParams() if interpret else None)
 
 
 def forward(q, k, v, qseg, kseg, *, causal: bool, has_seg: bool, scale: float, block_k: int, num_stages: int,
             interpret: bool, out_dtype=None):
   """Padded q [B, T, N, H], k/v [B, S, K, H], segment ids [B, T] / [B, S] -> (out [B, T, N, H],
-  lse [B, N, T] fp32 natural log). T a multiple of 128, S of block_k."""
+  lse [B, N, T] fp32 natural log). T and S multiples of 128 and of block_k."""
+  _check(q, k, PROGRAM_ROWS, block_k, [("block_k", block_k, STREAMED), ("num_stages", num_stages, STAGES)], out_dtype)
   b, t, n, h = q.shape
   s, kvh = k.shape[1], k.shape[2]
-  reason = unsupported_reason(q.dtype, h, BLOCK_Q, block_k, num_stages, has_index=False)
-  if reason is None and (t % BLOCK_Q or s % block_k):
-    reason = f"lengths T={t}, S={s}: the Mosaic GPU forward takes T padded to {BLOCK_Q} and S to block_k={block_k}"
-  if reason is None and out_dtype is not None and jnp.dtype(out_dtype) != q.dtype:
-    reason = f"out_dtype={jnp.dtype(out_dtype).name}: the Mosaic GPU forward writes q's dtype"
-  if reason is not None:
-    raise ValueError(reason)
-  if interpret and _InterpretGPUParams is None:  # pragma: no cover
-    raise NotImplementedError("this jax has no Mosaic GPU interpret mode; run the Mosaic GPU forward on a GPU")
-  nq, nk = t // BLOCK_Q, s // block_k
+  nq, nk = t // PROGRAM_ROWS, s // block_k
   tr = _smem_transforms(h, q.dtype)
-  kernel = functools.partial(_kernel, causal=causal, has_seg=has_seg, scale=scale, block_k=block_k,
-                             num_stages=num_stages, nq=nq, nk=nk, group=n // kvh, interpret=interpret)
-  call = plgpu.kernel(
-      kernel,
-      out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
-      scratch_types=(
-          plgpu.SMEM((CONSUMERS, ROWS, h), q.dtype, transforms=tr),  # Q, then the output tile
-          plgpu.SMEM((num_stages, block_k, h), k.dtype, transforms=tr),
-          plgpu.SMEM((num_stages, block_k, h), v.dtype, transforms=tr),
-          plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),  # lse
-          plgpu.SMEM((CONSUMERS, ROWS), jnp.int32),  # query segment ids
-          plgpu.SMEM((num_stages, block_k), jnp.int32),  # key segment ids, one tile per K/V slot
-          plgpu.Barrier(num_barriers=CONSUMERS),  # Q loaded
-          plgpu.Barrier(num_barriers=num_stages),  # K loaded
-          plgpu.Barrier(num_barriers=num_stages),  # V loaded
-          plgpu.Barrier(num_barriers=CONSUMERS),  # query segment ids loaded
-          plgpu.Barrier(num_barriers=num_stages),  # key segment ids loaded
-          plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=num_stages),  # K slot consumed
-          plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=num_stages),  # V slot consumed
-      ),
-      grid=(nq, n, b),
-      grid_names=("q", "h", "b"),
-      num_threads=CONSUMERS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_InterpretGPUParams() if interpret else None,
+  kernel = functools.partial(_query_rows_kernel, kind="fwd", causal=causal, has_seg=has_seg, scale=scale,
+                             block_k=block_k, num_stages=num_stages, nq=nq, nk=nk, group=n // kvh,
+                             interpret=interpret)
+  ring = lambda: plgpu.SMEM((num_stages, block_k, h), q.dtype, transforms=tr)
+  scratch = (
+      plgpu.SMEM((CONSUMERS, ROWS, h), q.dtype, transforms=tr),  # Q, then the output tile
+      ring(), ring(),  # K, V
+      plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),  # lse
+      plgpu.SMEM((CONSUMERS, ROWS), jnp.int32),  # query segment ids
+      plgpu.SMEM((num_stages, block_k), jnp.int32),  # key segment ids, one tile per K/V slot
+      plgpu.Barrier(num_barriers=CONSUMERS),  # Q loaded
+      plgpu.Barrier(num_barriers=CONSUMERS),  # query segment ids loaded
+      plgpu.Barrier(num_barriers=num_stages),  # K loaded
+      plgpu.Barrier(num_barriers=num_stages),  # V loaded
+      plgpu.Barrier(num_barriers=num_stages),  # key segment ids loaded
+      plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=num_stages),  # K slot released
+      plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=num_stages),  # V slot released
   )
-  return call(q, k, v, qseg, kseg)
+  out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
+  return _call(kernel, out_type, scratch, (nq, n, b), ("q", "h", "b"), interpret)(q, k, v, qseg, kseg)
+
+
+def backward(q, k, v, qseg, kseg, d_out, stats, *, causal: bool, has_seg: bool, scale: float, block_q: int,
+             block_k: int, num_stages: int, interpret: bool):
+  """(dq, dk, dv) of the padded inputs from d_out [B, T, N, H] and stats [B, N, 2, T] fp32 (lse *
+  log2(e), 0 on rows that see no key; delta = rowsum(dO * O) - dlse). Two kernels: dQ with
+  128-row query programs streaming block_k-row K/V tiles, and dK/dV with 128-row key programs
+  streaming block_q-row query tiles of every query head of the group."""
+  _check(q, k, PROGRAM_ROWS, PROGRAM_ROWS, [("block_q", block_q, STREAMED), ("block_k", block_k, STREAMED),
+                                  ("num_stages", num_stages, STAGES)])  # 128-row programs on both sides
+  b, t, n, h = q.shape
+  s, kvh = k.shape[1], k.shape[2]
+  group = n // kvh
+  tr = _smem_transforms(h, q.dtype)
+  ring = lambda rows: plgpu.SMEM((num_stages, rows, h), q.dtype, transforms=tr)
+  rows_tile = lambda: plgpu.SMEM((CONSUMERS, ROWS, h), q.dtype, transforms=tr)
+  slot_bars = lambda: plgpu.Barrier(num_barriers=num_stages)
+  wg_bars = lambda: plgpu.Barrier(num_barriers=CONSUMERS)
+  released = lambda: plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=num_stages)
+
+  nq, nk = t // PROGRAM_ROWS, s // block_k
+  dq_kernel = functools.partial(_query_rows_kernel, kind="dq", causal=causal, has_seg=has_seg, scale=scale,
+                                block_k=block_k, num_stages=num_stages, nq=nq, nk=nk, group=group,
+                                interpret=interpret)
+  dq_scratch = (rows_tile(), ring(block_k), ring(block_k), rows_tile(),  # Q (then dQ), K, V, dO
+                plgpu.SMEM((CONSUMERS, 2, ROWS), jnp.float32),  # lse2, delta
+                plgpu.SMEM((CONSUMERS, ROWS), jnp.int32), plgpu.SMEM((num_stages, block_k), jnp.int32),
+                wg_bars(), wg_bars(), slot_bars(), slot_bars(), slot_bars(), released(), released(),
+                wg_bars(), wg_bars())
+  dq = _call(dq_kernel, jax.ShapeDtypeStruct(q.shape, q.dtype), dq_scratch, (nq, n, b), ("q", "h", "b"),
+             interpret)(q, k, v, qseg, kseg, d_out, stats)
+
+  nq, nk = t // block_q, s // PROGRAM_ROWS
+  dkv_kernel = functools.partial(_dkv_kernel, causal=causal, has_seg=has_seg, scale=scale, block_q=block_q,
+                                 num_stages=num_stages, nq=nq, nk=nk, group=group, interpret=interpret)
+  dkv_scratch = (rows_tile(), rows_tile(), ring(block_q), ring(block_q),  # K (then dK), V (then dV), Q, dO
+                 plgpu.SMEM((num_stages, 2, block_q), jnp.float32),  # lse2, delta of each query tile
+                 plgpu.SMEM((num_stages, block_q), jnp.int32), plgpu.SMEM((CONSUMERS, ROWS), jnp.int32),
+                 wg_bars(), wg_bars(), wg_bars(), slot_bars(), slot_bars(), slot_bars(), slot_bars(), released())
+  dk, dv = _call(dkv_kernel, (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+                 dkv_scratch, (nk, kvh, b), ("k", "h", "b"), interpret)(q, k, v, qseg, kseg, d_out, stats)
+  return dq, dk, dv

@@ -85,6 +85,11 @@ class Tiling:
   # block_q must be 128; block_k and num_stages set its K/V tiles and ring depth; bf16/fp16,
   # head dims 64/128, no explicit positions). The backward kernels are the same for both.
   forward: str = "triton"
+  # Backward kernels: "triton" (below) or "mgpu" (kernels/flash_mgpu.py: a dQ kernel of 128-row
+  # query programs streaming block_k_dq-row K/V tiles, and a dK/dV kernel of 128-row key programs
+  # streaming block_q_dkv-row query tiles; so block_q_dq = block_k_dkv = 128; num_stages_bwd
+  # slots; not with fused_dq).
+  backward: str = "triton"
 
 
 def default_tiling(head_dim: int) -> Tiling:
@@ -105,12 +110,18 @@ def default_tiling(head_dim: int) -> Tiling:
   return Tiling(64, 32, 32, 64, 64, 32, num_warps=4, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)
 
 
-def mgpu_tiling(head_dim: int) -> Tiling:
-  """`default_tiling` with the Hopper Mosaic GPU forward (kernels/flash_mgpu.py): 128-row
-  programs, 128-row K/V tiles, a ring of 2 (H=128: 160 KiB of shared memory) or 3 (H=64:
-  112 KiB) slots. Not yet timed on a GPU, so not the default anywhere."""
-  return dataclasses.replace(default_tiling(head_dim), block_q=128, block_k=128,
-                             num_stages=2 if head_dim > 64 else 3, forward="mgpu")
+def mgpu_tiling(head_dim: int, backward: str = "mgpu") -> Tiling:
+  """The Hopper Mosaic GPU kernels (kernels/flash_mgpu.py). Forward: 128-row programs, 128-row K/V
+  tiles, a ring of 2 (H=128: 160 KiB of shared memory) or 3 (H=64: 112 KiB) slots. Backward:
+  128-row programs streaming 64-row tiles through 2 slots (H=128: about 130 KiB per kernel), or
+  with backward="triton" the Triton backward of `default_tiling`. Not yet timed on a GPU, so not
+  the default anywhere."""
+  tiling = dataclasses.replace(default_tiling(head_dim), block_q=128, block_k=128,
+                               num_stages=2 if head_dim > 64 else 3, forward="mgpu")
+  if backward == "mgpu":
+    tiling = dataclasses.replace(tiling, block_q_dq=128, block_k_dq=64, block_q_dkv=64, block_k_dkv=128,
+                                 num_stages_bwd=2, backward="mgpu")
+  return tiling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,6 +431,10 @@ def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, d_lse, cfg: _Con
   # enters as dS = P * (dP - delta + dlse)), [B, N, T]. One cheap XLA fusion, O(T) memory.
   delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32)) - d_lse
   lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0)  # empty rows: all P are masked to 0 anyway
+  if t.backward == "mgpu":
+    return flash_mgpu.backward(q, k, v, qseg, kseg, d_out, jnp.stack([lse2, delta], axis=2), causal=cfg.causal,
+                               has_seg=cfg.has_seg, scale=cfg.scale, block_q=t.block_q_dkv, block_k=t.block_k_dq,
+                               num_stages=t.num_stages_bwd, interpret=cfg.interpret)
 
   dq = None if t.fused_dq else _dq_call(q, k, v, d_out, lse2, delta, qseg, kseg, qidx, kidx, cfg)
   bq, bk = t.block_q_dkv, t.block_k_dkv
@@ -609,13 +624,18 @@ def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_
       base = dataclasses.replace(base, block_q=bq, block_k=bk, block_q_dkv=bq, block_k_dkv=bk, block_q_dq=bq,
                                  block_k_dq=bk)
     tiling = base
-  if tiling.forward not in ("triton", "mgpu"):
-    raise ValueError(f"Tiling.forward={tiling.forward!r}: expected 'triton' or 'mgpu'")
-  mgpu = tiling.forward == "mgpu"
+  for name in ("forward", "backward"):
+    if getattr(tiling, name) not in ("triton", "mgpu"):
+      raise ValueError(f"Tiling.{name}={getattr(tiling, name)!r}: expected 'triton' or 'mgpu'")
+  mgpu_f, mgpu_b = tiling.forward == "mgpu", tiling.backward == "mgpu"
+  if mgpu_b and tiling.fused_dq:
+    raise ValueError("Tiling(backward='mgpu', fused_dq=True): the one-kernel backward is a Triton kernel")
+  # The Mosaic GPU programs own 128 rows whatever the length (padded up to it).
+  keep = lambda block, fixed, length: block if fixed else _fit(block, length)
   tiling = dataclasses.replace(
-      tiling, block_q=tiling.block_q if mgpu else _fit(tiling.block_q, t), block_k=_fit(tiling.block_k, s),
-      block_q_dkv=_fit(tiling.block_q_dkv, t), block_k_dkv=_fit(tiling.block_k_dkv, s),
-      block_q_dq=_fit(tiling.block_q_dq, t), block_k_dq=_fit(tiling.block_k_dq, s))
+      tiling, block_q=keep(tiling.block_q, mgpu_f, t), block_k=_fit(tiling.block_k, s),
+      block_q_dkv=_fit(tiling.block_q_dkv, t), block_k_dkv=keep(tiling.block_k_dkv, mgpu_b, s),
+      block_q_dq=keep(tiling.block_q_dq, mgpu_b, t), block_k_dq=_fit(tiling.block_k_dq, s))
   for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
     size = getattr(tiling, name)
     if size < 16 or size & (size - 1):
@@ -630,13 +650,20 @@ def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_
     q_segment_ids = jnp.ones((b, t), jnp.int32)
     kv_segment_ids = jnp.ones((b, s), jnp.int32)
   has_index = bool(causal) and q_index is not None  # positions matter only for the causal mask
-  if mgpu:
-    reason = flash_mgpu.unsupported_reason(q_btnh.dtype, hp, tiling.block_q, tiling.block_k, tiling.num_stages,
-                                           has_index)
-    if reason is None and out_dtype is not None and jnp.dtype(out_dtype) != q_btnh.dtype:
-      reason = f"out_dtype={jnp.dtype(out_dtype).name}: the Mosaic GPU forward writes q's dtype"
+  owned, streamed, stages = (flash_mgpu.PROGRAM_ROWS,), flash_mgpu.STREAMED, flash_mgpu.STAGES
+  checks = []
+  if mgpu_f:
+    checks.append(("forward", [("block_q", tiling.block_q, owned), ("block_k", tiling.block_k, streamed),
+                               ("num_stages", tiling.num_stages, stages)]))
+  if mgpu_b:
+    checks.append(("backward", [("block_q_dq", tiling.block_q_dq, owned), ("block_k_dq", tiling.block_k_dq, streamed),
+                                ("block_k_dkv", tiling.block_k_dkv, owned),
+                                ("block_q_dkv", tiling.block_q_dkv, streamed),
+                                ("num_stages_bwd", tiling.num_stages_bwd, stages)]))
+  for which, tiles in checks:
+    reason = flash_mgpu.unsupported_reason(q_btnh.dtype, hp, has_index, tiles)
     if reason is not None:
-      raise ValueError(f"Tiling(forward='mgpu'): {reason}")
+      raise ValueError(f"Tiling({which}='mgpu'): {reason}")
   if q_index is None:
     q_index, kv_index = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
   pad_tok = lambda x, size: _pad_axis(jnp.asarray(x).astype(jnp.int32), 1, size)

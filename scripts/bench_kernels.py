@@ -70,7 +70,7 @@ def _implementations(causal: bool, h: int, interpret: bool, tiling: Tiling | Non
   impls = {
       "ours": lambda q, k, v: flash_attention_pallas(q, k, v, causal=causal, tiling=tiling,
                                                      interpret=True if interpret else None),
-      # The Hopper forward (Mosaic GPU: wgmma, TMA, a producer warpgroup); the backward is ours' Triton one.
+      # The Hopper kernels (Mosaic GPU: wgmma, TMA, a producer warpgroup), forward and backward.
       "mgpu": lambda q, k, v: flash_attention_pallas(q, k, v, causal=causal, tiling=mgpu_tiling(h),
                                                      interpret=True if interpret else None),
       "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn"),
@@ -334,10 +334,13 @@ def _tile_sweep(args, start) -> list[dict]:
   ]
   # The same tiles with the one-kernel backward (dQ by fp32 atomic adds: 5 matrix products a tile pair, not 7).
   candidates = two_kernel + [dataclasses.replace(t, fused_dq=True) for t in two_kernel]
-  # The Mosaic GPU forward's K/V tile and ring depth (its default is 128 rows x 2 slots at H=128).
+  # The Mosaic GPU kernels first (never timed yet): the default (forward 128-row K/V tiles x 2 slots,
+  # backward 64-row tiles x 2), the forward's tile and ring depth, the backward's, and the Mosaic
+  # GPU forward with the Triton backward.
   mgpu = mgpu_tiling(h)
-  candidates += [mgpu, dataclasses.replace(mgpu, block_k=64, num_stages=3),
-                 dataclasses.replace(mgpu, block_k=64, num_stages=4)]
+  candidates = [mgpu, dataclasses.replace(mgpu, block_k=64, num_stages=3),
+                dataclasses.replace(mgpu, block_k=64, num_stages=4), dataclasses.replace(mgpu, num_stages_bwd=3),
+                dataclasses.replace(mgpu, block_k_dq=128), mgpu_tiling(h, backward="triton")] + candidates
   key = jax.random.PRNGKey(1)
   q, k, v, do = (jax.random.normal(x, (b, t, args.heads, h), jnp.bfloat16) for x in jax.random.split(key, 4))
   out = []
@@ -380,12 +383,12 @@ def print_tables(result: dict, device: str) -> None:
       print(f"| {r['T']} | {r['H']} | {r['causal']} | " + " | ".join(cells) + " |")
   if result["sweep"]:
     print("\n## Tile sweep (ours), T=4096, H=128: TFLOP/s")
-    print("| forward | bq | bk | bq_dkv | bk_dkv | bq_dq | bk_dq | warps fwd/bwd | stages fwd/bwd | fused dQ | causal | "
-          "fwd | f+b |")
+    print("| kernels fwd/bwd | bq | bk | bq_dkv | bk_dkv | bq_dq | bk_dq | warps fwd/bwd | stages fwd/bwd | fused dQ | "
+          "causal | fwd | f+b |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in result["sweep"]:
       t = s["tiling"]
-      print(f"| {t['forward']} | {t['block_q']} | {t['block_k']} | {t['block_q_dkv']} | {t['block_k_dkv']} | {t['block_q_dq']} | "
+      print(f"| {t['forward']}/{t['backward']} | {t['block_q']} | {t['block_k']} | {t['block_q_dkv']} | {t['block_k_dkv']} | {t['block_q_dq']} | "
             f"{t['block_k_dq']} | {t['num_warps']}/{t['num_warps_bwd']} | {t['num_stages']}/{t['num_stages_bwd']} | "
             f"{t['fused_dq']} | {s['causal']} | {_fmt(s['fwd'] if isinstance(s['fwd'], float) else 'err')} | "
             f"{_fmt(s['fwdbwd'] if isinstance(s['fwdbwd'], float) else 'err')} |")

@@ -1,11 +1,11 @@
-"""The Hopper (Mosaic GPU) flash forward of kernels/flash_mgpu.py against the dense reference.
+"""The Hopper (Mosaic GPU) flash kernels of kernels/flash_mgpu.py (forward, dQ, dK/dV) against
+the dense reference.
 
-On CPU the kernel runs in Pallas's GPU interpret mode: its three warpgroups, TMA copies and
+On CPU the kernels run in Pallas's GPU interpret mode: their three warpgroups, TMA copies and
 barriers are simulated (a barrier phase that no thread waits on is an error there), and only
-the two matrix products are plain dots instead of wgmma (see the module docstring). The wgmma
+the matrix products are plain dots instead of wgmma (see the module docstring). The wgmma
 variant is checked by lowering it to Mosaic GPU, which validates every register layout. On a
-GPU (scripts/gpu_check.sh) the same tests run the compiled kernel. Gradients run through the
-Triton-lowered backward kernels of kernels/flash_pallas.py, fed by this forward's out and lse.
+GPU (scripts/gpu_check.sh) the same tests run the compiled kernels.
 """
 
 import dataclasses
@@ -17,26 +17,33 @@ import numpy as np
 import pytest
 
 from kernels import flash_mgpu
-from kernels.flash_pallas import Tiling, default_tiling, flash_attention_pallas, flash_attention_pallas_lse
+from kernels.flash_pallas import Tiling, flash_attention_pallas, flash_attention_pallas_lse, mgpu_tiling
 from tests.helpers import values_and_grads
 from tests.kernel_checks import attention_case, check_rel
 from tests.test_kernels import _dense, _dense_with_lse
 
 pytestmark = pytest.mark.skipif(not flash_mgpu.available(), reason="this jax has no Mosaic GPU Pallas backend")
 
-# 128 query rows per program (2 consumer warpgroups x 64); small backward tiles as in test_kernels.
-MGPU = Tiling(block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=16, block_q_dq=16, block_k_dq=32, num_stages=2,
-              forward="mgpu")
+# Every Mosaic GPU program owns 128 rows (2 consumer warpgroups x 64) and streams 64-row tiles.
+MGPU = Tiling(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=128, block_q_dq=128, block_k_dq=64, num_stages=2,
+              num_stages_bwd=2, forward="mgpu", backward="mgpu")
+# The Mosaic GPU forward with the Triton backward (small tiles, as in test_kernels).
+MGPU_FWD = Tiling(block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=16, block_q_dq=16, block_k_dq=32,
+                  num_stages=2, forward="mgpu")
 
 
-@pytest.mark.parametrize("causal,case,h", [(True, "gqa_segments_odd", 64), (False, "gqa_segments_odd", 64),
-                                           (True, "mha_aligned", 128), (False, "mha_aligned", 128)])
-def test_values_lse_and_gradients_match_dense_reference(causal, case, h):
+@pytest.mark.parametrize("causal,case,h,tiling", [
+    (True, "gqa_segments_odd", 64, MGPU), (False, "gqa_segments_odd", 64, MGPU), (True, "mha_aligned", 128, MGPU),
+    (False, "mha_aligned", 128, MGPU), (True, "gqa_segments_odd", 64, MGPU_FWD)],
+    ids=["causal-gqa_segments_odd-64", "bidir-gqa_segments_odd-64", "causal-mha_aligned-128",
+         "bidir-mha_aligned-128", "causal-gqa_segments_odd-64-triton_backward"])
+def test_values_lse_and_gradients_match_dense_reference(causal, case, h, tiling):
   """bf16; GQA with packed segments and a length (150) that pads to two 128-row programs and
   three 64-row key tiles, or an aligned 256 with no segment ids (the unmasked path); out, lse and
-  gradients through both."""
+  gradients through both (the backward's lse cotangent enters its delta). The last case feeds the
+  Mosaic GPU forward's out and lse to the Triton backward kernels."""
   if case == "gqa_segments_odd":
-    q, k, v, seg = attention_case(b=2, t=150, n=4, kv=2, h=h, dtype=jnp.bfloat16, seed=1 + causal)
+    q, k, v, seg = attention_case(b=2, t=150, n=2, kv=1, h=h, dtype=jnp.bfloat16, seed=1 + causal)
   else:
     q, k, v, seg = attention_case(b=1, t=256, n=2, kv=2, h=h, dtype=jnp.bfloat16, seed=3 + causal, segments=False)
   b, t, n, _ = q.shape
@@ -46,7 +53,7 @@ def test_values_lse_and_gradients_match_dense_reference(causal, case, h):
   w_o, w_l = jnp.asarray(r.normal(size=q.shape), jnp.float32), jnp.asarray(r.normal(size=(b, t, n)), jnp.float32)
   pick_seg = (lambda s: s) if case == "gqa_segments_odd" else (lambda s: None)
   mgpu = lambda q, k, v: flash_attention_pallas_lse(q, k, v, pick_seg(seg), pick_seg(seg), causal=causal,
-                                                    tiling=MGPU)
+                                                    tiling=tiling)
   (out, lse), grads = values_and_grads(mgpu, q, k, v, w_o, w_l)
   (out_r, lse_r), grads_r = values_and_grads(
       lambda q, k, v: _dense_with_lse(*(x.astype(jnp.float32) for x in (q, k, v)), seg, causal), q, k, v, w_o, w_l)
@@ -64,7 +71,7 @@ def test_values_lse_and_gradients_match_dense_reference(causal, case, h):
 def test_same_as_the_triton_forward():
   """The two forwards of one call site agree (same padded inputs, same contract)."""
   q, k, v, seg = attention_case(b=1, t=200, n=2, kv=1, h=64, dtype=jnp.bfloat16, seed=5)
-  triton = dataclasses.replace(MGPU, block_q=32, forward="triton")
+  triton = dataclasses.replace(MGPU_FWD, block_q=32, forward="triton")
   for causal in (True, False):
     o1, l1 = flash_attention_pallas_lse(q, k, v, seg, seg, causal=causal, tiling=MGPU)
     o2, l2 = flash_attention_pallas_lse(q, k, v, seg, seg, causal=causal, tiling=triton)
@@ -74,22 +81,31 @@ def test_same_as_the_triton_forward():
 
 
 def test_causal_tiles_beyond_the_diagonal_are_never_loaded():
-  """Keys 128..255 are invisible to queries 0..127. Filled with NaN they poison any tile the
-  producer loads (0 * NaN = NaN in P V): a finite, correct result proves its loop stops at the
-  diagonal. The bidirectional call over the same keys must load them (the probe can fail)."""
+  """Keys 128..255 are invisible to queries 0..127. Filled with NaN they poison any tile a
+  producer streams in (0 * NaN = NaN in P V and in dP = dO V^T): finite, correct values and
+  gradients prove the forward's and dQ's key loops stop at the diagonal and the dK/dV programs
+  of those keys stream no query tile. The bidirectional forward must load them (the probe can fail)."""
   q, k, v, _ = attention_case(b=1, t=128, s=256, n=2, kv=1, h=64, dtype=jnp.bfloat16, seed=30, segments=False)
   k, v = k.at[:, 128:].set(jnp.nan), v.at[:, 128:].set(jnp.nan)
-  got = flash_attention_pallas(q, k, v, causal=True, tiling=MGPU)
-  check_rel("out", got, _dense(q, k[:, :128], v[:, :128], None, True), jnp.bfloat16)
+  w = jnp.asarray(np.random.default_rng(31).normal(size=q.shape), jnp.float32)
+  got, (dq, dk, dv) = values_and_grads(lambda q, k, v: flash_attention_pallas(q, k, v, causal=True, tiling=MGPU),
+                                       q, k, v, w)
+  want, (dq_r, dk_r, dv_r) = values_and_grads(lambda q, k, v: _dense(q, k, v, None, True), q, k[:, :128],
+                                              v[:, :128], w)
+  check_rel("out", got, want, jnp.bfloat16)
+  check_rel("dq", dq, dq_r, jnp.bfloat16)
+  check_rel("dk", dk[:, :128], dk_r, jnp.bfloat16)
+  check_rel("dv", dv[:, :128], dv_r, jnp.bfloat16)
+  assert np.all(np.asarray(dk[:, 128:], np.float32) == 0) and np.all(np.asarray(dv[:, 128:], np.float32) == 0)
   assert not np.all(np.isfinite(np.asarray(flash_attention_pallas(q, k, v, causal=False, tiling=MGPU), np.float32)))
 
 
-def _lowered(causal, seg, h, block_k, grad=False):
+def _lowered(causal, seg, h, block_k, grad=False, backward="mgpu"):
   b, t, n, kv = 2, 1000, 8, 2
   q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((b, t, kv, h), jnp.bfloat16)
   s = jax.ShapeDtypeStruct((b, t), jnp.int32)
-  tiling = dataclasses.replace(default_tiling(h), block_q=128, block_k=block_k, num_stages=2, forward="mgpu")
+  tiling = dataclasses.replace(mgpu_tiling(h, backward), block_k=block_k, block_k_dq=block_k)
   attend = lambda q, k, v, s: flash_attention_pallas(q, k, v, s if seg else None, s if seg else None,
                                                      causal=causal, tiling=tiling, interpret=False)
   f = attend
@@ -108,8 +124,17 @@ def test_wgmma_kernel_lowers_to_mosaic_gpu(causal, seg, h, block_k):
   assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1, text[:2000]
 
 
+@pytest.mark.parametrize("causal,seg,h,block_k", [(True, True, 128, 64), (False, False, 128, 128),
+                                                  (True, False, 64, 128), (False, True, 64, 64)])
+def test_backward_lowers_to_mosaic_gpu(causal, seg, h, block_k):
+  """The gradient: three Mosaic GPU kernels (forward, dQ, dK/dV) and no Triton kernel."""
+  text = _lowered(causal, seg, h, block_k, grad=True)
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 3
+  assert not re.findall(r'name = "(flash_\w+)"', text)
+
+
 def test_gradient_lowers_to_the_mosaic_forward_and_triton_backward():
-  text = _lowered(True, True, 128, 128, grad=True)
+  text = _lowered(True, True, 128, 128, grad=True, backward="triton")
   assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
   assert sorted(re.findall(r'name = "(flash_\w+)"', text)) == ["flash_bwd_dkv", "flash_bwd_dq"]
 
