@@ -187,7 +187,9 @@ def get_config(arg=None):
   # How `attention` computes: "xla" (dense reference), "flash" (pure-JAX blockwise, O(T) memory),
   # "pallas" (fused kernels: Triton on GPU, Mosaic on TPU, interpret mode elsewhere; also the ring's
   # inner step and the block-sparse mixers' kernel), "cudnn" (jax.nn.dot_product_attention's fused cuDNN
-  # kernel for rows of one example + padding, blockwise for packed batches; NVIDIA GPU and bfloat16 only)
+  # kernel for rows of one example + padding, blockwise for packed batches; NVIDIA GPU and bfloat16 only),
+  # "mgpu" (the Hopper Mosaic GPU kernels of kernels/flash_mgpu.py for `attention`'s full-sequence pass,
+  # pallas everywhere else; NVIDIA Hopper GPU, bfloat16, head dim 64 or 128; not yet timed on a GPU)
   # or "auto" (pallas on GPU and TPU, else flash).
   c.model.attention_impl = "xla"
 

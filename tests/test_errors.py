@@ -37,6 +37,8 @@ def good_run(tmp_path_factory):
      "task.packing=true cannot train mixer 'sinkhorn': its sorted block is a soft mixture of whole blocks"),
     (["--config.model.attention_impl=cudnn"], "model.attention_impl='cudnn' needs an NVIDIA GPU, but this run's "
                                               "backend is 'cpu'"),
+    (["--config.model.attention_impl=mgpu"], "model.attention_impl='mgpu' needs an NVIDIA GPU, but this run's "
+                                             "backend is 'cpu'"),
     (["--config.model.d_model=48"], "parameter 'encoder/blocks/0/mixer/key/kernel' has shape (32, 4, 8) in the "
                                     "checkpoint but (48, 4, 12) in this config"),
 ])

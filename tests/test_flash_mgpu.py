@@ -152,3 +152,54 @@ def test_refuses_what_it_cannot_run():
     flash_attention_pallas(q, k, v, seg, seg, causal=True, q_index=seg, kv_index=seg, tiling=MGPU)
   with pytest.raises(ValueError, match="'cutlass'"):
     flash_attention_pallas(q, k, v, causal=True, tiling=dataclasses.replace(MGPU, forward="cutlass"))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled kernels at GPU-sized shapes; too slow to interpret")
+@pytest.mark.parametrize("h,causal", [(128, True), (128, False), (64, True)])
+def test_gpu_default_tiles_at_realistic_length(h, causal):
+  """`mgpu_tiling` unchanged, compiled: T = 1000 pads to 1024 (8 query programs, 16 key tiles),
+  grouped-query heads, packed segments, bf16; values and gradients."""
+  q, k, v, seg = attention_case(b=2, t=1000, n=8, kv=2, h=h, dtype=jnp.bfloat16, seed=50 + h + causal)
+  w = jnp.asarray(np.random.default_rng(51).normal(size=q.shape), jnp.float32)
+  got, g_got = values_and_grads(lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=causal,
+                                                                       tiling=mgpu_tiling(h)), q, k, v, w)
+  want, g_want = values_and_grads(lambda q, k, v: _dense(q, k, v, seg, causal), q, k, v, w)
+  check_rel("out", got, want, jnp.bfloat16)
+  for name, a, b in zip("qkv", g_got, g_want):
+    check_rel(f"d{name}", a, b, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_attention_impl_mgpu_is_the_same_function(causal):
+  """The `attention` mixer with model.attention_impl=mgpu (the Hopper kernels for the
+  full-sequence pass; rows stored permuted fall back to the Triton kernels, which take
+  explicit positions) equals attention_impl=xla in bf16: values and input gradients, packed
+  segments and padding, head dim 64, grouped-query heads."""
+  from flax import nnx
+
+  from layers.attention.exact import Attention
+  from layers.mixer_base import MixContext, MixerSpec
+  b, t, d = 2, 40, 128
+  r = np.random.default_rng(5)
+  x = jnp.asarray(r.normal(size=(b, t, d)), jnp.bfloat16)
+  w = jnp.asarray(r.normal(size=(b, t, d)), jnp.float32)
+  seg = np.ones((b, t), np.int32)
+  seg[0, 15:] = 2
+  seg[0, 36:] = 0
+  seg[1, 31:] = 0
+  perm = np.r_[np.arange(20, 40), np.arange(0, 20)][::-1].copy()
+  results = {}
+  for impl in ("xla", "mgpu"):
+    spec = MixerSpec(d_model=d, num_heads=2, num_kv_heads=1, causal=causal, positions="rope", layer_index=0,
+                     num_layers=1, max_len=64, attention_impl=impl)
+    mixer = Attention(spec, rngs=nnx.Rngs(0))
+    for order in ("storage", "permuted"):
+      index = None if order == "storage" else jnp.asarray(np.broadcast_to(perm, (b, t)), jnp.int32)
+      pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)) if index is None else index
+      ctx = MixContext(segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos), index=index)
+      f = lambda x, mixer=mixer, ctx=ctx: jnp.sum(mixer(x, ctx).astype(jnp.float32) * w)
+      results[impl, order] = jax.jit(jax.value_and_grad(f))(x)
+  for order in ("storage", "permuted"):
+    (want_val, want_grad), (val, grad) = results["xla", order], results["mgpu", order]
+    check_rel(f"value {order}", val, want_val, jnp.bfloat16)
+    check_rel(f"dx {order}", grad, want_grad, jnp.bfloat16)

@@ -167,16 +167,23 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice("model.pooling", cfg.model.pooling, ("mean", "cls"))
   _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
   _choice("on_nonfinite", cfg.on_nonfinite, ("stop", "skip"))
-  _choice("model.attention_impl", cfg.model.attention_impl, ("xla", "flash", "pallas", "cudnn", "auto"))
-  if cfg.model.attention_impl == "cudnn":
+  _choice("model.attention_impl", cfg.model.attention_impl, ("xla", "flash", "pallas", "cudnn", "mgpu", "auto"))
+  impl = cfg.model.attention_impl
+  if impl in ("cudnn", "mgpu"):
     import jax  # only here: the rest of the validation needs no backend
 
     if jax.default_backend() != "gpu":
-      raise UserError(f"model.attention_impl='cudnn' needs an NVIDIA GPU, but this run's backend is "
+      raise UserError(f"model.attention_impl={impl!r} needs an NVIDIA GPU, but this run's backend is "
                       f"{jax.default_backend()!r}; use 'auto' (Pallas on GPU/TPU, blockwise 'flash' elsewhere)")
     if cfg.model.dtype != "bfloat16":
-      raise UserError(f"model.attention_impl='cudnn' takes 16-bit activations, but model.dtype="
+      raise UserError(f"model.attention_impl={impl!r} takes 16-bit activations, but model.dtype="
                       f"{cfg.model.dtype!r}; set model.dtype=bfloat16")
+  if impl == "mgpu":
+    from kernels.flash_mgpu import HEAD_DIMS  # noqa: PLC0415
+
+    if cfg.model.d_model % cfg.model.num_heads or cfg.model.d_model // cfg.model.num_heads not in HEAD_DIMS:
+      raise UserError(f"model.attention_impl='mgpu' takes head dims {HEAD_DIMS}, but d_model={cfg.model.d_model} / "
+                      f"num_heads={cfg.model.num_heads} is not one of them")
   _choice("parallel.sequence_strategy", cfg.parallel.sequence_strategy, ("auto", "ring", "all_to_all", "all_gather", "scan"))
   strategy = cfg.parallel.sequence_strategy
   for name in sorted(set(mixer_schedule(cfg))):

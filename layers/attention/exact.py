@@ -141,6 +141,10 @@ class Attention(Mixer):
     if self.impl() == "cudnn" and ctx.index is None:  # lengths describe storage-order rows only
       return cudnn_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, causal=self.spec.causal,
                              block=self.spec.option("block_q", 128))
+    if self.spec.attention_impl == "mgpu" and ctx.index is None:  # the Hopper kernels mask by storage order
+      from kernels.flash_pallas import flash_attention_pallas, mgpu_tiling
+      return flash_attention_pallas(q_btnh, k_btkh, v_btkh, ctx.segment_ids, ctx.segment_ids,
+                                    causal=self.spec.causal, tiling=mgpu_tiling(q_btnh.shape[-1]))
     if self.impl() == "pallas":  # storage order (no ctx.index): the kernel's diagonal loop bounds
       from kernels.flash_pallas import flash_attention_pallas
       return flash_attention_pallas(q_btnh, k_btkh, v_btkh, ctx.segment_ids, ctx.segment_ids,
@@ -150,11 +154,13 @@ class Attention(Mixer):
   def impl(self) -> str:
     """`auto` -> the Pallas kernels on GPU (Triton) and TPU (Mosaic), the pure-JAX blockwise path elsewhere.
     `cudnn`: exact attention's full-sequence path on cuDNN; everything else (other mixers, decoding,
-    sequence-parallel pieces, permuted rows) treats it as `flash`."""
+    sequence-parallel pieces, permuted rows) treats it as `flash`. `mgpu`: exact attention's
+    full-sequence path on the Hopper Mosaic GPU kernels (kernels/flash_mgpu.py); everything else
+    treats it as `pallas`."""
     impl = self.spec.attention_impl
     if impl == "auto":
       impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "flash"
-    return impl
+    return "pallas" if impl == "mgpu" else impl
 
   def local_attention(self, q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index):
     """Single-device attention of queries against keys (possibly a different set of tokens)."""
