@@ -83,6 +83,8 @@ DTYPES = ("bfloat16", "float16")
 # Registers per thread: 2 x 240 + 24 = 504 of the 512 that 3 warpgroups share (64K per SM). The
 # dK/dV consumer holds dK and dV (2 x 64 fp32 at H=128) and S^T, dP^T (2 x 32) at once.
 CONSUMER_REGISTERS, PRODUCER_REGISTERS = 240, 24
+# Options of the GPU interpreter (its InterpretGPUParams fields), e.g. {"detect_races": True}.
+INTERPRET_OPTIONS: dict = {}
 STREAMED = (64, 128)  # rows of a streamed tile
 STAGES = tuple(range(2, 9))  # ring slots
 
@@ -427,7 +429,7 @@ def _call(kernel, out_type, scratch, grid, grid_names, interpret: bool):
   return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
                       num_threads=CONSUMERS + 1, thread_name="wg",
                       compiler_params=plgpu.CompilerParams(approx_math=True),
-                      interpret=_InterpretGPUParams() if interpret else None)
+                      interpret=_InterpretGPUParams(**INTERPRET_OPTIONS) if interpret else None)
 
 
 def forward(q, k, v, qseg, kseg, *, causal: bool, has_seg: bool, scale: float, block_k: int, num_stages: int,
