@@ -207,15 +207,25 @@ def test_attention_impl_mgpu_is_the_same_function(causal):
 
 def test_no_data_races_between_the_warpgroups_and_the_copies(monkeypatch):
   """The interpreter's happens-before race detector over a forward and backward (causal, packed
-  segments, two query heads per kv head, a 3-slot ring of 64-row tiles wrapping twice): every
+  segments, two query heads per kv head, 3-slot rings of 64-row tiles that wrap): every
   shared-memory read by a consumer is ordered after the TMA copy that filled it, and every copy
-  into a slot after both consumers released it."""
-  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
+  into a slot after both consumers released it. The interpreter keeps one detector per kernel
+  launch, so every detector made is recorded and checked (three launches: forward, dQ, dK/dV).
+  Releasing a slot one product too early in any kernel makes this fail."""
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+  detectors = []
+
+  class Recorded(gpu_callbacks.RaceDetectionState):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      detectors.append(self)
+
+  monkeypatch.setattr(gpu_callbacks, "RaceDetectionState", Recorded)
   monkeypatch.setattr(flash_mgpu, "INTERPRET_OPTIONS", {"detect_races": True})
   q, k, v, seg = attention_case(b=1, t=384, n=2, kv=1, h=64, dtype=jnp.bfloat16, seed=60)
   tiling = dataclasses.replace(MGPU, num_stages=3, num_stages_bwd=3)
   w = jnp.asarray(np.random.default_rng(61).normal(size=q.shape), jnp.float32)
   out, grads = values_and_grads(lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=True,
                                                                        tiling=tiling), q, k, v, w)
-  assert not gpu_interpret.get_races().races_found
+  assert len(detectors) == 3 and not any(d.races_found for d in detectors), [d.races_found for d in detectors]
   check_rel("out", out, _dense(q, k, v, seg, True), jnp.bfloat16)
