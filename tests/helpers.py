@@ -125,3 +125,37 @@ def decode_in_pieces(layer, x, seg, pos, cuts):
     state, y = step(state, jnp.asarray(x[:, a:b]), jnp.asarray(seg[:, a:b]), jnp.asarray(pos[:, a:b]))
     outs.append(np.asarray(y))
   return np.concatenate(outs, axis=1)
+
+
+def attention_mixer_results(impls, *, d, num_heads, num_kv_heads, causal, dtype):
+  """{(impl, order): (loss, d loss / d x)} of the `attention` mixer under each model.attention_impl
+  in `impls`, on one batch (B=2, T=40) with packed segments and padding, for order "storage" and
+  "permuted" (rows stored in another order, ctx.index = their true positions). RoPE positions;
+  the same weights for every impl."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from layers.attention.exact import Attention
+  from layers.mixer_base import MixContext, MixerSpec
+  b, t = 2, 40
+  r = np.random.default_rng(5)
+  x = jnp.asarray(r.normal(size=(b, t, d)), dtype)
+  w = jnp.asarray(r.normal(size=(b, t, d)), jnp.float32)
+  seg = np.ones((b, t), np.int32)
+  seg[0, 15:] = 2
+  seg[0, 36:] = 0
+  seg[1, 31:] = 0
+  perm = np.r_[np.arange(20, 40), np.arange(0, 20)][::-1].copy()  # any storage order of the true positions
+  results = {}
+  for impl in impls:
+    spec = MixerSpec(d_model=d, num_heads=num_heads, num_kv_heads=num_kv_heads, causal=causal, positions="rope",
+                     layer_index=0, num_layers=1, max_len=64, attention_impl=impl)
+    mixer = Attention(spec, rngs=nnx.Rngs(0))
+    for order in ("storage", "permuted"):
+      index = None if order == "storage" else jnp.asarray(np.broadcast_to(perm, (b, t)), jnp.int32)
+      pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)) if index is None else index
+      ctx = MixContext(segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos), index=index)
+      f = lambda x, mixer=mixer, ctx=ctx: jnp.sum(mixer(x, ctx).astype(jnp.float32) * w)
+      results[impl, order] = jax.jit(jax.value_and_grad(f))(x)
+  return results

@@ -11,6 +11,7 @@ from flax import nnx
 from layers.attention.exact import make_mask, reference_attention
 from layers.models import ModelSpec, build_model
 from layers.functional import FunctionalModel
+from tests.helpers import attention_mixer_results
 
 
 def naive_attention(q, k, v, seg, causal):
@@ -135,30 +136,8 @@ def test_attention_impls_agree_in_storage_and_permuted_order(causal):
   """model.attention_impl = xla (dense), flash (pure-JAX blocks) and pallas (the fused kernel,
   interpreted here) are one function: same outputs and input gradients, with packed segments
   and padding, in storage order and with rows stored permuted (ctx.index = true positions)."""
-  from flax import nnx
-
-  from layers.attention.exact import Attention
-  from layers.mixer_base import MixContext, MixerSpec
-  b, t, d = 2, 40, 32
-  r = np.random.default_rng(5)
-  x = jnp.asarray(r.normal(size=(b, t, d)), jnp.float32)
-  w = jnp.asarray(r.normal(size=(b, t, d)), jnp.float32)
-  seg = np.ones((b, t), np.int32)
-  seg[0, 15:] = 2
-  seg[0, 36:] = 0
-  seg[1, 31:] = 0
-  perm = np.r_[np.arange(20, 40), np.arange(0, 20)][::-1].copy()  # any storage order of the true positions
-  results = {}
-  for impl in ("xla", "flash", "pallas"):
-    spec = MixerSpec(d_model=d, num_heads=4, num_kv_heads=2, causal=causal, positions="rope", layer_index=0,
-                     num_layers=1, max_len=64, attention_impl=impl)
-    mixer = Attention(spec, rngs=nnx.Rngs(0))
-    for order in ("storage", "permuted"):
-      index = None if order == "storage" else jnp.asarray(np.broadcast_to(perm, (b, t)), jnp.int32)
-      pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)) if index is None else index
-      ctx = MixContext(segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos), index=index)
-      f = lambda x, mixer=mixer, ctx=ctx: jnp.sum(mixer(x, ctx) * w)
-      results[impl, order] = jax.jit(jax.value_and_grad(f))(x)
+  results = attention_mixer_results(("xla", "flash", "pallas"), d=32, num_heads=4, num_kv_heads=2, causal=causal,
+                                    dtype=jnp.float32)
   for order in ("storage", "permuted"):
     want_val, want_grad = results["xla", order]
     for impl in ("flash", "pallas"):

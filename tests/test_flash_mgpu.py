@@ -18,7 +18,7 @@ import pytest
 
 from kernels import flash_mgpu
 from kernels.flash_pallas import Tiling, flash_attention_pallas, flash_attention_pallas_lse, mgpu_tiling
-from tests.helpers import values_and_grads
+from tests.helpers import attention_mixer_results, values_and_grads
 from tests.kernel_checks import attention_case, check_rel
 from tests.test_kernels import _dense, _dense_with_lse
 
@@ -175,30 +175,8 @@ def test_attention_impl_mgpu_is_the_same_function(causal):
   full-sequence pass; rows stored permuted fall back to the Triton kernels, which take
   explicit positions) equals attention_impl=xla in bf16: values and input gradients, packed
   segments and padding, head dim 64, grouped-query heads."""
-  from flax import nnx
-
-  from layers.attention.exact import Attention
-  from layers.mixer_base import MixContext, MixerSpec
-  b, t, d = 2, 40, 128
-  r = np.random.default_rng(5)
-  x = jnp.asarray(r.normal(size=(b, t, d)), jnp.bfloat16)
-  w = jnp.asarray(r.normal(size=(b, t, d)), jnp.float32)
-  seg = np.ones((b, t), np.int32)
-  seg[0, 15:] = 2
-  seg[0, 36:] = 0
-  seg[1, 31:] = 0
-  perm = np.r_[np.arange(20, 40), np.arange(0, 20)][::-1].copy()
-  results = {}
-  for impl in ("xla", "mgpu"):
-    spec = MixerSpec(d_model=d, num_heads=2, num_kv_heads=1, causal=causal, positions="rope", layer_index=0,
-                     num_layers=1, max_len=64, attention_impl=impl)
-    mixer = Attention(spec, rngs=nnx.Rngs(0))
-    for order in ("storage", "permuted"):
-      index = None if order == "storage" else jnp.asarray(np.broadcast_to(perm, (b, t)), jnp.int32)
-      pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)) if index is None else index
-      ctx = MixContext(segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos), index=index)
-      f = lambda x, mixer=mixer, ctx=ctx: jnp.sum(mixer(x, ctx).astype(jnp.float32) * w)
-      results[impl, order] = jax.jit(jax.value_and_grad(f))(x)
+  results = attention_mixer_results(("xla", "mgpu"), d=128, num_heads=2, num_kv_heads=1, causal=causal,
+                                    dtype=jnp.bfloat16)
   for order in ("storage", "permuted"):
     (want_val, want_grad), (val, grad) = results["xla", order], results["mgpu", order]
     check_rel(f"value {order}", val, want_val, jnp.bfloat16)
