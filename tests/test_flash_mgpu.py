@@ -183,6 +183,7 @@ def test_attention_impl_mgpu_is_the_same_function(causal):
     check_rel(f"dx {order}", grad, want_grad, jnp.bfloat16)
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the race detector is the GPU interpreter's")
 def test_no_data_races_between_the_warpgroups_and_the_copies(monkeypatch):
   """The interpreter's happens-before race detector over a forward and backward (causal, packed
   segments, two query heads per kv head, 3-slot rings of 64-row tiles that wrap): every
