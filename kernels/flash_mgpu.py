@@ -421,11 +421,11 @@ def _check(q, k, q_rows: int, k_rows: int, tiles, out_dtype=None):
     reason = f"out_dtype={jnp.dtype(out_dtype).name}: the Mosaic GPU forward writes q's dtype"
   if reason is not None:
     raise ValueError(reason)
-  if _InterpretGPUParams is None:  # pragma: no cover
-    raise NotImplementedError("this jax has no Mosaic GPU interpret mode; run the Mosaic GPU kernels on a GPU")
 
 
 def _call(kernel, out_type, scratch, grid, grid_names, interpret: bool):
+  if interpret and _InterpretGPUParams is None:  # pragma: no cover
+    raise NotImplementedError("this jax has no Mosaic GPU interpret mode; run the Mosaic GPU kernels on a GPU")
   return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
                       num_threads=CONSUMERS + 1, thread_name="wg",
                       compiler_params=plgpu.CompilerParams(approx_math=True),
