@@ -27,8 +27,16 @@ Kernels (S = Q K^T * scale, rows of a tile 64, streamed tile n rows, H the head 
 - dK/dV: K, V stationary, the query tiles of every query head of the group streamed with their
   dO, lse and delta, all transposed so each operand is a register array or a shared-memory tile:
   S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q (4 products). With the dQ kernel that is
-  the two-kernel scheme's 7 products per tile pair (FlashAttention-2's one-kernel 5 would need
-  dQ atomics from registers).
+  the two-kernel scheme's 7 products per tile pair.
+- fused dK/dV/dQ (`Tiling(fused_dq=True)`): the dK/dV kernel also writes dS^T to shared memory
+  and computes dQ_tile = dS K from it (a transposed wgmma operand), reduce-adding that into an
+  fp32 dQ in global memory by TMA (`cp.reduce.async.bulk`, an atomic add per element in L2):
+  5 products per tile pair, FlashAttention-2/3's one-kernel scheme. Each consumer adds into its
+  own buffer ([2, B, T, N, H] fp32, zeroed first, summed and scaled after), so the two never
+  contend for one address and the interpreter's emulation of the add has no race. Shared memory
+  at H=128, 64-row query tiles, 2 slots: about 211 KiB (the fp32 dQ staging tiles are 64 KiB).
+  The accumulator is a `jax.Ref` aliased in and out of the kernel, so it launches through
+  `pl.kernel` (no vmap of this one kernel).
 
 Contract: the padded arrays of `kernels.flash_pallas._prepare` (q [B, T, N, H], k/v [B, S, K, H],
 segment ids [B, T] / [B, S], 0 = padding): `forward` -> out [B, T, N, H] in q's dtype and lse
@@ -87,6 +95,7 @@ CONSUMER_REGISTERS, PRODUCER_REGISTERS = 240, 24
 INTERPRET_OPTIONS: dict = {}
 STREAMED = (64, 128)  # rows of a streamed tile
 STAGES = tuple(range(2, 9))  # ring slots
+SMEM_LIMIT = 232448  # bytes of shared memory one Hopper (H100/H200) program may allocate (227 KiB)
 
 
 def available() -> bool:
@@ -136,27 +145,43 @@ def _cols(x):
   return lax.broadcast_in_dim(x, (ROWS, x.shape[0]), (1,))
 
 
-def _mma(init, a, b_ref, interpret: bool, transpose_b: bool = False):
-  """init + a @ b (or a @ b^T) in fp32 [64, n] by one wgmma; a is a shared-memory ref or a register
-  array, b a shared-memory ref; init None means zeros. Compiled, the accumulator starts from
-  init in place (`pl.run_state`); the interpreter has neither run_state nor transposed wgmma
-  operands, so there the same product is a plain dot of the loaded tiles."""
+def _mma(init, a, b_ref, interpret: bool, transpose_b: bool = False, transpose_a: bool = False):
+  """init + a @ b (a^T, b^T with the transpose flags) in fp32 [rows of a, n] by one wgmma; a is a
+  shared-memory ref or a register array, b a shared-memory ref; init None means zeros. Compiled,
+  the accumulator starts from init in place (`pl.run_state`); the interpreter has neither
+  run_state nor transposed wgmma operands, so there the same product is a plain dot of the
+  loaded tiles."""
   if interpret:
     a_val = a if isinstance(a, jax.Array) else a[...]
+    a_val = a_val.T if transpose_a else a_val
     dims = (((1,), (1,)), ((), ())) if transpose_b else (((1,), (0,)), ((), ()))
     prod = lax.dot_general(a_val, b_ref[...], dims, preferred_element_type=jnp.float32)
     return prod if init is None else init + prod
   b = plgpu.transpose_ref(b_ref, (1, 0)) if transpose_b else b_ref
+  a = plgpu.transpose_ref(a, (1, 0)) if transpose_a else a
 
   def product(acc_ref):
     plgpu.wgmma(acc_ref, a, b)
     return acc_ref[...]
   if init is None:
-    return pl.run_scoped(product, plgpu.ACC((ROWS, b.shape[-1]), jnp.float32))
+    return pl.run_scoped(product, plgpu.ACC((a.shape[0], b.shape[-1]), jnp.float32))
 
   def in_place(acc_ref):
     plgpu.wgmma(acc_ref, a, b)
   return pl.run_state(in_place)(plgpu.ACC.init(init))
+
+
+def _reduce_add(value, stage, gmem, interpret: bool):
+  """gmem += value (fp32) through the shared-memory tile `stage`: one TMA reduce-add (an atomic
+  add per element in L2), issued without waiting for it to land. The stage is only rewritten
+  once the previous reduce-add from it has read it. The interpreter has no TMA reductions, so
+  there the add is a read-modify-write (the previous store waited for, gmem read, the sum
+  stored); it runs the grid's programs one after another, so no other program adds in between,
+  and each consumer warpgroup adds into its own buffer."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=not interpret)
+  stage[...] = value + gmem[...] if interpret else value
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(stage, gmem, reduction_op=None if interpret else "add")
 
 
 def _producer(total, stages: int, groups):
@@ -331,14 +356,28 @@ def _query_rows_kernel(*refs, kind: str, causal: bool, has_seg: bool, scale: flo
     _producer(hi, stages, [(k_done, issue_k), (v_done, issue_v)])
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, st_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem,
-                do_smem, st_smem, qs_smem, ks_smem, k_bar, v_bar, ks_bar, q_bar, do_bar, st_bar, qs_bar, done, *,
-                causal: bool, has_seg: bool, scale: float, block_q: int, num_stages: int, nq: int, nk: int,
-                group: int, interpret: bool):
+def _dkv_kernel(*refs, causal: bool, has_seg: bool, scale: float, block_q: int, num_stages: int, nq: int, nk: int,
+                group: int, fused_dq: bool, interpret: bool):
   """dK and dV: 128 key rows per program (two consumer warpgroups of 64), the query tiles of
   all `group` query heads of the kv head streamed by the producer with their dO, lse and delta.
   Everything is transposed (S^T = K Q^T, rows are keys) so each product's operands are a
-  register array or a shared-memory tile: dV += P^T dO, dP^T = V dO^T, dK += dS^T Q."""
+  register array or a shared-memory tile: dV += P^T dO, dP^T = V dO^T, dK += dS^T Q.
+
+  With `fused_dq` the same programs also produce dQ (the one-kernel backward, 5 products per
+  tile pair instead of the two kernels' 7): each consumer writes its dS^T tile to shared memory,
+  multiplies it transposed with its K rows (dQ_tile = dS K, [block_q, H] fp32) and reduce-adds
+  that into its own fp32 dQ buffer in global memory (`_reduce_add`); the caller sums the two.
+
+  refs: q, k, v, qseg, kseg, do, stats, [dq_acc [2, B, T, N, H] fp32 (fused_dq)] | dk, dv |
+        k_smem, v_smem, q_smem, do_smem, st_smem, qs_smem, ks_smem, k_bar, v_bar, ks_bar, q_bar,
+        do_bar, st_bar, qs_bar, done, [ds_smem, dq_stage (fused_dq)]"""
+  n_in = 8 if fused_dq else 7
+  q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, st_ref = refs[:7]
+  dq_acc = refs[7] if fused_dq else None
+  dk_ref, dv_ref = refs[n_in:n_in + 2]
+  (k_smem, v_smem, q_smem, do_smem, st_smem, qs_smem, ks_smem, k_bar, v_bar, ks_bar, q_bar, do_bar, st_bar, qs_bar,
+   done) = refs[n_in + 2:n_in + 17]
+  ds_smem, dq_stage = refs[n_in + 17:] if fused_dq else (None, None)
   bq, stages = block_q, num_stages
   pid, kv_head, batch = lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b")
   kb = pid
@@ -379,9 +418,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, st_ref, dk_ref, dv_
       plgpu.barrier_wait(do_bar.at[slot])
       dv = _mma(dv, pt.astype(q_ref.dtype), do_smem.at[slot], interpret)
       dpt = _mma(None, v_smem.at[wg], do_smem.at[slot], interpret, transpose_b=True)
-      dst = pt * (dpt - _cols(delta))
-      dk = _mma(dk, dst.astype(q_ref.dtype), q_smem.at[slot], interpret)
-      plgpu.barrier_arrive(done.at[slot])
+      ds = (pt * (dpt - _cols(delta))).astype(q_ref.dtype)  # dS^T [64 keys, bq]
+      if fused_dq:  # (the wgmma below reads it from shared memory, transposed)
+        ds_smem.at[wg][...] = ds
+        plgpu.commit_smem()
+      dk = _mma(dk, ds, q_smem.at[slot], interpret)
+      plgpu.barrier_arrive(done.at[slot])  # the slot's tiles are all read (dQ needs dS and K only)
+      if fused_dq:
+        dq = _mma(None, ds_smem.at[wg], k_smem.at[wg], interpret, transpose_a=True)  # dS K [bq, H]
+        head = kv_head * group + g
+        _reduce_add(dq, dq_stage.at[wg], dq_acc.at[wg, batch, pl.ds(i * bq, bq), head], interpret)
       return dk, dv
 
     def head_loop(g, carry):
@@ -423,13 +469,34 @@ def _check(q, k, q_rows: int, k_rows: int, tiles, out_dtype=None):
     raise ValueError(reason)
 
 
-def _call(kernel, out_type, scratch, grid, grid_names, interpret: bool):
+def _fits(scratch, what: str):
+  """Refuses (one sentence) a kernel whose shared-memory scratch exceeds a Hopper SM's; checked in
+  interpret mode too, so a tiling the GPU would reject is refused on every host."""
+  need = sum(math.prod(r.shape) * jnp.dtype(r.dtype).itemsize for r in scratch if getattr(r, "dtype", None) is not None)
+  need += 1024  # barriers and alignment
+  if need > SMEM_LIMIT:
+    raise ValueError(f"{what}: needs {need // 1024} KiB of shared memory, more than the "
+                     f"{SMEM_LIMIT // 1024} KiB of a Hopper SM; use fewer num_stages or smaller tiles")
+
+
+def _call(kernel, out_type, scratch, grid, grid_names, interpret: bool, mutable_args: bool = False):
+  """The kernel launched on `grid` with 3 warpgroups ("wg": two consumers, the producer).
+  mutable_args: some arguments are `jax.Ref`s the kernel writes (aliased in and out); those go
+  through `pl.kernel` with a Mosaic GPU mesh (`plgpu.kernel` wraps its kernels for vmap, which
+  takes no refs)."""
   if interpret and _InterpretGPUParams is None:  # pragma: no cover
     raise NotImplementedError("this jax has no Mosaic GPU interpret mode; run the Mosaic GPU kernels on a GPU")
-  return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
-                      num_threads=CONSUMERS + 1, thread_name="wg",
-                      compiler_params=plgpu.CompilerParams(approx_math=True),
-                      interpret=_InterpretGPUParams(**INTERPRET_OPTIONS) if interpret else None)
+  params = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
+                interpret=_InterpretGPUParams(**INTERPRET_OPTIONS) if interpret else None)
+  if not mutable_args:
+    return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
+                        num_threads=CONSUMERS + 1, thread_name="wg", **params)
+
+  def body(*refs):  # scratch as plgpu.kernel allocates it: one allocation shared by the warpgroups
+    pl.run_scoped(lambda *scratch_refs: kernel(*refs, *scratch_refs), *scratch, collective_axes="wg")
+  mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=CONSUMERS + 1, thread_name="wg")
+  return pl.kernel(body, out_type=out_type, mesh=mesh, name=getattr(kernel, "__name__", None)
+                   or kernel.func.__name__, **params)
 
 
 def forward(q, k, v, qseg, kseg, *, causal: bool, has_seg: bool, scale: float, block_k: int, num_stages: int,
@@ -459,16 +526,19 @@ def forward(q, k, v, qseg, kseg, *, causal: bool, has_seg: bool, scale: float, b
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=num_stages),  # K slot released
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=num_stages),  # V slot released
   )
+  _fits(scratch, f"Mosaic GPU forward with block_k={block_k}, num_stages={num_stages}, head_dim={h}")
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
   return _call(kernel, out_type, scratch, (nq, n, b), ("q", "h", "b"), interpret)(q, k, v, qseg, kseg)
 
 
 def backward(q, k, v, qseg, kseg, d_out, stats, *, causal: bool, has_seg: bool, scale: float, block_q: int,
-             block_k: int, num_stages: int, interpret: bool):
+             block_k: int, num_stages: int, interpret: bool, fused_dq: bool = False):
   """(dq, dk, dv) of the padded inputs from d_out [B, T, N, H] and stats [B, N, 2, T] fp32 (lse *
   log2(e), 0 on rows that see no key; delta = rowsum(dO * O) - dlse). Two kernels: dQ with
   128-row query programs streaming block_k-row K/V tiles, and dK/dV with 128-row key programs
-  streaming block_q-row query tiles of every query head of the group."""
+  streaming block_q-row query tiles of every query head of the group. fused_dq: one kernel, the
+  dK/dV one, which also reduce-adds dS K into two fp32 dQ buffers [2, B, T, N, H] (one per
+  consumer warpgroup, zeroed first, summed and cast after); block_k is then unused."""
   _check(q, k, PROGRAM_ROWS, PROGRAM_ROWS, [("block_q", block_q, STREAMED), ("block_k", block_k, STREAMED),
                                   ("num_stages", num_stages, STAGES)])  # 128-row programs on both sides
   b, t, n, h = q.shape
@@ -481,25 +551,45 @@ def backward(q, k, v, qseg, kseg, d_out, stats, *, causal: bool, has_seg: bool, 
   wg_bars = lambda: plgpu.Barrier(num_barriers=CONSUMERS)
   released = lambda: plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=num_stages)
 
-  nq, nk = t // PROGRAM_ROWS, s // block_k
-  dq_kernel = functools.partial(_query_rows_kernel, kind="dq", causal=causal, has_seg=has_seg, scale=scale,
-                                block_k=block_k, num_stages=num_stages, nq=nq, nk=nk, group=group,
-                                interpret=interpret)
-  dq_scratch = (rows_tile(), ring(block_k), ring(block_k), rows_tile(),  # Q (then dQ), K, V, dO
-                plgpu.SMEM((CONSUMERS, 2, ROWS), jnp.float32),  # lse2, delta
-                plgpu.SMEM((CONSUMERS, ROWS), jnp.int32), plgpu.SMEM((num_stages, block_k), jnp.int32),
-                wg_bars(), wg_bars(), slot_bars(), slot_bars(), slot_bars(), released(), released(),
-                wg_bars(), wg_bars())
-  dq = _call(dq_kernel, jax.ShapeDtypeStruct(q.shape, q.dtype), dq_scratch, (nq, n, b), ("q", "h", "b"),
-             interpret)(q, k, v, qseg, kseg, d_out, stats)
+  if not fused_dq:
+    nq, nk = t // PROGRAM_ROWS, s // block_k
+    dq_kernel = functools.partial(_query_rows_kernel, kind="dq", causal=causal, has_seg=has_seg, scale=scale,
+                                  block_k=block_k, num_stages=num_stages, nq=nq, nk=nk, group=group,
+                                  interpret=interpret)
+    dq_scratch = (rows_tile(), ring(block_k), ring(block_k), rows_tile(),  # Q (then dQ), K, V, dO
+                  plgpu.SMEM((CONSUMERS, 2, ROWS), jnp.float32),  # lse2, delta
+                  plgpu.SMEM((CONSUMERS, ROWS), jnp.int32), plgpu.SMEM((num_stages, block_k), jnp.int32),
+                  wg_bars(), wg_bars(), slot_bars(), slot_bars(), slot_bars(), released(), released(),
+                  wg_bars(), wg_bars())
+    _fits(dq_scratch, f"Mosaic GPU dQ kernel with block_k={block_k}, num_stages={num_stages}, head_dim={h}")
+    dq = _call(dq_kernel, jax.ShapeDtypeStruct(q.shape, q.dtype), dq_scratch, (nq, n, b), ("q", "h", "b"),
+               interpret)(q, k, v, qseg, kseg, d_out, stats)
 
   nq, nk = t // block_q, s // PROGRAM_ROWS
   dkv_kernel = functools.partial(_dkv_kernel, causal=causal, has_seg=has_seg, scale=scale, block_q=block_q,
-                                 num_stages=num_stages, nq=nq, nk=nk, group=group, interpret=interpret)
+                                 num_stages=num_stages, nq=nq, nk=nk, group=group, fused_dq=fused_dq,
+                                 interpret=interpret)
   dkv_scratch = (rows_tile(), rows_tile(), ring(block_q), ring(block_q),  # K (then dK), V (then dV), Q, dO
                  plgpu.SMEM((num_stages, 2, block_q), jnp.float32),  # lse2, delta of each query tile
                  plgpu.SMEM((num_stages, block_q), jnp.int32), plgpu.SMEM((CONSUMERS, ROWS), jnp.int32),
                  wg_bars(), wg_bars(), wg_bars(), slot_bars(), slot_bars(), slot_bars(), slot_bars(), released())
-  dk, dv = _call(dkv_kernel, (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-                 dkv_scratch, (nk, kvh, b), ("k", "h", "b"), interpret)(q, k, v, qseg, kseg, d_out, stats)
-  return dq, dk, dv
+  dkv_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
+  args = (q, k, v, qseg, kseg, d_out, stats)
+  what = (f"Mosaic GPU {'fused dK/dV/dQ' if fused_dq else 'dK/dV'} kernel with block_q={block_q}, "
+          f"num_stages={num_stages}, head_dim={h}")
+  if not fused_dq:
+    _fits(dkv_scratch, what)
+    dk, dv = _call(dkv_kernel, dkv_type, dkv_scratch, (nk, kvh, b), ("k", "h", "b"), interpret)(*args)
+    return dq, dk, dv
+  dkv_scratch += (plgpu.SMEM((CONSUMERS, ROWS, block_q), q.dtype, transforms=_smem_transforms(block_q, q.dtype)),
+                  plgpu.SMEM((CONSUMERS, block_q, h), jnp.float32, transforms=_smem_transforms(h, jnp.float32)))
+  _fits(dkv_scratch, what)
+
+  @jax.jit  # (a ref placed in global memory exists only inside a jit)
+  def fused(*args):
+    dq_acc = jax.new_ref(jnp.zeros((CONSUMERS,) + q.shape, jnp.float32), memory_space=plgpu.GMEM)
+    dk, dv = _call(dkv_kernel, dkv_type, dkv_scratch, (nk, kvh, b), ("k", "h", "b"), interpret,
+                   mutable_args=True)(*args, dq_acc)
+    acc = dq_acc[...]
+    return ((acc[0] + acc[1]) * scale).astype(q.dtype), dk, dv
+  return fused(*args)

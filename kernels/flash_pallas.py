@@ -88,7 +88,7 @@ class Tiling:
   # Backward kernels: "triton" (below) or "mgpu" (kernels/flash_mgpu.py: a dQ kernel of 128-row
   # query programs streaming block_k_dq-row K/V tiles, and a dK/dV kernel of 128-row key programs
   # streaming block_q_dkv-row query tiles; so block_q_dq = block_k_dkv = 128; num_stages_bwd
-  # slots; not with fused_dq).
+  # slots; with fused_dq, the dK/dV kernel alone, reduce-adding dS K into fp32 dQ buffers).
   backward: str = "triton"
 
 
@@ -434,7 +434,7 @@ def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, d_lse, cfg: _Con
   if t.backward == "mgpu":
     return flash_mgpu.backward(q, k, v, qseg, kseg, d_out, jnp.stack([lse2, delta], axis=2), causal=cfg.causal,
                                has_seg=cfg.has_seg, scale=cfg.scale, block_q=t.block_q_dkv, block_k=t.block_k_dq,
-                               num_stages=t.num_stages_bwd, interpret=cfg.interpret)
+                               num_stages=t.num_stages_bwd, interpret=cfg.interpret, fused_dq=t.fused_dq)
 
   dq = None if t.fused_dq else _dq_call(q, k, v, d_out, lse2, delta, qseg, kseg, qidx, kidx, cfg)
   bq, bk = t.block_q_dkv, t.block_k_dkv
@@ -628,8 +628,6 @@ def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_
     if getattr(tiling, name) not in ("triton", "mgpu"):
       raise ValueError(f"Tiling.{name}={getattr(tiling, name)!r}: expected 'triton' or 'mgpu'")
   mgpu_f, mgpu_b = tiling.forward == "mgpu", tiling.backward == "mgpu"
-  if mgpu_b and tiling.fused_dq:
-    raise ValueError("Tiling(backward='mgpu', fused_dq=True): the one-kernel backward is a Triton kernel")
   # The Mosaic GPU programs own 128 rows whatever the length (padded up to it).
   keep = lambda block, fixed, length: block if fixed else _fit(block, length)
   tiling = dataclasses.replace(

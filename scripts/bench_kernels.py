@@ -335,10 +335,10 @@ def _tile_sweep(args, start) -> list[dict]:
   # The same tiles with the one-kernel backward (dQ by fp32 atomic adds: 5 matrix products a tile pair, not 7).
   candidates = two_kernel + [dataclasses.replace(t, fused_dq=True) for t in two_kernel]
   # The Mosaic GPU kernels first (never timed yet): the default (forward 128-row K/V tiles x 2 slots,
-  # backward 64-row tiles x 2), the forward's tile and ring depth, the backward's, and the Mosaic
-  # GPU forward with the Triton backward.
+  # backward 64-row tiles x 2), its one-kernel backward (dQ by TMA reduce-adds), the forward's tile
+  # and ring depth, the backward's, and the Mosaic GPU forward with the Triton backward.
   mgpu = mgpu_tiling(h)
-  candidates = [mgpu, dataclasses.replace(mgpu, block_k=64, num_stages=3),
+  candidates = [mgpu, dataclasses.replace(mgpu, fused_dq=True), dataclasses.replace(mgpu, block_k=64, num_stages=3),
                 dataclasses.replace(mgpu, block_k=64, num_stages=4), dataclasses.replace(mgpu, num_stages_bwd=3),
                 dataclasses.replace(mgpu, block_k_dq=128), mgpu_tiling(h, backward="triton")] + candidates
   key = jax.random.PRNGKey(1)

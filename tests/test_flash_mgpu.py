@@ -27,6 +27,8 @@ pytestmark = pytest.mark.skipif(not flash_mgpu.available(), reason="this jax has
 # Every Mosaic GPU program owns 128 rows (2 consumer warpgroups x 64) and streams 64-row tiles.
 MGPU = Tiling(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=128, block_q_dq=128, block_k_dq=64, num_stages=2,
               num_stages_bwd=2, forward="mgpu", backward="mgpu")
+# The one-kernel backward: the dK/dV programs also reduce-add dS K into fp32 dQ buffers.
+MGPU_FUSED = dataclasses.replace(MGPU, fused_dq=True)
 # The Mosaic GPU forward with the Triton backward (small tiles, as in test_kernels).
 MGPU_FWD = Tiling(block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=16, block_q_dq=16, block_k_dq=32,
                   num_stages=2, forward="mgpu")
@@ -34,14 +36,18 @@ MGPU_FWD = Tiling(block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=16, block
 
 @pytest.mark.parametrize("causal,case,h,tiling", [
     (True, "gqa_segments_odd", 64, MGPU), (False, "gqa_segments_odd", 64, MGPU), (True, "mha_aligned", 128, MGPU),
-    (False, "mha_aligned", 128, MGPU), (True, "gqa_segments_odd", 64, MGPU_FWD)],
+    (False, "mha_aligned", 128, MGPU), (True, "gqa_segments_odd", 64, MGPU_FWD),
+    (False, "mha_aligned", 128, MGPU_FUSED)],
     ids=["causal-gqa_segments_odd-64", "bidir-gqa_segments_odd-64", "causal-mha_aligned-128",
-         "bidir-mha_aligned-128", "causal-gqa_segments_odd-64-triton_backward"])
+         "bidir-mha_aligned-128", "causal-gqa_segments_odd-64-triton_backward",
+         "bidir-mha_aligned-128-fused_dq"])
 def test_values_lse_and_gradients_match_dense_reference(causal, case, h, tiling):
   """bf16; GQA with packed segments and a length (150) that pads to two 128-row programs and
   three 64-row key tiles, or an aligned 256 with no segment ids (the unmasked path); out, lse and
   gradients through both (the backward's lse cotangent enters its delta). The last case feeds the
-  Mosaic GPU forward's out and lse to the Triton backward kernels."""
+  Mosaic GPU forward's out and lse to the Triton backward kernels; the fused_dq case takes dQ
+  from the dK/dV programs' reduce-adds (the race test below runs it causal, with GQA and
+  segments)."""
   if case == "gqa_segments_odd":
     q, k, v, seg = attention_case(b=2, t=150, n=2, kv=1, h=h, dtype=jnp.bfloat16, seed=1 + causal)
   else:
@@ -80,15 +86,17 @@ def test_same_as_the_triton_forward():
     check_rel(f"lse causal={causal}", np.asarray(l1)[fin], np.asarray(l2)[fin], jnp.bfloat16)
 
 
-def test_causal_tiles_beyond_the_diagonal_are_never_loaded():
+@pytest.mark.parametrize("tiling", [MGPU, MGPU_FUSED], ids=["two_kernel", "fused_dq"])
+def test_causal_tiles_beyond_the_diagonal_are_never_loaded(tiling):
   """Keys 128..255 are invisible to queries 0..127. Filled with NaN they poison any tile a
   producer streams in (0 * NaN = NaN in P V and in dP = dO V^T): finite, correct values and
   gradients prove the forward's and dQ's key loops stop at the diagonal and the dK/dV programs
-  of those keys stream no query tile. The bidirectional forward must load them (the probe can fail)."""
+  of those keys stream no query tile (with fused_dq they would add NaN into dQ). The
+  bidirectional forward must load them (the probe can fail)."""
   q, k, v, _ = attention_case(b=1, t=128, s=256, n=2, kv=1, h=64, dtype=jnp.bfloat16, seed=30, segments=False)
   k, v = k.at[:, 128:].set(jnp.nan), v.at[:, 128:].set(jnp.nan)
   w = jnp.asarray(np.random.default_rng(31).normal(size=q.shape), jnp.float32)
-  got, (dq, dk, dv) = values_and_grads(lambda q, k, v: flash_attention_pallas(q, k, v, causal=True, tiling=MGPU),
+  got, (dq, dk, dv) = values_and_grads(lambda q, k, v: flash_attention_pallas(q, k, v, causal=True, tiling=tiling),
                                        q, k, v, w)
   want, (dq_r, dk_r, dv_r) = values_and_grads(lambda q, k, v: _dense(q, k, v, None, True), q, k[:, :128],
                                               v[:, :128], w)
@@ -100,12 +108,12 @@ def test_causal_tiles_beyond_the_diagonal_are_never_loaded():
   assert not np.all(np.isfinite(np.asarray(flash_attention_pallas(q, k, v, causal=False, tiling=MGPU), np.float32)))
 
 
-def _lowered(causal, seg, h, block_k, grad=False, backward="mgpu"):
+def _lowered(causal, seg, h, block_k, grad=False, backward="mgpu", **tiles):
   b, t, n, kv = 2, 1000, 8, 2
   q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((b, t, kv, h), jnp.bfloat16)
   s = jax.ShapeDtypeStruct((b, t), jnp.int32)
-  tiling = dataclasses.replace(mgpu_tiling(h, backward), block_k=block_k, block_k_dq=block_k)
+  tiling = dataclasses.replace(mgpu_tiling(h, backward), block_k=block_k, block_k_dq=block_k, **tiles)
   attend = lambda q, k, v, s: flash_attention_pallas(q, k, v, s if seg else None, s if seg else None,
                                                      causal=causal, tiling=tiling, interpret=False)
   f = attend
@@ -133,6 +141,16 @@ def test_backward_lowers_to_mosaic_gpu(causal, seg, h, block_k):
   assert not re.findall(r'name = "(flash_\w+)"', text)
 
 
+@pytest.mark.parametrize("causal,seg,h,block_q", [(True, True, 128, 64), (False, False, 64, 128)])
+def test_fused_backward_lowers_to_one_mosaic_gpu_kernel(causal, seg, h, block_q):
+  """fused_dq: the gradient is two Mosaic GPU kernels (forward; dK/dV with dQ by TMA reduce-add
+  from a transposed shared-memory dS) and no Triton kernel. The reduce-add and the transposed
+  operand exist only compiled, so this lowering is their check on CPU."""
+  text = _lowered(causal, seg, h, 128, grad=True, fused_dq=True, block_q_dkv=block_q)
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 2
+  assert not re.findall(r'name = "(flash_\w+)"', text)
+
+
 def test_gradient_lowers_to_the_mosaic_forward_and_triton_backward():
   text = _lowered(True, True, 128, 128, grad=True, backward="triton")
   assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
@@ -150,6 +168,9 @@ def test_refuses_what_it_cannot_run():
     flash_attention_pallas(q, k, v, causal=True, tiling=dataclasses.replace(MGPU, block_q=64))
   with pytest.raises(ValueError, match="q_index"):
     flash_attention_pallas(q, k, v, seg, seg, causal=True, q_index=seg, kv_index=seg, tiling=MGPU)
+  with pytest.raises(ValueError, match=r"block_q=64, num_stages=3, head_dim=128: needs 243 KiB"):
+    jax.grad(lambda q: flash_attention_pallas(q, q, q, causal=True, tiling=dataclasses.replace(
+        MGPU_FUSED, num_stages_bwd=3)).astype(jnp.float32).sum())(jnp.zeros((1, 128, 1, 128), jnp.bfloat16))
   with pytest.raises(ValueError, match="'cutlass'"):
     flash_attention_pallas(q, k, v, causal=True, tiling=dataclasses.replace(MGPU, forward="cutlass"))
 
@@ -184,12 +205,14 @@ def test_attention_impl_mgpu_is_the_same_function(causal):
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the race detector is the GPU interpreter's")
-def test_no_data_races_between_the_warpgroups_and_the_copies(monkeypatch):
+@pytest.mark.parametrize("fused_dq", [False, True], ids=["two_kernel", "fused_dq"])
+def test_no_data_races_between_the_warpgroups_and_the_copies(monkeypatch, fused_dq):
   """The interpreter's happens-before race detector over a forward and backward (causal, packed
   segments, two query heads per kv head, 3-slot rings of 64-row tiles that wrap): every
   shared-memory read by a consumer is ordered after the TMA copy that filled it, and every copy
   into a slot after both consumers released it. The interpreter keeps one detector per kernel
-  launch, so every detector made is recorded and checked (three launches: forward, dQ, dK/dV).
+  launch, so every detector made is recorded and checked (three launches: forward, dQ, dK/dV;
+  with fused_dq two, its dQ then added by both query heads of the group from every key program).
   Releasing a slot one product too early in any kernel makes this fail."""
   from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
   detectors = []
@@ -202,9 +225,12 @@ def test_no_data_races_between_the_warpgroups_and_the_copies(monkeypatch):
   monkeypatch.setattr(gpu_callbacks, "RaceDetectionState", Recorded)
   monkeypatch.setattr(flash_mgpu, "INTERPRET_OPTIONS", {"detect_races": True})
   q, k, v, seg = attention_case(b=1, t=384, n=2, kv=1, h=64, dtype=jnp.bfloat16, seed=60)
-  tiling = dataclasses.replace(MGPU, num_stages=3, num_stages_bwd=3)
+  tiling = dataclasses.replace(MGPU, num_stages=3, num_stages_bwd=3, fused_dq=fused_dq)
   w = jnp.asarray(np.random.default_rng(61).normal(size=q.shape), jnp.float32)
   out, grads = values_and_grads(lambda q, k, v: flash_attention_pallas(q, k, v, seg, seg, causal=True,
                                                                        tiling=tiling), q, k, v, w)
-  assert len(detectors) == 3 and not any(d.races_found for d in detectors), [d.races_found for d in detectors]
-  check_rel("out", out, _dense(q, k, v, seg, True), jnp.bfloat16)
+  assert len(detectors) == 3 - fused_dq and not any(d.races_found for d in detectors), [d.races_found for d in detectors]
+  want, grads_r = values_and_grads(lambda q, k, v: _dense(q, k, v, seg, True), q, k, v, w)
+  check_rel("out", out, want, jnp.bfloat16)
+  for name, a, b_ in zip("qkv", grads, grads_r):
+    check_rel(f"d{name}", a, b_, jnp.bfloat16)
