@@ -479,13 +479,15 @@ def _fits(scratch, what: str):
                      f"{SMEM_LIMIT // 1024} KiB of a Hopper SM; use fewer num_stages or smaller tiles")
 
 
-def _call(kernel, out_type, scratch, grid, grid_names, interpret: bool, mutable_args: bool = False):
-  """The kernel launched on `grid` with 3 warpgroups ("wg": two consumers, the producer).
-  mutable_args: some arguments are `jax.Ref`s the kernel writes (aliased in and out); those go
-  through `pl.kernel` with a Mosaic GPU mesh (`plgpu.kernel` wraps its kernels for vmap, which
-  takes no refs)."""
+def _call(kernel, out_type, scratch, grid, grid_names, interpret: bool, what: str, mutable_args: bool = False):
+  """The kernel launched on `grid` with 3 warpgroups ("wg": two consumers, the producer), once its
+  scratch fits in shared memory (`what` names the kernel and its tiles if not). mutable_args:
+  some arguments are `jax.Ref`s the kernel writes (aliased in and out); those go through
+  `pl.kernel` with a Mosaic GPU mesh (`plgpu.kernel` wraps its kernels for vmap, which takes no
+  refs)."""
   if interpret and _InterpretGPUParams is None:  # pragma: no cover
     raise NotImplementedError("this jax has no Mosaic GPU interpret mode; run the Mosaic GPU kernels on a GPU")
+  _fits(scratch, what)
   params = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
                 interpret=_InterpretGPUParams(**INTERPRET_OPTIONS) if interpret else None)
   if not mutable_args:
@@ -495,8 +497,7 @@ def _call(kernel, out_type, scratch, grid, grid_names, interpret: bool, mutable_
   def body(*refs):  # scratch as plgpu.kernel allocates it: one allocation shared by the warpgroups
     pl.run_scoped(lambda *scratch_refs: kernel(*refs, *scratch_refs), *scratch, collective_axes="wg")
   mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=CONSUMERS + 1, thread_name="wg")
-  return pl.kernel(body, out_type=out_type, mesh=mesh, name=getattr(kernel, "__name__", None)
-                   or kernel.func.__name__, **params)
+  return pl.kernel(body, out_type=out_type, mesh=mesh, name=getattr(kernel, "func", kernel).__name__, **params)
 
 
 def forward(q, k, v, qseg, kseg, *, causal: bool, has_seg: bool, scale: float, block_k: int, num_stages: int,
@@ -526,9 +527,9 @@ def forward(q, k, v, qseg, kseg, *, causal: bool, has_seg: bool, scale: float, b
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=num_stages),  # K slot released
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=num_stages),  # V slot released
   )
-  _fits(scratch, f"Mosaic GPU forward with block_k={block_k}, num_stages={num_stages}, head_dim={h}")
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
-  return _call(kernel, out_type, scratch, (nq, n, b), ("q", "h", "b"), interpret)(q, k, v, qseg, kseg)
+  return _call(kernel, out_type, scratch, (nq, n, b), ("q", "h", "b"), interpret,
+               f"Mosaic GPU forward with block_k={block_k}, num_stages={num_stages}, head_dim={h}")(q, k, v, qseg, kseg)
 
 
 def backward(q, k, v, qseg, kseg, d_out, stats, *, causal: bool, has_seg: bool, scale: float, block_q: int,
@@ -561,9 +562,9 @@ def backward(q, k, v, qseg, kseg, d_out, stats, *, causal: bool, has_seg: bool, 
                   plgpu.SMEM((CONSUMERS, ROWS), jnp.int32), plgpu.SMEM((num_stages, block_k), jnp.int32),
                   wg_bars(), wg_bars(), slot_bars(), slot_bars(), slot_bars(), released(), released(),
                   wg_bars(), wg_bars())
-    _fits(dq_scratch, f"Mosaic GPU dQ kernel with block_k={block_k}, num_stages={num_stages}, head_dim={h}")
     dq = _call(dq_kernel, jax.ShapeDtypeStruct(q.shape, q.dtype), dq_scratch, (nq, n, b), ("q", "h", "b"),
-               interpret)(q, k, v, qseg, kseg, d_out, stats)
+               interpret, f"Mosaic GPU dQ kernel with block_k={block_k}, num_stages={num_stages}, head_dim={h}")(
+                   q, k, v, qseg, kseg, d_out, stats)
 
   nq, nk = t // block_q, s // PROGRAM_ROWS
   dkv_kernel = functools.partial(_dkv_kernel, causal=causal, has_seg=has_seg, scale=scale, block_q=block_q,
@@ -578,17 +579,15 @@ def backward(q, k, v, qseg, kseg, d_out, stats, *, causal: bool, has_seg: bool, 
   what = (f"Mosaic GPU {'fused dK/dV/dQ' if fused_dq else 'dK/dV'} kernel with block_q={block_q}, "
           f"num_stages={num_stages}, head_dim={h}")
   if not fused_dq:
-    _fits(dkv_scratch, what)
-    dk, dv = _call(dkv_kernel, dkv_type, dkv_scratch, (nk, kvh, b), ("k", "h", "b"), interpret)(*args)
+    dk, dv = _call(dkv_kernel, dkv_type, dkv_scratch, (nk, kvh, b), ("k", "h", "b"), interpret, what)(*args)
     return dq, dk, dv
   dkv_scratch += (plgpu.SMEM((CONSUMERS, ROWS, block_q), q.dtype, transforms=_smem_transforms(block_q, q.dtype)),
                   plgpu.SMEM((CONSUMERS, block_q, h), jnp.float32, transforms=_smem_transforms(h, jnp.float32)))
-  _fits(dkv_scratch, what)
 
   @jax.jit  # (a ref placed in global memory exists only inside a jit)
   def fused(*args):
     dq_acc = jax.new_ref(jnp.zeros((CONSUMERS,) + q.shape, jnp.float32), memory_space=plgpu.GMEM)
-    dk, dv = _call(dkv_kernel, dkv_type, dkv_scratch, (nk, kvh, b), ("k", "h", "b"), interpret,
+    dk, dv = _call(dkv_kernel, dkv_type, dkv_scratch, (nk, kvh, b), ("k", "h", "b"), interpret, what,
                    mutable_args=True)(*args, dq_acc)
     acc = dq_acc[...]
     return ((acc[0] + acc[1]) * scale).astype(q.dtype), dk, dv
