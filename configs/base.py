@@ -48,6 +48,39 @@ def get_config(arg=None):
   c.task.selective_copy = ml_collections.ConfigDict()
   c.task.selective_copy.num_tokens = 16  # data tokens scattered in noise, copied in order at the end
   c.task.selective_copy.vocab = 16  # distinct data tokens
+  # Any prepared TFDS data set (trainer/data/tfds_task.py), read by random access without TensorFlow.
+  c.task.tfds = ml_collections.ConfigDict()
+  c.task.tfds.name = ""  # e.g. "imdb_reviews", "cifar10" or "NAME/CONFIG:VERSION"
+  c.task.tfds.data_dir = ""  # where `tfds build NAME --file_format=array_record` put it ("": TFDS's default)
+  c.task.tfds.train_split = "train"  # TFDS split expressions; the three must not share records
+  c.task.tfds.validation_split = "validation"  # e.g. "train[90%:]" for a data set without a validation split
+  c.task.tfds.test_split = "test"
+  c.task.tfds.kind = "classify"  # "classify" (input -> label), "match" (two inputs -> label), "lm" (next token)
+  c.task.tfds.inputs = "text"  # the input feature
+  c.task.tfds.inputs2 = ""  # kind "match": the second input feature
+  c.task.tfds.label = "label"  # the label feature (classify / match)
+  c.task.tfds.encoding = "bytes"  # "bytes" (UTF-8 text), "grey" (image grey levels), "pixels" (all channels), "tokens"
+  c.task.tfds.vocab_size = 0  # encoding "tokens": ids in the feature are in [0, vocab_size)
+  c.task.tfds.num_classes = 0  # 0: from the label's ClassLabel feature
+  # Your own text: a directory of UTF-8 files (or JSON lines) as a byte-level LM (trainer/data/textdir.py).
+  c.task.textdir = ml_collections.ConfigDict()
+  c.task.textdir.path = ""  # the directory
+  c.task.textdir.glob = "**/*.txt"  # which files (comma-separated patterns); *.jsonl / *.json: one object per line
+  c.task.textdir.text_field = "text"  # JSON lines: the field holding each document's text
+  c.task.textdir.validation_fraction = 0.05  # documents held out (by a stable hash of their name) for validation
+  c.task.textdir.test_fraction = 0.05  # ... and for test
+  # LRA Retrieval: AAN citation pairs from the LRA release's TSV files (trainer/data/retrieval.py).
+  c.task.retrieval = ml_collections.ConfigDict()
+  c.task.retrieval.data_dir = ""  # the release's lra_release/tsv_data directory
+  c.task.retrieval.train_file = "new_aan_pairs.train.tsv"
+  c.task.retrieval.validation_file = "new_aan_pairs.eval.tsv"
+  c.task.retrieval.test_file = "new_aan_pairs.test.tsv"
+
+  # The input pipeline (trainer/data/pipeline.py, grain): batches are made ahead of the train loop.
+  c.data = ml_collections.ConfigDict()
+  c.data.threads = 2  # threads making batches ahead (0: made in the train loop's thread, on demand)
+  c.data.prefetch = 4  # batches made ahead of use (per worker process when data.workers > 0)
+  c.data.workers = 0  # worker processes making batches (0: threads only); for Python-heavy generators
 
   c.model = ml_collections.ConfigDict()
   c.model.mixer = "attention"  # token mixer of every layer; see layers/mixers.py

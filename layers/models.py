@@ -148,13 +148,13 @@ class Classifier(nnx.Module):
     x = self.encoder(batch["inputs"], batch["segment_ids"], batch["positions"], index_bt=batch.get("index"),
                      dropout_rng=dropout_rng, training=training, step=step, prepare=prepare)
     # Packed rows (trainer/data/packing.py) carry one label per segment: [B, S].
-    slots = batch["label_weights"].shape[1] if "label_weights" in batch else 0
+    slots = batch["label"].shape[1] if batch["label"].ndim == 2 else 0
     pooled = _pool(x, batch["segment_ids"], batch["positions"], self.spec.pooling, slots)
     return self.head(jax.nn.gelu(self.hidden(pooled))).astype(jnp.float32)
 
   @staticmethod
   def targets_and_weights(batch):
-    if "label_weights" in batch:  # packed: only the slots holding an example count
+    if "label_weights" in batch:  # packed: only the slots holding an example count; fillers weigh 0
       return batch["label"], batch["label_weights"]
     return batch["label"], jnp.ones(batch["label"].shape, jnp.float32)
 
@@ -188,6 +188,8 @@ class DualEncoder(nnx.Module):
 
   @staticmethod
   def targets_and_weights(batch):
+    if "label_weights" in batch:  # a finite held-out split's filler rows weigh 0
+      return batch["label"], batch["label_weights"]
     return batch["label"], jnp.ones(batch["label"].shape, jnp.float32)
 
 

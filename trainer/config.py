@@ -157,7 +157,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for key in ("total_steps", "batch_size", "task.seq_len", "model.num_layers", "model.d_model",
               "model.num_heads", "eval_examples"):
     _positive(key, _get(cfg, key))
-  for key in ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints"):
+  for key in ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "data.threads", "data.prefetch",
+              "data.workers"):
     _positive(key, _get(cfg, key), allow_zero=True)
   _positive("optimizer.learning_rate", cfg.optimizer.learning_rate)
   _choice("optimizer.schedule", cfg.optimizer.schedule, ("cosine", "rsqrt", "constant"))

@@ -18,7 +18,7 @@ from trainer.config import UserError, load_config, split_override_args
 
 
 def run(argv) -> int:
-  from trainer.experiment import Experiment, check_workdir
+  from trainer.experiment import Experiment
   from trainer.train import write_json
 
   parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.splitlines()[0])
@@ -34,7 +34,6 @@ def run(argv) -> int:
   if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
     raise UserError(f"--workdir={args.workdir!r} holds no checkpoints; train first with python -m trainer.train "
                     f"--config={args.config} --workdir={args.workdir}")
-  check_workdir(args.workdir)
   exp = Experiment(cfg, args.workdir, read_only=True)
   restored = exp.checkpointer.restore(exp.abstract_state, args.step)
   if restored is None:

@@ -50,18 +50,23 @@ def model_spec(cfg, task_spec) -> ModelSpec:
       max_len=task_spec.seq_len, mixers=tuple(config_lib.mixer_schedule(cfg)), d_model=m.d_model,
       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads, mlp_ratio=m.mlp_ratio, mlp=m.mlp,
       norm=m.norm, positions=m.positions, dropout=m.dropout, pooling=m.pooling, tie_embeddings=m.tie_embeddings,
-      dtype=m.dtype, attention_impl=m.attention_impl, mixer_options=mixer_options(cfg),
+      dtype=m.dtype, attention_impl=m.attention_impl, mixer_options=mixer_options(cfg, task_spec.grid),
       norm_options=(("r0", float(m.prepbn.r0)), ("total_steps", int(m.prepbn.total_steps or cfg.total_steps)),
                     ("warmup_steps", int(m.prepbn.warmup_steps))) if m.norm == "prepbn" else ())
 
 
-def mixer_options(cfg) -> tuple:
-  """`model.<mixer>` sub-dicts of the mixers in use, as hashable sorted pairs."""
+def mixer_options(cfg, grid=(0, 0)) -> tuple:
+  """`model.<mixer>` sub-dicts of the mixers in use, as hashable sorted pairs. A 2-D mixer's
+  `grid` left at (0, 0) takes the task's image grid (e.g. 32 x 32 for CIFAR-10)."""
   out = []
   for name in sorted(set(config_lib.mixer_schedule(cfg))):
     group = cfg.model.get(name, None)
     if group is not None:
-      out.append((name, tuple(sorted((k, _freeze(v)) for k, v in group.items()))))
+      items = dict(group.items())
+      if "grid" in items and not any(_freeze(items["grid"]) if isinstance(items["grid"], (tuple, list))
+                                     else [items["grid"]]) and any(grid):
+        items["grid"] = tuple(grid)
+      out.append((name, tuple(sorted((k, _freeze(v)) for k, v in items.items()))))
   return tuple(out)
 
 
@@ -118,6 +123,8 @@ class Experiment:
         raise UserError(str(e)) from None
     self.batch_shapes, self.batch_shardings = pipeline.batch_shardings(self.task, cfg.batch_size, self.mesh,
                                                                        self.rules, self.layout_perm)
+    # Only now, with the task, model and mesh accepted, is the workdir made: a refused run leaves none.
+    check_workdir(workdir)
     self.checkpointer = Checkpointer(workdir, cfg.keep_checkpoints, cfg.keep_best, cfg.async_checkpointing,
                                      read_only=read_only)
     self._train_step = self._eval_step = None
@@ -221,23 +228,42 @@ class Experiment:
     ids = pipeline.train_example_ids(step, self.cfg.batch_size)
     return pipeline.global_batch(self.task, "train", ids, self.batch_shapes, self.batch_shardings, self.layout_perm)
 
+  def _stream(self, split: str, id_batches, first: int, stop: int) -> pipeline.BatchStream:
+    d = self.cfg.data
+    return pipeline.BatchStream(self.task, split, id_batches, first, stop, self.batch_shapes, self.batch_shardings,
+                                self.layout_perm, threads=d.threads, prefetch=d.prefetch, workers=d.workers)
+
+  def train_stream(self, start: int) -> pipeline.BatchStream:
+    """Train batches start, start+1, ..., total_steps-1, read ahead (the data state is the step)."""
+    return self._stream("train", pipeline.TrainIds(self.cfg.batch_size), start, self.cfg.total_steps)
+
+  def num_eval_examples(self, split: str) -> int:
+    """Held-out examples one evaluation scores: `eval_examples`, or the whole split if smaller."""
+    size = self.task.num_examples(split)
+    return self.cfg.eval_examples if size is None else min(self.cfg.eval_examples, size)
+
   def evaluate(self, state: dict, split: str) -> dict:
     """Held-out loss and accuracy over `eval_examples` examples of `split`."""
     step_fn = self.compiled_eval_step()
     totals = {"nll_sum": 0.0, "correct": 0.0, "count": 0.0}
+    examples = self.num_eval_examples(split)
     # Packed rows hold several examples; all `eval_examples` of them sit in the first rows.
-    rows = self.task.num_eval_rows(split) if hasattr(self.task, "num_eval_rows") else self.cfg.eval_examples
+    rows = self.task.num_eval_rows(split) if hasattr(self.task, "num_eval_rows") else examples
     id_batches = pipeline.eval_example_ids(rows, self.cfg.batch_size)
-    for ids in id_batches:
-      out = step_fn(state, pipeline.global_batch(self.task, split, ids, self.batch_shapes, self.batch_shardings,
-                                                 self.layout_perm))
-      for k in totals:
-        totals[k] += float(out[k])
+    stream = self._stream(split, pipeline.EvalIds(id_batches), 0, len(id_batches))
+    try:
+      for batch in stream:
+        out = step_fn(state, batch)
+        for k in totals:
+          totals[k] += float(out[k])
+    finally:
+      stream.close()
     count = max(totals["count"], 1.0)
     loss = totals["nll_sum"] / count
-    result = {f"{split}/loss": loss, f"{split}/accuracy": totals["correct"] / count,
-              f"{split}/examples": (self.cfg.eval_examples if hasattr(self.task, "num_eval_rows")
-                                    else len(id_batches) * self.cfg.batch_size)}
+    if not hasattr(self.task, "num_eval_rows"):  # whole batches are scored, up to a finite split's end
+      size = self.task.num_examples(split)
+      examples = len(id_batches) * self.cfg.batch_size if size is None else min(len(id_batches) * self.cfg.batch_size, size)
+    result = {f"{split}/loss": loss, f"{split}/accuracy": totals["correct"] / count, f"{split}/examples": examples}
     if self.task.spec.kind == "lm":
       result[f"{split}/bits_per_token"] = loss / math.log(2)
     return result

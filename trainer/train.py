@@ -81,12 +81,11 @@ def write_json(path: str, obj) -> None:
 
 def run(args, overrides) -> int:
   # Heavy imports after argument parsing so `--help` and config errors are instant.
-  from trainer.experiment import Experiment, check_workdir
+  from trainer.experiment import Experiment
   from trainer.metrics import MetricsWriter, ProgressBar
 
   launch.initialize(args)
   cfg = load_config(args.config, overrides)
-  check_workdir(args.workdir)
   exp = Experiment(cfg, args.workdir, read_only=args.dry_run)
   main = jax.process_index() == 0
 
@@ -138,9 +137,11 @@ def run(args, overrides) -> int:
   stopped_by = None
   pending = None  # (step, metrics): fetched one step late so the host runs ahead of the device
   t_window, steps_window = time.time(), 0
+  stream = exp.train_stream(start)
+  wait_window = 0.0
   with _Preemption() as preempt:
     while step < cfg.total_steps:
-      batch = exp.train_batch(step)
+      batch = next(stream)
       state, metrics = train_step(state, batch)
       step += 1
       steps_window += 1
@@ -155,6 +156,9 @@ def run(args, overrides) -> int:
         tps = tokens_per_step * steps_window / max(dt, 1e-9)
         row = {f"train/{k}": v for k, v in values.items()} | {"train/tokens_per_sec": tps,
                                                                 "train/steps_per_sec": steps_window / max(dt, 1e-9)}
+        # Share of the window's wall time the loop sat waiting for the input pipeline.
+        row["train/data_wait_fraction"] = (stream.wait_seconds - wait_window) / max(dt, 1e-9)
+        wait_window = stream.wait_seconds
         if peak and stats["flops_per_step"]:
           row["train/mfu"] = stats["flops_per_step"] * steps_window / max(dt, 1e-9) / peak
         writer.write(step, row)
@@ -173,6 +177,7 @@ def run(args, overrides) -> int:
         if not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
           exp.checkpointer.save(step, state, exp.meta(step, last_eval))
         break
+  stream.close()
   if pending is not None:
     _check_finite(pending, cfg)
   bar.close()

@@ -37,6 +37,7 @@ class TaskSpec:
   num_classes: int  # label classes (classify/match); vocab_size for lm
   chance: float  # held-out accuracy of the best input-blind guess
   chance_note: str  # one sentence: how `chance` was computed
+  grid: tuple[int, int] = (0, 0)  # (h, w) when the T tokens are an h x w image (row-major); (0, 0) = a line
 
 
 def split_rng(seed: int, split: str, index: int, salt: int = 0) -> np.random.Generator:
@@ -70,6 +71,12 @@ class Task:
 
   def example(self, split: str, index: int) -> dict[str, np.ndarray]:
     raise NotImplementedError
+
+  def num_examples(self, split: str) -> int | None:
+    """Examples in a finite split (a data set on disk), None for an endless generated one.
+    A finite split's held-out example `index >= num_examples` is a filler of zero weight."""
+    del split
+    return None
 
   def batch(self, split: str, indices) -> dict[str, np.ndarray]:
     """Stacks examples; row r is example `indices[r]`."""

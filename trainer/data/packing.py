@@ -108,10 +108,16 @@ class PackedTask(Task):
     k = self.batch_size * self.window
     return self._first_fit("train", range(block * k, (block + 1) * k), self.batch_size)
 
+  def num_examples(self, split: str) -> int | None:
+    return self.inner.num_examples(split)
+
   @functools.lru_cache(maxsize=8)
   def eval_rows(self, split: str):
-    """Held-out examples [0, eval_examples) packed first fit, none skipped: example ids per row."""
-    return self._first_fit(split, range(self.eval_examples), None)[0]
+    """Held-out examples [0, eval_examples) (or the whole split if smaller) packed first fit,
+    none skipped: example ids per row."""
+    size = self.inner.num_examples(split)
+    n = self.eval_examples if size is None else min(self.eval_examples, size)
+    return self._first_fit(split, range(n), None)[0]
 
   def num_eval_rows(self, split: str) -> int:
     return len(self.eval_rows(split))

@@ -6,14 +6,20 @@ from trainer.data.base import DataError, Task
 from trainer.data.listops import ListOps
 from trainer.data.mqar import MQAR
 from trainer.data.packing import PackedTask
+from trainer.data.retrieval import AANRetrieval
 from trainer.data.selective_copy import SelectiveCopy
 from trainer.data.text import PydocText
+from trainer.data.textdir import TextDir
+from trainer.data.tfds_task import TfdsTask
 
 TASKS: dict[str, type[Task]] = {
     "text": PydocText,
     "listops": ListOps,
     "mqar": MQAR,
     "selective_copy": SelectiveCopy,
+    "tfds": TfdsTask,
+    "textdir": TextDir,
+    "retrieval": AANRetrieval,
 }
 
 
