@@ -48,6 +48,15 @@ def get_config(arg=None):
   c.task.selective_copy = ml_collections.ConfigDict()
   c.task.selective_copy.num_tokens = 16  # data tokens scattered in noise, copied in order at the end
   c.task.selective_copy.vocab = 16  # distinct data tokens
+  # LRA Pathfinder / Path-X, generated (trainer/data/pathfinder.py); -1 = the resolution's default.
+  c.task.pathfinder = ml_collections.ConfigDict()
+  c.task.pathfinder.resolution = 32  # image side: 32 (Pathfinder), 64, 128 (Path-X); task.seq_len = resolution**2
+  c.task.pathfinder.contour_length = -1  # paddles per target snake: difficulty (LRA: 14, the hardest)
+  c.task.pathfinder.paddle_length = -1  # pixels per paddle
+  c.task.pathfinder.max_turn = -1.0  # largest turn between consecutive paddles (radians)
+  c.task.pathfinder.num_distractors = -1  # distractor snakes
+  c.task.pathfinder.distractor_length = -1  # paddles per distractor (default contour_length // 3)
+  c.task.pathfinder.marker_radius = -1  # endpoint marker radius (pixels)
   # Any prepared TFDS data set (trainer/data/tfds_task.py), read by random access without TensorFlow.
   c.task.tfds = ml_collections.ConfigDict()
   c.task.tfds.name = ""  # e.g. "imdb_reviews", "cifar10" or "NAME/CONFIG:VERSION"

@@ -3,7 +3,10 @@
   python -m trainer.data.inspect --config=configs/NAME.py[:ARG] --split=test --num=5 \\
       [--config.task.seq_len=256 ...]
 
-Each line is the task's `decode` view of one example plus its "index". Examples come
+Each line is the task's `decode` view of one example plus its "index". For image tasks
+(LRA Image, Pathfinder: any task whose tokens form a grid), `--png=DIR` also writes each
+example as DIR/SPLIT_INDEX.png (grey level = token - 1, enlarged to ~256 pixels a side)
+so a person can look at it. Examples come
 from the same `make_task(cfg.task, cfg.seed, cfg.eval_examples, cfg.batch_size)` the trainer uses, so what is printed is
 exactly what training and evaluation read for that config and seed.
 """
@@ -31,6 +34,7 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--split", default="test", choices=SPLITS)
   parser.add_argument("--num", type=int, default=5, help="how many examples to print")
   parser.add_argument("--start", type=int, default=0, help="index of the first example")
+  parser.add_argument("--png", default="", help="image tasks: also write each example as DIR/SPLIT_INDEX.png")
   args, unknown = parser.parse_known_args(argv)
   overrides = []
   rest = iter(unknown)
@@ -50,13 +54,33 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   return args, overrides
 
 
+def write_png(inputs, grid: tuple[int, int], path: str) -> str:
+  """Tokens (grey level + 1, 0 = padding) on an h x w grid -> a PNG, nearest-neighbour enlarged."""
+  import numpy as np  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415
+
+  h, w = grid
+  image = (np.asarray(inputs).reshape(h, w) - 1).clip(0, 255).astype(np.uint8)
+  scale = max(1, 256 // max(h, w))
+  Image.fromarray(np.kron(image, np.ones((scale, scale), np.uint8))).save(path, format="PNG")
+  return path
+
+
 def main(argv: list[str] | None = None) -> int:
   args, overrides = _parse(argv)
   try:
     cfg = load_config(args.config, overrides)
     task = make_task(cfg.task, cfg.seed, cfg.eval_examples, cfg.batch_size)
+    if args.png and not any(task.spec.grid):
+      raise UserError(f"--png draws image tasks, but task {cfg.task.name!r} is not laid out on a grid")
+    if args.png:
+      os.makedirs(args.png, exist_ok=True)
     for index in range(args.start, args.start + args.num):
-      row = {"index": index, **task.decode(task.example(args.split, index))}
+      example = task.example(args.split, index)
+      row = {"index": index, **task.decode(example)}
+      if args.png:
+        row["png"] = write_png(example["inputs"], task.spec.grid,
+                               os.path.join(args.png, f"{args.split}_{index}.png"))
       print(json.dumps(row), flush=True)
   except (UserError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)

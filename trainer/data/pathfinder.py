@@ -59,9 +59,11 @@ salt=attempt)` for attempt 0, 1, ... until the image's bytes hash into the split
 buckets, so the splits share no image; the label is attempt 0's first draw, so
 redrawing cannot skew it.
 
-Speed (one CPU core of an AMD EPYC host, numpy + pure Python, per example):
-32x32 1.2 ms, 64x64 1.2 ms, 128x128 1.7 ms for train; validation and test own one
-hash bucket in ten, so they draw ~10 images per example: 10, 9 and 14 ms.
+Speed (CPU time per example on one core of a shared 2-core AMD EPYC VM, best of 5 runs
+of 100-300 examples): train 1.4 ms at 32x32, 1.5 ms at 64x64, 1.8 ms at 128x128; the
+drawing is pure Python over a bytearray grid, so its cost follows the snake pixels, not
+the image area. Validation and test own one hash bucket in ten, so they draw ~10 images
+per example: 11, 9 and 15 ms.
 """
 
 from __future__ import annotations
@@ -175,7 +177,8 @@ class Pathfinder(Task):
              "num_distractors": num_distractors, "distractor_length": distractor_length,
              "marker_radius": marker_radius}
     settings = default_settings(resolution)
-    settings.update({k: v for k, v in given.items() if v is not None})
+    # None or a negative value (the config's -1) takes the resolution's default.
+    settings.update({k: v for k, v in given.items() if v is not None and v >= 0})
     self.seed, self.resolution = seed, resolution
     self.contour_length = int(settings["contour_length"])
     self.paddle_length = int(settings["paddle_length"])
@@ -191,7 +194,8 @@ class Pathfinder(Task):
     self._disk = tuple((dy, dx) for dy in range(-rad, rad + 1) for dx in range(-rad, rad + 1)
                        if dy * dy + dx * dx <= (rad + 0.5) ** 2)
     self.spec = TaskSpec(kind="classify", vocab_size=VOCAB_SIZE, seq_len=seq_len, num_classes=2, chance=0.5,
-                         chance_note="0.5: each example's label is a fair coin flip drawn before its image")
+                         chance_note="0.5: each example's label is a fair coin flip drawn before its image",
+                         grid=(resolution, resolution))
     self._probe()
 
   # -- settings ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from trainer.data.base import DataError, Task
 from trainer.data.listops import ListOps
 from trainer.data.mqar import MQAR
 from trainer.data.packing import PackedTask
+from trainer.data.pathfinder import Pathfinder
 from trainer.data.retrieval import AANRetrieval
 from trainer.data.selective_copy import SelectiveCopy
 from trainer.data.text import PydocText
@@ -20,6 +21,7 @@ TASKS: dict[str, type[Task]] = {
     "tfds": TfdsTask,
     "textdir": TextDir,
     "retrieval": AANRetrieval,
+    "pathfinder": Pathfinder,
 }
 
 
