@@ -15,9 +15,11 @@ chance and learned ones to reach ~70%; we learn them.
 `:pathx` follows pathfinder128/base_pathfinder128_config.py: 16,384 tokens, batch 64,
 500,000 steps, 2,500 warm-up steps, gradient clipping at 1.0, 1 layer of width 32, 2 heads,
 MLP 32, dropout 0.1 (every LRA model failed it). `:64` is pathfinder64's (batch 256, 2 layers
-of width 32, 4 heads, MLP 32). All three are accelerator jobs; `:small` (32 x 32 at the
-easiest contour length, 6, 2 layers of width 64) and `:smoke` are the CPU variants.
-Chance is 0.5 (balanced labels).
+of width 32, 4 heads, MLP 32). All three are accelerator jobs. `:small` (32 x 32 at the
+easiest contour length, 6, 2 layers of width 64, batch 32) trains at 0.16 steps/s on 2 CPU
+cores (scripts/bench_data.py), so its 1,500 steps take ~2.6 hours: not yet a CPU-sized run,
+and its accuracy is not yet measured. `:smoke` (16 x 16) runs in seconds. Chance is 0.5
+(balanced labels).
 """
 
 from configs import base
