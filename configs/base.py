@@ -155,7 +155,7 @@ def get_config(arg=None):
   c.model.combiner.summary = "identity-max"  # span pooling: {identity,relu}-{max,mean,sum}
   c.model.swin = ml_collections.ConfigDict()
   c.model.swin.window = 8  # M: windows of M tokens (1-D) or M x M cells (2-D)
-  c.model.swin.grid = (0, 0)  # (h, w) 2-D layout with T = h*w; (0, 0) = 1-D
+  c.model.swin.grid = (0, 0)  # (h, w) 2-D layout with T = h*w; (0, 0) = the task's image grid, else 1-D
   c.model.linear = ml_collections.ConfigDict()
   c.model.linear.chunk = 64  # C: causal chunk length (intra-chunk C x C products, state carried across)
   c.model.linear.eps = 1e-6  # added to the denominator phi(q) . sum phi(k)
@@ -183,7 +183,7 @@ def get_config(arg=None):
   c.model.transnormer.block = 64  # w: DiagAttention chunk length, counted from each segment's start
   c.model.transnormer.chunk = 64  # C: NormAttention causal scan chunk
   c.model.sla = ml_collections.ConfigDict()
-  c.model.sla.grid = (0, 0)  # (h, w), T = h*w: 2-D k x k depth-wise conv on V (bidirectional); (0, 0) = 1-D
+  c.model.sla.grid = (0, 0)  # (h, w), T = h*w: 2-D k x k depth-wise conv on V (bidirectional); (0, 0) = the task's image grid, else 1-D
   c.model.sla.conv_kernel = 5  # k: depth-wise conv taps; centred when bidirectional, left-only when causal
   c.model.sla.chunk = 64  # C: causal scan chunk
   c.model.sla.eps = 1e-6  # added to the denominator

@@ -7,7 +7,7 @@ needs the LRA release's AAN TSV files (README: "Real data"). Settings from the L
 repository's matching/configs/base_match_config.py: 4,000 bytes per document, batch 32,
 5,000 steps, Adam (b2 0.98), weight decay 0.1, `constant * linear_warmup * rsqrt_decay` with
 constant 0.05 and 8,000 warm-up steps (longer than the run: the rate climbs linearly to
-0.05 * 5000 / 8000^1.5 = 4.4e-4 at the last step; we reproduce that with a linear warm-up
+0.05 * 5000 / 8000^1.5 = 3.5e-4 at the last step; we reproduce that with a linear warm-up
 to 0.05 / sqrt(8000) over 8,000 steps, cut at 5,000), 4 layers, width 128, 4 heads, MLP 512,
 dropout 0.1. Both documents go through one shared encoder.
 

@@ -13,7 +13,8 @@ bytes (`--config.task.seq_len=1000` gives the config file's setting).
 
 Deviations, all deliberate: LRA trains on all of `train` and reports `test` while also
 evaluating on it during training; we hold out `train[90%:]` for model selection and touch
-`test` only in `trainer.evaluate` (set task.tfds.train_split=train to train on all of it).
+`test` only in `trainer.evaluate` (to train on all of `train` as LRA does, set
+task.tfds.train_split=train and task.tfds.validation_split=test).
 LRA pools a prepended CLS token and uses sinusoidal positions; we mean-pool and learn the
 positions. An accelerator job. `:small` (seq_len 1024, 2 layers of width 128, 2,000 steps) trains at
 0.14 steps/s on 2 CPU cores (scripts/bench_data.py), ~4 hours: not yet a CPU-sized run,

@@ -171,6 +171,8 @@ def test_built_images_grey_and_pixels(data_dir):
 
 @pytest.mark.parametrize("kw, pattern", [
     (dict(name="seqmix_no_such_set"), r"task.tfds.name='seqmix_no_such_set' is neither a TFDS data set"),
+    (dict(name="imdb_reviews:9.9.9"), r"task.tfds.name='imdb_reviews:9.9.9' names no data set, config or version"),
+    (dict(name="imdb_reviews/nosuchconfig"), r"task.tfds.name='imdb_reviews/nosuchconfig' names no data set"),
     (dict(name="imdb_reviews"), r"task.tfds.name='imdb_reviews' is not prepared in .*tfds build imdb_reviews"),
     (dict(train_split="train[:75%"), r"task.tfds.train_split='train\[:75%' is not a split"),
     (dict(validation_split="valid"), r"task.tfds.validation_split='valid' is not a split"),

@@ -35,6 +35,8 @@ def run(argv) -> int:
     raise UserError(f"--workdir={args.workdir!r} holds no checkpoints; train first with python -m trainer.train "
                     f"--config={args.config} --workdir={args.workdir}")
   exp = Experiment(cfg, args.workdir, read_only=True)
+  from trainer.experiment import check_workdir  # noqa: PLC0415
+  check_workdir(args.workdir)  # eval_results.json goes there
   restored = exp.checkpointer.restore(exp.abstract_state, args.step)
   if restored is None:
     raise UserError(f"no readable checkpoint in {exp.checkpointer.root}")

@@ -123,8 +123,10 @@ class Experiment:
         raise UserError(str(e)) from None
     self.batch_shapes, self.batch_shardings = pipeline.batch_shardings(self.task, cfg.batch_size, self.mesh,
                                                                        self.rules, self.layout_perm)
-    # Only now, with the task, model and mesh accepted, is the workdir made: a refused run leaves none.
-    check_workdir(workdir)
+    # Only now, with the task, model and mesh accepted, is a training run's workdir made: a refused
+    # run leaves none. Read-only users (evaluate, generate, dry runs) never create it here.
+    if not read_only:
+      check_workdir(workdir)
     self.checkpointer = Checkpointer(workdir, cfg.keep_checkpoints, cfg.keep_best, cfg.async_checkpointing,
                                      read_only=read_only)
     self._train_step = self._eval_step = None
@@ -230,8 +232,11 @@ class Experiment:
 
   def _stream(self, split: str, id_batches, first: int, stop: int) -> pipeline.BatchStream:
     d = self.cfg.data
+    # Worker processes only for the long-lived train stream: a pool per evaluation would start
+    # (and load the task into) fresh processes every time.
+    workers = d.workers if split == "train" else 0
     return pipeline.BatchStream(self.task, split, id_batches, first, stop, self.batch_shapes, self.batch_shardings,
-                                self.layout_perm, threads=d.threads, prefetch=d.prefetch, workers=d.workers)
+                                self.layout_perm, threads=d.threads, prefetch=d.prefetch, workers=workers)
 
   def train_stream(self, start: int) -> pipeline.BatchStream:
     """Train batches start, start+1, ..., total_steps-1, read ahead (the data state is the step)."""

@@ -19,7 +19,11 @@ def cross_entropy(logits, targets, weights):
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return jnp.sum(nll * weights), jnp.sum(correct * weights), jnp.sum(weights)
+  # Zero-weight rows (padding, a finite split's fillers) are dropped, not multiplied by 0:
+  # a non-finite logit there must not turn the sums into NaN.
+  real = weights > 0
+  return (jnp.sum(jnp.where(real, nll * weights, 0.0)), jnp.sum(jnp.where(real, correct * weights, 0.0)),
+          jnp.sum(weights))
 
 
 def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, lr_schedule):

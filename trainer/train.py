@@ -90,6 +90,8 @@ def run(args, overrides) -> int:
   main = jax.process_index() == 0
 
   if args.dry_run:
+    from trainer.experiment import check_workdir  # noqa: PLC0415
+    check_workdir(args.workdir)  # it writes compile.json
     stats = exp.compile_stats()
     if main:
       write_json(os.path.join(args.workdir, "compile.json"), stats)
@@ -139,45 +141,47 @@ def run(args, overrides) -> int:
   t_window, steps_window = time.time(), 0
   stream = exp.train_stream(start)
   wait_window = 0.0
-  with _Preemption() as preempt:
-    while step < cfg.total_steps:
-      batch = next(stream)
-      state, metrics = train_step(state, batch)
-      step += 1
-      steps_window += 1
-      if pending is not None:
-        _check_finite(pending, cfg)
-      pending = (step, metrics)
-      if step % max(cfg.log_every, 1) == 0 or step == cfg.total_steps:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        pending = None
-        _check_finite((step, values), cfg)
-        dt = time.time() - t_window
-        tps = tokens_per_step * steps_window / max(dt, 1e-9)
-        row = {f"train/{k}": v for k, v in values.items()} | {"train/tokens_per_sec": tps,
-                                                                "train/steps_per_sec": steps_window / max(dt, 1e-9)}
-        # Share of the window's wall time the loop sat waiting for the input pipeline.
-        row["train/data_wait_fraction"] = (stream.wait_seconds - wait_window) / max(dt, 1e-9)
-        wait_window = stream.wait_seconds
-        if peak and stats["flops_per_step"]:
-          row["train/mfu"] = stats["flops_per_step"] * steps_window / max(dt, 1e-9) / peak
-        writer.write(step, row)
-        bar.update(step, values["loss"], tps)
-        t_window, steps_window = time.time(), 0
-      do_eval = step == cfg.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)
-      if do_eval:
-        result = exp.evaluate(state, cfg.eval_split)
-        last_eval = result
-        writer.write(step, {f"eval/{k.split('/', 1)[1]}": v for k, v in result.items()})
-        exp.checkpointer.save_best(step, state, exp.meta(step, result), result[f"{cfg.eval_split}/accuracy"])
-      if step == cfg.total_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-        exp.checkpointer.save(step, state, exp.meta(step, last_eval))
-      if preempt.requested():
-        stopped_by = preempt.signal or "a signal on another process"
-        if not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+  try:
+    with _Preemption() as preempt:
+      while step < cfg.total_steps:
+        batch = next(stream)
+        state, metrics = train_step(state, batch)
+        step += 1
+        steps_window += 1
+        if pending is not None:
+          _check_finite(pending, cfg)
+        pending = (step, metrics)
+        if step % max(cfg.log_every, 1) == 0 or step == cfg.total_steps:
+          values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          pending = None
+          _check_finite((step, values), cfg)
+          dt = time.time() - t_window
+          tps = tokens_per_step * steps_window / max(dt, 1e-9)
+          row = {f"train/{k}": v for k, v in values.items()} | {"train/tokens_per_sec": tps,
+                                                                  "train/steps_per_sec": steps_window / max(dt, 1e-9)}
+          # Share of the window's wall time the loop sat waiting for the input pipeline.
+          row["train/data_wait_fraction"] = (stream.wait_seconds - wait_window) / max(dt, 1e-9)
+          wait_window = stream.wait_seconds
+          if peak and stats["flops_per_step"]:
+            row["train/mfu"] = stats["flops_per_step"] * steps_window / max(dt, 1e-9) / peak
+          writer.write(step, row)
+          bar.update(step, values["loss"], tps)
+          t_window, steps_window = time.time(), 0
+        do_eval = step == cfg.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)
+        if do_eval:
+          result = exp.evaluate(state, cfg.eval_split)
+          last_eval = result
+          writer.write(step, {f"eval/{k.split('/', 1)[1]}": v for k, v in result.items()})
+          exp.checkpointer.save_best(step, state, exp.meta(step, result), result[f"{cfg.eval_split}/accuracy"])
+        if step == cfg.total_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
           exp.checkpointer.save(step, state, exp.meta(step, last_eval))
-        break
-  stream.close()
+        if preempt.requested():
+          stopped_by = preempt.signal or "a signal on another process"
+          if not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            exp.checkpointer.save(step, state, exp.meta(step, last_eval))
+          break
+  finally:
+    stream.close()  # the pipeline's threads or worker processes, on every way out
   if pending is not None:
     _check_finite(pending, cfg)
   bar.close()

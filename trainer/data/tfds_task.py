@@ -63,12 +63,20 @@ def open_source(name: str, split_key: str, expr: str, data_dir: str, decoders=No
   kwargs = {"data_dir": data_dir or None, "download": False}
   if decoders:
     kwargs["decoders"] = decoders
+  # The name first (a ValueError or AssertionError here is about the name, config or version),
+  # then the split, so each failure names the key that caused it.
   try:
-    return tfds.data_source(name, split=expr, **kwargs)
+    tfds.builder(name, data_dir=data_dir or None)
   except tfds.core.registered.DatasetNotFoundError:
     raise DataError(f"task.tfds.name={name!r} is neither a TFDS data set nor prepared in "
                     f"{data_dir or 'the default data_dir'}; check the name (e.g. 'imdb_reviews', "
                     f"'cifar10', or NAME/CONFIG:VERSION)") from None
+  except (ValueError, AssertionError) as e:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise DataError(f"task.tfds.name={name!r} names no data set, config or version TFDS knows ({text}); write "
+                    f"NAME, NAME/CONFIG or NAME/CONFIG:VERSION") from None
+  try:
+    return tfds.data_source(name, split=expr, **kwargs)
   except ValueError as e:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise DataError(f"task.tfds.{split_key}={expr!r} is not a split of {name!r} ({text}); write a TFDS split "
