@@ -148,7 +148,8 @@ class Classifier(nnx.Module):
     x = self.encoder(batch["inputs"], batch["segment_ids"], batch["positions"], index_bt=batch.get("index"),
                      dropout_rng=dropout_rng, training=training, step=step, prepare=prepare)
     # Packed rows (trainer/data/packing.py) carry one label per segment: [B, S].
-    slots = batch["label"].shape[1] if batch["label"].ndim == 2 else 0
+    weights = batch.get("label_weights")  # [B] on a finite split's unpacked rows
+    slots = weights.shape[1] if weights is not None and weights.ndim == 2 else 0
     pooled = _pool(x, batch["segment_ids"], batch["positions"], self.spec.pooling, slots)
     return self.head(jax.nn.gelu(self.hidden(pooled))).astype(jnp.float32)
 
