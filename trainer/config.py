@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import math
 import os
 from typing import Any
 
@@ -66,7 +67,11 @@ def _parse_value(raw: str, current: Any, key: str) -> Any:
     value = ast.literal_eval(raw)
   except (ValueError, SyntaxError):
     raise UserError(f"config key {key!r} takes a Python literal like {current!r}, not {raw!r}") from None
-  return type(current)(value) if isinstance(current, (tuple, list)) else value
+  if isinstance(current, (tuple, list)):
+    if not isinstance(value, (tuple, list)):
+      raise UserError(f"config key {key!r} takes a sequence like {current!r}, not {raw!r}")
+    return type(current)(value)
+  return value
 
 
 def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
@@ -86,19 +91,35 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
 
 
 def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-  """Loads `path.py[:arg]`, applies `KEY=VALUE` overrides, and validates the result."""
+  """Loads `path.py[:arg]`, applies `KEY=VALUE` overrides, and validates the result.
+
+  Config files are Python code and run as such: load only files you trust.
+  """
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise UserError(f"config file {path!r} does not exist; configs live in configs/*.py")
   mod_spec = importlib.util.spec_from_file_location(f"seqmix_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
+  try:
+    mod_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"config file {path!r} line {e.lineno} has a syntax error: {e.msg}") from None
+  except Exception as e:  # noqa: BLE001 - a config file is user code: any failure is theirs
+    raise UserError(f"config file {path!r} failed to load at line {_line_in(e, path)} "
+                    f"({type(e).__name__}: {_first_line(e)})") from None
+  if not callable(getattr(module, "get_config", None)):
     raise UserError(f"config file {path!r} has no get_config(arg=None) function")
   try:
     cfg = module.get_config(arg or None)
   except ValueError as e:  # configs reject a bad `:ARG` with a ValueError naming it
     raise UserError(f"{path}: {e}") from None
+  except Exception as e:  # noqa: BLE001
+    raise UserError(f"config file {path!r}: get_config({arg or 'None'!s}) raised {type(e).__name__} at line "
+                    f"{_line_in(e, path)} ({_first_line(e)})") from None
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise UserError(f"config file {path!r}: get_config returned {type(cfg).__name__}, not an "
+                    f"ml_collections.ConfigDict; start from configs/base.py's get_config()")
+  _check_complete(cfg, path)
   for item in overrides:
     if "=" not in item:
       raise UserError(f"override {item!r} must look like KEY=VALUE")
@@ -107,6 +128,33 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
   validate(cfg)
   cfg.lock()
   return cfg
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return text[0][:200] if text else "no message"
+
+
+def _line_in(e: BaseException, path: str) -> str:
+  """The line of `path` where exception `e` happened (the innermost frame in that file)."""
+  import traceback  # noqa: PLC0415
+  target = os.path.abspath(path)
+  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == target]
+  return str(lines[-1]) if lines else "?"
+
+
+def _check_complete(cfg: ml_collections.ConfigDict, path: str) -> None:
+  """A config must hold every key configs/base.py defines (configs start from its get_config())."""
+  base_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.py")
+  mod_spec = importlib.util.spec_from_file_location("seqmix_config_base_reference", base_path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  have = set(_flat_keys(cfg))
+  missing = [k for k in _flat_keys(module.get_config()) if k not in have]
+  if missing:
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    raise UserError(f"config file {path!r}: get_config's result lacks {shown}; start from configs/base.py's "
+                    f"get_config() and change what you need")
 
 
 def split_override_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -135,8 +183,41 @@ def _choice(key: str, value: Any, valid) -> None:
 
 
 def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
-  if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+  if not isinstance(value, (int, float)) or value != value or value < 0 or (value == 0 and not allow_zero):
     raise UserError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _in_range(key: str, value: Any, low: float, high: float, high_open: bool = True) -> None:
+  ok = isinstance(value, (int, float)) and low <= value and (value < high if high_open else value <= high)
+  if not ok:
+    raise UserError(f"{key}={value!r} must be in [{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+def _finite_numbers(cfg: ml_collections.ConfigDict, prefix: str = "") -> None:
+  """No NaN or infinity anywhere in a config: no key has a use for one."""
+  for k, v in cfg.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      _finite_numbers(v, f"{prefix}{k}.")
+    elif isinstance(v, float) and not math.isfinite(v):
+      raise UserError(f"{prefix}{k}={v!r} is not a finite number")
+
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+
+def _check_rules(rules: Any) -> None:
+  """mesh.rules: a sequence of (logical axis, mesh axes) pairs; mesh axes None, one name, or a tuple of names."""
+  example = "e.g. ((\"batch\", (\"data\", \"fsdp\")), (\"heads\", \"tensor\"))"
+  if not isinstance(rules, (tuple, list)):
+    raise UserError(f"mesh.rules={rules!r} must be a sequence of (logical axis, mesh axes) pairs, {example}")
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise UserError(f"mesh.rules entry {rule!r} must be a (logical axis, mesh axes) pair, {example}")
+    axes = rule[1]
+    names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    if not isinstance(names, (tuple, list)) or any(not isinstance(a, str) or a not in MESH_AXES for a in names):
+      raise UserError(f"mesh.rules entry {tuple(rule)!r} names mesh axes {axes!r}; valid mesh axes: "
+                      f"{', '.join(MESH_AXES)} (a name, a tuple of names, or None)")
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -145,7 +226,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   from layers import mixers
   from trainer.data import tasks
 
+  _finite_numbers(cfg)
   _choice("task.name", cfg.task.name, sorted(tasks.TASKS))
+  _choice("eval_split", cfg.eval_split, ("validation", "test"))  # held out: never "train"
   entries = [n for n in cfg.model.mixer_schedule.split(",") if n.strip()]
   if len(entries) > cfg.model.num_layers:
     raise UserError(f"model.mixer_schedule={cfg.model.mixer_schedule!r} has {len(entries)} entries but "
@@ -154,13 +237,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if name not in mixers.MIXERS:
       where = "model.mixer" if not cfg.model.mixer_schedule else f"model.mixer_schedule[{i}]"
       raise UserError(f"{where}={name!r} is not a known mixer; valid mixers: {', '.join(sorted(mixers.MIXERS))}")
-  for key in ("total_steps", "batch_size", "task.seq_len", "model.num_layers", "model.d_model",
-              "model.num_heads", "eval_examples"):
+  for key in ("total_steps", "batch_size", "task.seq_len", "task.packing_window", "model.num_layers", "model.d_model",
+              "model.num_heads", "model.mlp_ratio", "eval_examples", "optimizer.learning_rate", "optimizer.eps"):
     _positive(key, _get(cfg, key))
-  for key in ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "data.threads", "data.prefetch",
-              "data.workers"):
+  for key in ("seed", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "max_skipped",
+              "data.threads", "data.prefetch", "data.workers", "model.num_kv_heads", "optimizer.warmup_steps",
+              "optimizer.grad_clip", "optimizer.weight_decay", "optimizer.end_lr_ratio", "model.prepbn.total_steps",
+              "model.prepbn.warmup_steps"):
     _positive(key, _get(cfg, key), allow_zero=True)
-  _positive("optimizer.learning_rate", cfg.optimizer.learning_rate)
+  _in_range("model.dropout", cfg.model.dropout, 0.0, 1.0)
+  _in_range("optimizer.b1", cfg.optimizer.b1, 0.0, 1.0)
+  _in_range("optimizer.b2", cfg.optimizer.b2, 0.0, 1.0)
+  _in_range("model.prepbn.r0", cfg.model.prepbn.r0, 0.0, 1.0, high_open=False)
   _choice("optimizer.schedule", cfg.optimizer.schedule, ("cosine", "rsqrt", "constant"))
   _choice("model.positions", cfg.model.positions, ("rope", "learned", "none"))
   _choice("model.norm", cfg.model.norm, ("rmsnorm", "layernorm", "prepbn"))
@@ -207,6 +295,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise UserError(f"mesh.{axis}={size!r} must be a positive integer or -1 (all remaining devices)")
   if sum(1 for a in ("data", "fsdp", "tensor", "sequence") if cfg.mesh[a] == -1) > 1:
     raise UserError("at most one of mesh.data/fsdp/tensor/sequence may be -1")
+  _check_rules(cfg.mesh.rules)
 
 
 def mixer_schedule(cfg: ml_collections.ConfigDict) -> list[str]:
