@@ -26,6 +26,10 @@ def get_config(arg=None):
   c.keep_best = True  # also keep the best checkpoint by held-out metric in DIR/best_checkpoint
   c.async_checkpointing = True  # write checkpoints in the background while training goes on
   c.on_nonfinite = "stop"  # non-finite loss: "stop" with the step number, or "skip" the update
+  c.max_skipped = 20  # on_nonfinite=skip: stop after this many consecutive skipped steps (0: never stop)
+  # Resuming with a config that changes what is trained (mixer, sizes, task, batch, seed, ...) is
+  # refused; true continues anyway and records the change in metrics.jsonl.
+  c.allow_config_change = False
   c.progress_bar = True  # one-line progress bar on stderr (step, loss, tokens/s, ETA)
 
   c.task = ml_collections.ConfigDict()

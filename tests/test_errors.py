@@ -39,8 +39,13 @@ def good_run(tmp_path_factory):
                                               "backend is 'cpu'"),
     (["--config.model.attention_impl=mgpu"], "model.attention_impl='mgpu' needs an NVIDIA GPU, but this run's "
                                              "backend is 'cpu'"),
-    (["--config.model.d_model=48"], "parameter 'encoder/blocks/0/mixer/key/kernel' has shape (32, 4, 8) in the "
-                                    "checkpoint but (48, 4, 12) in this config"),
+    (["--config.model.d_model=48"], "was trained with a different config: model.d_model (32 -> 48); use the config "
+                                    "it was trained with"),
+    (["--config.model.d_model=48", "--config.allow_config_change=true"],
+     "parameter 'encoder/blocks/0/mixer/key/kernel' has shape (32, 4, 8) in the checkpoint but (48, 4, 12) in this "
+     "config"),
+    (["--config.on_nonfinite=skip", "--config.allow_config_change=true"],
+     "train-state array 'opt_state/1/0/count' is in the checkpoint but not in what this config builds"),
 ])
 def test_bad_input_is_one_sentence_and_touches_nothing(good_run, capsys, extra, needle):
   before = _snapshot(good_run)

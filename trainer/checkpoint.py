@@ -8,17 +8,30 @@
   `meta` (JSON: step, data position, metrics). The data iterator's state is the step.
 
 Restore targets the current mesh's shardings, so a run saved on one mesh continues on
-another. An unreadable latest checkpoint is skipped, with a warning, for the previous one.
+another. An unreadable latest checkpoint is skipped, with a warning, for the previous one;
+when no regular checkpoint is readable, `best_checkpoint/` is the last fallback.
+
+Integrity. Each save's meta records a 64-bit fingerprint of every array of the state
+(`checksums`, computed on the devices: a weighted sum of the array's bits modulo 2**32 under
+two odd position-dependent weights, so it is independent of the sharding and changes with
+any single flipped bit) and a SHA-256 of the rest of the meta (`meta_sha256`). Restore
+recomputes both; a mismatch makes the checkpoint unreadable, naming the array. A state with
+a non-finite array is never saved (`NonFiniteState`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from trainer.config import UserError
@@ -51,17 +64,47 @@ def _manager(directory: str, keep: int, async_save: bool, best: bool = False, re
       options=ocp.CheckpointManagerOptions(**opts))
 
 
-def _flat_shapes(tree, prefix="") -> dict[str, tuple]:
-  out = {}
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      out.update(_flat_shapes(v, f"{prefix}{k}/" if prefix or k else ""))
-  elif isinstance(tree, (list, tuple)):
-    for i, v in enumerate(tree):
-      out.update(_flat_shapes(v, f"{prefix}{i}/"))
-  elif hasattr(tree, "shape"):
-    out[prefix.rstrip("/")] = tuple(tree.shape)
-  return out
+class NonFiniteState(Exception):
+  """The state to be saved holds NaN or inf (`arrays`: their names)."""
+
+  def __init__(self, arrays: list[str]):
+    super().__init__(", ".join(arrays))
+    self.arrays = arrays
+
+
+def _leaf_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _bits_u32(x):
+  """The array's bits as uint32 words (1- and 2-byte items widened, 8-byte items split)."""
+  size = np.dtype(x.dtype).itemsize
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32).reshape(-1)
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+  if size in (1, 2):
+    return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32).reshape(-1)
+  return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # 8 bytes: [..., 2] words
+
+
+def _fingerprint_leaf(x):
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  u = _bits_u32(x)
+  i = jax.lax.iota(jnp.uint32, u.size)
+  # Odd weights: a flipped bit b changes the sum by +-2**b * w != 0 (mod 2**32).
+  w1 = (i * jnp.uint32(0x9E3779B1)) * jnp.uint32(2) + jnp.uint32(1)
+  w2 = (i * jnp.uint32(0x85EBCA77) + jnp.uint32(0x165667B1)) * jnp.uint32(2) + jnp.uint32(1)
+  h1 = jnp.sum(u * w1, dtype=jnp.uint32)
+  h2 = jnp.sum((u ^ jnp.uint32(0x27D4EB2F)) * w2, dtype=jnp.uint32)
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+  return jnp.stack([h1, h2]), finite
+
+
+def _meta_sha256(meta: dict) -> str:
+  body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class Checkpointer:
@@ -78,34 +121,101 @@ class Checkpointer:
     self.best = None
     if keep_best and (not read_only or os.path.isdir(best_dir)):
       self.best = _manager(best_dir, 1, async_save, best=True, read_only=read_only)
+    self._fingerprint = None  # (treedef, compiled function)
+
+  # -- integrity -------------------------------------------------------------------------
+
+  def fingerprints(self, state: dict) -> tuple[dict[str, str], list[str]]:
+    """({array name: 16 hex digits}, [names of arrays holding NaN or inf]), computed on the devices."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    if self._fingerprint is None or self._fingerprint[0] != treedef:
+      self._fingerprint = (treedef, jax.jit(lambda xs: [_fingerprint_leaf(x) for x in xs]))
+    out = jax.device_get(self._fingerprint[1]([x for _, x in leaves]))
+    sums, bad = {}, []
+    for (path, _), (h, finite) in zip(leaves, out):
+      name = _leaf_name(path)
+      sums[name] = "".join(f"{int(v):08x}" for v in np.asarray(h))
+      if not bool(finite):
+        bad.append(name)
+    return sums, bad
+
+  def _verify(self, state: dict, meta: dict) -> None:
+    """Raises ValueError naming the first array (or the meta) whose checksum does not match."""
+    want = meta.get("checksums")
+    if want is None:  # saved before checksums were recorded
+      return
+    have, _ = self.fingerprints(state)
+    for name in sorted(set(want) | set(have)):
+      if want.get(name) != have.get(name):
+        raise ValueError(f"array {name!r} does not match its checksum")
+
+  def _finalized(self, root: str) -> list[int]:
+    if not os.path.isdir(root):
+      return []
+    return sorted(int(n) for n in os.listdir(root) if n.isdigit() and os.path.isdir(os.path.join(root, n)))
+
+  def last_good(self) -> str:
+    """Names the newest finished checkpoint on disk, for messages about a failed save."""
+    steps = self._finalized(self.root)
+    if steps:
+      return f"the last good checkpoint is step {steps[-1]} in {self.root}"
+    return f"there is no finished checkpoint in {self.root} yet"
+
+  def last_good_after_wait(self) -> str:
+    """`last_good()` once saves under way have finished (or failed)."""
+    try:
+      self.wait()
+    except Exception:  # noqa: BLE001 - a failed save simply is not a good checkpoint
+      pass
+    return self.last_good()
+
+  def remove_unfinished(self) -> None:
+    """Deletes temporary directories of saves that did not finish (after a failed save)."""
+    if jax.process_index() != 0:
+      return
+    for root in (self.root, os.path.join(os.path.dirname(self.root), "best_checkpoint")):
+      if os.path.isdir(root):
+        for name in os.listdir(root):
+          if ".orbax-checkpoint-tmp" in name:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps()) if self.manager else []
 
-  def check_compatible(self, step: int, abstract_state: dict) -> None:
-    """Raises UserError naming the first parameter whose saved shape differs from the config's."""
-    saved = self.manager.item_metadata(step)["state"]
-    saved_tree = getattr(saved, "tree", saved)
-    want = _flat_shapes(abstract_state["params"])
-    have = _flat_shapes(saved_tree["params"])
-    for name in sorted(set(want) | set(have)):
+  def check_compatible(self, step: int, abstract_state: dict, manager=None) -> None:
+    """Raises UserError naming the first array whose saved shape (or presence) differs from the
+    config's: parameters first, then the rest of the state (e.g. the optimizer's, which
+    `on_nonfinite=skip` or `optimizer.grad_clip` change), so a different config is refused, not
+    mistaken for a damaged checkpoint."""
+    manager = manager or self.manager
+    saved = manager.item_metadata(step)["state"]
+    want, have = _named_shapes(abstract_state), _named_shapes(getattr(saved, "tree", saved))
+    names = sorted(set(want) | set(have), key=lambda n: (not n.startswith("params/"), n))
+    for name in names:
       if want.get(name) != have.get(name):
+        shown = name[len("params/"):] if name.startswith("params/") else name
+        kind = "parameter" if name.startswith("params/") else "train-state array"
         if name not in have:
           what = "is missing from the checkpoint"
         elif name not in want:
-          what = "is in the checkpoint but not in the model this config builds"
+          what = "is in the checkpoint but not in what this config builds"
         else:
           what = f"has shape {have[name]} in the checkpoint but {want[name]} in this config"
-        raise UserError(f"the checkpoint at step {step} in {self.root} does not match the config: parameter "
-                        f"{name!r} {what}; use the config it was trained with or a fresh --workdir")
+        raise UserError(f"the checkpoint at step {step} in {manager.directory} does not match the config: {kind} "
+                        f"{shown!r} {what}; use the config it was trained with or a fresh --workdir")
 
-  def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, dict] | None:
+  def restore(self, abstract_state: dict, step: int | None = None,
+              check_config: Callable[[int, dict], None] | None = None) -> tuple[dict, dict] | None:
     """Restores `step`, or the newest readable checkpoint; None when there is none.
 
-    Unreadable checkpoints skipped on the way are moved to DIR/unreadable_checkpoints/
-    (kept for inspection, never deleted) so training can save that step again.
+    A checkpoint is unreadable when its files are damaged or missing or a checksum does
+    not match. Unreadable checkpoints skipped on the way are moved to
+    DIR/unreadable_checkpoints/ (kept for inspection, never deleted) so training can save
+    that step again; read-only users (evaluate) leave them in place. When no regular
+    checkpoint is readable, the newest readable one in best_checkpoint/ is used.
+    `check_config(step, saved_config)` may refuse a checkpoint (UserError) before its arrays are read.
     """
-    if self.manager is None:
+    if self.manager is None and self.best is None:
       return None
     if step is not None and step not in self.steps():
       raise UserError(f"--step={step} has no checkpoint in {self.root}; saved steps: {self.steps() or 'none'}")
@@ -113,26 +223,48 @@ class Checkpointer:
     unreadable, result = [], None
     for s in candidates:
       try:
-        self.check_compatible(s, abstract_state)
-        restored = self.manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        result = self._restore_one(self.manager, s, abstract_state, check_config)
       except UserError:
         raise
-      except Exception as e:  # damaged files, truncated arrays, missing metadata, ...
+      except Exception as e:  # damaged files, truncated arrays, missing metadata, checksums, ...
         if step is not None:
-          raise UserError(f"checkpoint {s} in {self.root} cannot be read ({type(e).__name__})") from None
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        log.warning("checkpoint %d in %s is unreadable (%s: %s); trying the previous one", s, self.root,
-                    type(e).__name__, first)
+          raise UserError(f"checkpoint {s} in {self.root} cannot be read ({_why(e)})") from None
+        action = ("evaluating the previous one (a training run will set it aside)" if self.read_only
+                  else "trying the previous one")
+        log.warning("checkpoint %d in %s is unreadable (%s); %s", s, self.root, _why(e), action)
         unreadable.append(s)
         continue
-      result = restored["state"], dict(restored["meta"])
       break
     if unreadable and not self.read_only:
       self._set_aside(unreadable)
-    if result is None and candidates:
+    if result is None and step is None and self.best is not None:
+      for s in reversed(sorted(self.best.all_steps())):
+        try:
+          result = self._restore_one(self.best, s, abstract_state, check_config)
+        except UserError:
+          raise
+        except Exception as e:
+          log.warning("best checkpoint %d is unreadable too (%s)", s, _why(e))
+          continue
+        log.warning("no readable checkpoint in %s; %s from best_checkpoint/%d instead", self.root,
+                    "evaluating" if self.read_only else "resuming", s)
+        break
+    if result is None and candidates and not self.read_only:
       log.warning("no readable checkpoint in %s; starting from scratch", self.root)
     return result
+
+  def _restore_one(self, manager, s: int, abstract_state: dict, check_config) -> tuple[dict, dict]:
+    meta = dict(manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_sha256(meta):
+      raise ValueError("its meta does not match its checksum")
+    if check_config is not None and "config" in meta:
+      check_config(s, meta["config"])
+    self.check_compatible(s, abstract_state, manager)
+    restored = manager.restore(s, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    state = restored["state"]
+    self._verify(state, meta)
+    return state, meta
 
   def _set_aside(self, steps: list[int]) -> None:
     if jax.process_index() == 0:
@@ -147,13 +279,24 @@ class Checkpointer:
       multihost_utils.sync_global_devices("seqmix_set_aside_checkpoints")
     self.manager.reload()
 
+  def _sealed(self, state: dict, meta: dict[str, Any]) -> dict:
+    sums, bad = self.fingerprints(state)
+    if bad:
+      raise NonFiniteState(bad)
+    meta = dict(meta, checksums=sums)
+    meta["meta_sha256"] = _meta_sha256(meta)
+    return meta
+
   def save(self, step: int, state: dict, meta: dict[str, Any]) -> None:
+    """Saves asynchronously (when configured); raises NonFiniteState instead of saving NaN/inf."""
+    meta = self._sealed(state, meta)
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                       force=True)
 
   def save_best(self, step: int, state: dict, meta: dict[str, Any], score: float) -> None:
     if self.best is None or step in self.best.all_steps():  # a step redone after a fallback: already kept
       return
+    meta = self._sealed(state, meta)
     self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                    metrics={"score": float(score)}, force=True)
 
@@ -166,3 +309,13 @@ class Checkpointer:
     for m in (self.manager, self.best):
       if m is not None:
         m.close()
+
+
+def _named_shapes(tree) -> dict[str, tuple]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_leaf_name(p): tuple(getattr(x, "shape", ())) for p, x in leaves}
+
+
+def _why(e: BaseException) -> str:
+  first = str(e).splitlines()[0][:200] if str(e) else ""
+  return f"{type(e).__name__}: {first}" if first else type(e).__name__

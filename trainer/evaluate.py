@@ -19,7 +19,7 @@ from trainer.config import UserError, load_config, split_override_args
 
 def run(argv) -> int:
   from trainer.experiment import Experiment
-  from trainer.train import write_json
+  from trainer.workdir import check_workdir, write_json
 
   parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/default.py", help="configs/NAME.py[:ARG]")
@@ -35,9 +35,8 @@ def run(argv) -> int:
     raise UserError(f"--workdir={args.workdir!r} holds no checkpoints; train first with python -m trainer.train "
                     f"--config={args.config} --workdir={args.workdir}")
   exp = Experiment(cfg, args.workdir, read_only=True)
-  from trainer.experiment import check_workdir  # noqa: PLC0415
   check_workdir(args.workdir)  # eval_results.json goes there
-  restored = exp.checkpointer.restore(exp.abstract_state, args.step)
+  restored = exp.checkpointer.restore(exp.abstract_state, args.step, check_config=exp.check_config)
   if restored is None:
     raise UserError(f"no readable checkpoint in {exp.checkpointer.root}")
   state, meta = restored
@@ -54,7 +53,7 @@ def run(argv) -> int:
     for k, v in results.items():
       print(f"{k}: {v}")
     print(f"-> {path}")
-  exp.checkpointer.close()
+  exp.close()
   return 0
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
-import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -25,22 +24,44 @@ from parallel import mesh as mesh_lib
 from parallel.sequence import SequenceParallel, SequenceParallelError, zigzag_permutation
 from trainer import config as config_lib
 from trainer import optim, steps
+from trainer import workdir as workdir_lib
 from trainer.checkpoint import Checkpointer
 from trainer.config import UserError
 from trainer.data import pipeline
 from trainer.data.base import DataError
 from trainer.data.tasks import make_task
+from trainer.workdir import check_workdir
+
+log = logging.getLogger("seqmix")
+
+# Config keys that may change between a run and its resumption without changing what is
+# trained: how long, how often to log/evaluate/save, the input pipeline's threads, the mesh
+# and sequence strategy (the same model computed on other devices), where the data lives.
+RESUMABLE_KEYS = ("total_steps", "log_every", "eval_every", "eval_examples", "eval_split", "checkpoint_every",
+                  "keep_checkpoints", "keep_best", "async_checkpointing", "progress_bar", "max_skipped",
+                  "allow_config_change", "data.", "mesh.", "parallel.", "model.attention_impl", "task.tfds.data_dir",
+                  "task.retrieval.data_dir")
 
 
-def check_workdir(workdir: str) -> None:
-  """Fails (touching nothing there) unless `workdir` can be created and written."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
-      pass
-  except OSError as e:
-    raise UserError(f"--workdir={workdir!r} is not writable ({e.strerror or type(e).__name__}); "
-                    f"choose a directory you can write to") from None
+def _flat_config(tree, prefix="") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
+  """{key: (saved value, current value)} for keys that change what is trained. Keys absent
+  from either side (added or removed between versions of seqmix) are not compared."""
+  a, b = _flat_config(saved), _flat_config(current)
+  out = {}
+  for k in sorted(set(a) & set(b)):
+    if a[k] != b[k] and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS):
+      out[k] = (a[k], b[k])
+  return out
 
 
 def model_spec(cfg, task_spec) -> ModelSpec:
@@ -125,8 +146,11 @@ class Experiment:
                                                                        self.rules, self.layout_perm)
     # Only now, with the task, model and mesh accepted, is a training run's workdir made: a refused
     # run leaves none. Read-only users (evaluate, generate, dry runs) never create it here.
+    self.lock = None
+    self.config_changes: dict[str, tuple] = {}
     if not read_only:
       check_workdir(workdir)
+      self.lock = workdir_lib.acquire(workdir)  # one trainer per workdir; refused here otherwise
     self.checkpointer = Checkpointer(workdir, cfg.keep_checkpoints, cfg.keep_best, cfg.async_checkpointing,
                                      read_only=read_only)
     self._train_step = self._eval_step = None
@@ -163,8 +187,24 @@ class Experiment:
     with self.tracing():
       return jax.jit(self._fresh_state_fn(), out_shardings=self.state_shardings)()
 
+  def check_config(self, step: int, saved: dict) -> None:
+    """Refuses a checkpoint trained with a config that differs in what is trained (see
+    RESUMABLE_KEYS for what may change), unless allow_config_change=true."""
+    changes = config_changes(saved, json.loads(self.cfg.to_json()))
+    if not changes:
+      return
+    listed = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in changes.items())
+    if not self.cfg.allow_config_change:
+      raise UserError(f"the checkpoint at step {step} in {self.checkpointer.root} was trained with a different config: "
+                      f"{listed}; use the config it was trained with, a fresh --workdir, or "
+                      f"--config.allow_config_change=true to continue with the change")
+    self.config_changes = {k: [a, b] for k, (a, b) in changes.items()}
+    log.warning("continuing from step %d with a changed config (allow_config_change=true): %s", step, listed)
+
   def restore_or_init(self, step: int | None = None) -> tuple[dict, dict | None]:
-    restored = self.checkpointer.restore(self.abstract_state, step)
+    restored = self.checkpointer.restore(self.abstract_state, step, check_config=self.check_config)
+    if self.lock is not None:
+      self.lock.announce()
     if restored is None:
       return self.prepared(self.fresh_state()), None
     return restored
@@ -273,7 +313,21 @@ class Experiment:
       result[f"{split}/bits_per_token"] = loss / math.log(2)
     return result
 
+  def close(self) -> None:
+    """Finishes pending saves, closes the checkpointer and releases the workdir."""
+    try:
+      self.checkpointer.close()
+    finally:
+      if self.lock is not None:
+        self.lock.release()
+        self.lock = None
+
   def meta(self, step: int, extra: dict | None = None) -> dict:
     return {"step": int(step), "data_position": int(step) * int(self.cfg.batch_size),
             "config": json.loads(self.cfg.to_json()), **(extra or {})}
 
+
+
+def _short(value) -> str:
+  text = json.dumps(value)
+  return text if len(text) <= 40 else text[:37] + "..."

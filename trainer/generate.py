@@ -167,7 +167,7 @@ def load_model(cfg, args):
   if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
     raise UserError(f"--workdir={args.workdir!r} holds no checkpoints; train first with python -m trainer.train "
                     f"--config={args.config} --workdir={args.workdir}")
-  restored = exp.checkpointer.restore(exp.abstract_state, args.step)
+  restored = exp.checkpointer.restore(exp.abstract_state, args.step, check_config=exp.check_config)
   if restored is None:
     raise UserError(f"no readable checkpoint in {exp.checkpointer.root}; train first with python -m "
                     f"trainer.train --config={args.config} --workdir={args.workdir}")
@@ -209,7 +209,7 @@ def run(argv) -> int:
     for i, row in enumerate(tokens):
       label = "continuation" if args.num_samples == 1 else f"continuation {i}"
       print(f"{label}: {decode_tokens(cfg.task.name, row)!r}", flush=True)
-  exp.checkpointer.close()
+  exp.close()
   return 0
 
 

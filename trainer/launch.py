@@ -153,14 +153,16 @@ def initialize(args) -> None:
 
 def run_entry(body) -> int:
   """Runs an entry point's body: a user mistake (config, data, mesh, checkpoint) becomes one
-  `error: ...` line on stderr and exit code 2, with no traceback; anything else propagates."""
+  `error: ...` line on stderr and exit code 2, with no traceback; a disk that refused a write
+  the same, with exit code 75 (`workdir.EXIT_IO`); anything else propagates."""
   import logging
   from parallel.mesh import MeshError
   from trainer.config import UserError
   from trainer.data.base import DataError
+  from trainer.workdir import EXIT_IO, IOFault
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   try:
     return body()
   except (UserError, MeshError, DataError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
-    return exit_on_error(2)
+    return exit_on_error(EXIT_IO if isinstance(e, IOFault) else 2)

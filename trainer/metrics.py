@@ -3,6 +3,7 @@ when tensorboardX is installed, and the one-line progress bar. Only process 0 wr
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -11,33 +12,90 @@ import time
 
 
 class MetricsWriter:
+  """Appends whole lines to DIR/metrics.jsonl: a write the disk refuses half way is cut back
+  to the last complete line before the error propagates, so the file stays valid JSON lines.
 
-  def __init__(self, workdir: str, enabled: bool):
+  `resume_step`: the step this run starts from. A torn last line (a kill mid-write) is
+  repaired, and rows of steps after `resume_step` (written by a run that stopped before its
+  next checkpoint, and about to be trained again) move to DIR/metrics_superseded.jsonl, so
+  every step appears once in metrics.jsonl.
+  """
+
+  def __init__(self, workdir: str, enabled: bool, resume_step: int | None = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
     if enabled:
+      if resume_step is not None and os.path.exists(self.path):
+        self._truncate_after(resume_step)
       try:
         from tensorboardX import SummaryWriter  # optional: event files for TensorBoard
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:
         self.tb = None
 
+  def _truncate_after(self, step: int) -> None:
+    with open(self.path, "rb") as f:
+      raw = f.read()
+    keep, superseded = [], []
+    for line in raw.split(b"\n"):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except ValueError:  # the torn last line of a killed writer
+        continue
+      (keep if int(row.get("step", 0)) <= step else superseded).append(line)
+    text = b"".join(x + b"\n" for x in keep)
+    if text == raw:
+      return
+    if superseded:
+      with open(os.path.join(os.path.dirname(self.path), "metrics_superseded.jsonl"), "ab") as f:
+        f.write(b"".join(x + b"\n" for x in superseded))
+    tmp = self.path + ".tmp"
+    try:
+      with open(tmp, "wb") as f:
+        f.write(text)
+      os.replace(tmp, self.path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
+
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
     clean = {k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v) for k, v in values.items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **clean}) + "\n")
+    line = (json.dumps({"step": int(step), **clean}) + "\n").encode()
+    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      size = os.fstat(fd).st_size
+      try:
+        written = os.write(fd, line)
+        if written != len(line):  # a short write: the disk filled up mid-line
+          raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+      except OSError as e:
+        os.ftruncate(fd, size)  # never leave half a line for the next record to be glued to
+        if e.filename is None:
+          raise OSError(e.errno, e.strerror, self.path) from None
+        raise
+    finally:
+      os.close(fd)
     if self.tb is not None:
-      for k, v in clean.items():
-        if isinstance(v, float) and math.isfinite(v):
-          self.tb.add_scalar(k, v, int(step))
-      self.tb.flush()
+      try:
+        for k, v in clean.items():
+          if isinstance(v, float) and math.isfinite(v):
+            self.tb.add_scalar(k, v, int(step))
+        self.tb.flush()
+      except OSError:  # the event files are a convenience; metrics.jsonl is the record
+        self.tb = None
 
   def close(self) -> None:
     if self.tb is not None:
-      self.tb.close()
+      try:
+        self.tb.close()
+      except OSError:
+        pass
 
 
 def format_duration(seconds: float) -> str:

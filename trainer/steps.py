@@ -44,6 +44,10 @@ def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, lr_sc
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
     metrics["learning_rate"] = lr_schedule(state["step"])
+    if isinstance(opt_state, optax.ApplyIfFiniteState):  # on_nonfinite=skip
+      metrics["skipped"] = 1.0 - opt_state.last_finite.astype(jnp.float32)
+      metrics["consecutive_skipped"] = opt_state.notfinite_count.astype(jnp.float32)
+      metrics["skipped_steps"] = opt_state.total_notfinite.astype(jnp.float32)
     new_state = dict(state, params=params, extra=new_extra, opt_state=opt_state, step=state["step"] + 1)
     return new_state, metrics
 

@@ -21,7 +21,9 @@ import jax
 import numpy as np
 
 from trainer import launch
+from trainer import workdir as workdir_lib
 from trainer.config import UserError, load_config, split_override_args
+from trainer.workdir import check_workdir, write_json
 
 log = logging.getLogger("seqmix")
 
@@ -72,28 +74,18 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)  # atomic: never a half-written file
-
-
 def run(args, overrides) -> int:
   # Heavy imports after argument parsing so `--help` and config errors are instant.
   from trainer.experiment import Experiment
-  from trainer.metrics import MetricsWriter, ProgressBar
 
   launch.initialize(args)
   cfg = load_config(args.config, overrides)
   exp = Experiment(cfg, args.workdir, read_only=args.dry_run)
-  main = jax.process_index() == 0
 
   if args.dry_run:
-    from trainer.experiment import check_workdir  # noqa: PLC0415
     check_workdir(args.workdir)  # it writes compile.json
     stats = exp.compile_stats()
-    if main:
+    if jax.process_index() == 0:
       write_json(os.path.join(args.workdir, "compile.json"), stats)
       print(f"compiled train step on {stats['num_devices']} device(s), {exp.num_params:,} params; per device: "
             f"arguments {_mib(stats['argument_bytes'])}, outputs {_mib(stats['output_bytes'])}, "
@@ -101,16 +93,69 @@ def run(args, overrides) -> int:
             f"{stats['flops_per_step']:.3e} FLOPs per step -> {os.path.join(args.workdir, 'compile.json')}")
     return 0
 
+  # Every way out finishes (or removes) pending saves and releases the workdir, and a disk that
+  # refuses a write is reported once, as a sentence.
+  failed = True
+  try:
+    with workdir_lib.quiet_disk_full_noise():
+      try:
+        code = _train(exp, args, overrides, cfg)
+        exp.checkpointer.wait()
+        failed = False
+        return code
+      except Exception as e:
+        if workdir_lib.disk_full(e):
+          raise workdir_lib.io_fault(e, args.workdir, exp.checkpointer.last_good_after_wait()) from None
+        raise
+      finally:
+        if failed:
+          _finish_saves_after_failure(exp)
+  finally:
+    if failed:
+      _close_quietly(exp)
+    else:
+      exp.close()
+
+
+def _finish_saves_after_failure(exp) -> None:
+  """After a failure: saves already under way are finished if they can be (they hold finite
+  states: see Checkpointer.save); a save the disk refused is removed, not left half-written."""
+  try:
+    exp.checkpointer.wait()
+  except Exception:  # noqa: BLE001 - the failure being reported is the one that matters
+    pass
+  exp.checkpointer.remove_unfinished()
+
+
+def _close_quietly(exp) -> None:
+  try:
+    exp.close()
+  except Exception:  # noqa: BLE001
+    if exp.lock is not None:
+      exp.lock.release()
+
+
+class _NonFinite(UserError):
+  """Training produced a non-finite loss (stop) or too many skipped steps (skip)."""
+
+
+def _train(exp, args, overrides, cfg) -> int:
+  from trainer.checkpoint import NonFiniteState
+  from trainer.metrics import MetricsWriter, ProgressBar
+
+  main = jax.process_index() == 0
   state, meta = exp.restore_or_init()
   start = int(jax.device_get(state["step"]))
   resumed = meta is not None
-  writer = MetricsWriter(args.workdir, main)
+  writer = MetricsWriter(args.workdir, main, resume_step=start)
   if main:
     cfg_path = os.path.join(args.workdir, "config.json")
     if not os.path.exists(cfg_path):
       write_json(cfg_path, json.loads(cfg.to_json()))
     elif resumed:
       write_json(os.path.join(args.workdir, f"config_resumed_at_{start}.json"), json.loads(cfg.to_json()))
+  if exp.config_changes:
+    writer.write(start, {"config_change": exp.config_changes})
   chance = exp.task.spec
   _print(f"seqmix: task {cfg.task.name} ({chance.kind}), mixers {','.join(exp.spec.mixers)}, "
          f"{exp.num_params:,} params, mesh {dict(exp.mesh.shape)}, {jax.process_count()} process(es)")
@@ -120,7 +165,7 @@ def run(args, overrides) -> int:
     result = exp.evaluate(state, cfg.eval_split)
     writer.write(start, {f"eval/{k.split('/', 1)[1]}": v for k, v in result.items()})
     _summary(exp, args, overrides, cfg, result, start, None)
-    exp.checkpointer.close()
+    writer.close()
     return 0
   if resumed:
     _print(f"resuming from step {start} (checkpoint in {exp.checkpointer.root})")
@@ -141,6 +186,25 @@ def run(args, overrides) -> int:
   t_window, steps_window = time.time(), 0
   stream = exp.train_stream(start)
   wait_window = 0.0
+
+  def check(item):
+    try:
+      _check_finite(item, cfg)
+    except _NonFinite as e:
+      raise _NonFinite(f"{e}; {exp.checkpointer.last_good_after_wait()}") from None
+
+  def save(fn, *a):
+    nonlocal pending
+    if pending is not None:  # a checkpoint never holds the update of a step not yet checked
+      check(pending)
+      pending = None
+    try:
+      fn(step, state, *a)
+    except NonFiniteState as e:
+      raise _NonFinite(f"the train state holds NaN or inf after step {step} (in {', '.join(e.arrays[:3])}"
+                       f"{', ...' if len(e.arrays) > 3 else ''}), so it was not saved; "
+                       f"{exp.checkpointer.last_good_after_wait()}; lower optimizer.learning_rate") from None
+
   try:
     with _Preemption() as preempt:
       while step < cfg.total_steps:
@@ -149,12 +213,12 @@ def run(args, overrides) -> int:
         step += 1
         steps_window += 1
         if pending is not None:
-          _check_finite(pending, cfg)
+          check(pending)
         pending = (step, metrics)
         if step % max(cfg.log_every, 1) == 0 or step == cfg.total_steps:
           values = {k: float(v) for k, v in jax.device_get(metrics).items()}
           pending = None
-          _check_finite((step, values), cfg)
+          check((step, values))
           dt = time.time() - t_window
           tps = tokens_per_step * steps_window / max(dt, 1e-9)
           row = {f"train/{k}": v for k, v in values.items()} | {"train/tokens_per_sec": tps,
@@ -172,29 +236,27 @@ def run(args, overrides) -> int:
           result = exp.evaluate(state, cfg.eval_split)
           last_eval = result
           writer.write(step, {f"eval/{k.split('/', 1)[1]}": v for k, v in result.items()})
-          exp.checkpointer.save_best(step, state, exp.meta(step, result), result[f"{cfg.eval_split}/accuracy"])
+          save(exp.checkpointer.save_best, exp.meta(step, result), result[f"{cfg.eval_split}/accuracy"])
         if step == cfg.total_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-          exp.checkpointer.save(step, state, exp.meta(step, last_eval))
+          save(exp.checkpointer.save, exp.meta(step, last_eval))
         if preempt.requested():
           stopped_by = preempt.signal or "a signal on another process"
           if not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            exp.checkpointer.save(step, state, exp.meta(step, last_eval))
+            save(exp.checkpointer.save, exp.meta(step, last_eval))
           break
+      if pending is not None:
+        check(pending)
   finally:
     stream.close()  # the pipeline's threads or worker processes, on every way out
-  if pending is not None:
-    _check_finite(pending, cfg)
-  bar.close()
+    bar.close()
   exp.checkpointer.wait()
   wall = time.time() - t_start
   if stopped_by:
     _print(f"stopped by {stopped_by} after step {step}; checkpoint saved in {exp.checkpointer.root}; "
            f"run the same command again to resume")
-    exp.checkpointer.close()
     writer.close()
     return 0
   _summary(exp, args, overrides, cfg, last_eval, step, wall)
-  exp.checkpointer.close()
   writer.close()
   return 0
 
@@ -203,8 +265,14 @@ def _check_finite(pending, cfg) -> None:
   step, metrics = pending
   loss = float(metrics["loss"])
   if not math.isfinite(loss) and cfg.on_nonfinite == "stop":
-    raise UserError(f"the training loss became {loss} at step {step}; lower optimizer.learning_rate, or set "
-                    f"on_nonfinite=skip to skip such steps")
+    raise _NonFinite(f"the training loss became {loss} at step {step}; lower optimizer.learning_rate, or set "
+                     f"on_nonfinite=skip to skip such steps")
+  if cfg.on_nonfinite == "skip" and cfg.max_skipped and "consecutive_skipped" in metrics:
+    run = int(float(metrics["consecutive_skipped"]))
+    if run >= cfg.max_skipped:
+      raise _NonFinite(f"on_nonfinite=skip skipped {run} consecutive steps (steps {step - run + 1} to {step}) whose "
+                       f"gradients were not finite, reaching max_skipped={cfg.max_skipped}; lower "
+                       f"optimizer.learning_rate or raise max_skipped")
 
 
 def _mib(n: int) -> str:
