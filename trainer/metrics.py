@@ -31,7 +31,7 @@ class MetricsWriter:
       try:
         from tensorboardX import SummaryWriter  # optional: event files for TensorBoard
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:
+      except (ImportError, OSError):
         self.tb = None
 
   def _truncate_after(self, step: int) -> None:
@@ -88,14 +88,24 @@ class MetricsWriter:
             self.tb.add_scalar(k, v, int(step))
         self.tb.flush()
       except OSError:  # the event files are a convenience; metrics.jsonl is the record
-        self.tb = None
+        self._abandon_tb()
 
   def close(self) -> None:
     if self.tb is not None:
       try:
         self.tb.close()
       except OSError:
-        pass
+        self._abandon_tb()
+      self.tb = None
+
+  def _abandon_tb(self) -> None:
+    """Gives up on the TensorBoard event files after the disk refused them: marks the writers
+    closed so their exit hook does not try (and fail, with a traceback) to flush again."""
+    tb, self.tb = self.tb, None
+    for fw in (getattr(tb, "all_writers", None) or {}).values():
+      ew = getattr(fw, "event_writer", None)
+      if ew is not None:
+        ew._closed = True  # noqa: SLF001 - tensorboardX offers no way to drop pending events
 
 
 def format_duration(seconds: float) -> str:

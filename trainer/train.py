@@ -140,20 +140,30 @@ class _NonFinite(UserError):
 
 
 def _train(exp, args, overrides, cfg) -> int:
-  from trainer.checkpoint import NonFiniteState
-  from trainer.metrics import MetricsWriter, ProgressBar
+  from trainer.metrics import MetricsWriter
 
   main = jax.process_index() == 0
   state, meta = exp.restore_or_init()
   start = int(jax.device_get(state["step"]))
   resumed = meta is not None
   writer = MetricsWriter(args.workdir, main, resume_step=start)
-  if main:
-    cfg_path = os.path.join(args.workdir, "config.json")
-    if not os.path.exists(cfg_path):
-      write_json(cfg_path, json.loads(cfg.to_json()))
-    elif resumed:
-      write_json(os.path.join(args.workdir, f"config_resumed_at_{start}.json"), json.loads(cfg.to_json()))
+  try:
+    if main:
+      cfg_path = os.path.join(args.workdir, "config.json")
+      if not os.path.exists(cfg_path):
+        write_json(cfg_path, json.loads(cfg.to_json()))
+      elif resumed:
+        write_json(os.path.join(args.workdir, f"config_resumed_at_{start}.json"), json.loads(cfg.to_json()))
+    return _train_loop(exp, args, overrides, cfg, state, start, resumed, writer)
+  finally:
+    writer.close()  # also on failures: TensorBoard's exit hook must find nothing left to flush
+
+
+def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer) -> int:
+  from trainer.checkpoint import NonFiniteState
+  from trainer.metrics import ProgressBar
+
+  main = jax.process_index() == 0
   if exp.config_changes:
     writer.write(start, {"config_change": exp.config_changes})
   chance = exp.task.spec

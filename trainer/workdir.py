@@ -62,9 +62,11 @@ def write_json(path: str, obj) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(OSError):
       os.remove(tmp)
+    if isinstance(e, OSError) and not e.filename:  # a failed write() names no file: name it
+      raise OSError(e.errno, e.strerror, path) from None
     raise
 
 
