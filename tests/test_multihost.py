@@ -296,3 +296,28 @@ def test_sequence_axis_spanning_both_processes(tmp_path):
   _single_process(one, *ring)
   worst = _assert_close(_train_losses(two), _train_losses(one), RTOL)
   print(f"ring over 2 processes vs 1 process: largest relative loss difference {worst:.2e}")
+
+
+@pytest.mark.slow
+def test_every_process_refuses_a_workdir_another_trainer_holds(tmp_path):
+  """Process 0 holds the workdir's lock for the job; when another trainer has it, process 0
+  is refused and tells the others, so every process leaves with the same sentence."""
+  from trainer.workdir import WorkdirLock
+  workdir = str(tmp_path / "held")
+  os.makedirs(workdir)
+  holder = WorkdirLock(workdir)
+  assert holder.try_acquire() is None
+  holder.announce()
+  try:
+    env = _env() | {"SEQMIX_LOCAL_DEVICES": "2"}
+    r = subprocess.run(["bash", LAUNCH, "2", f"--workdir={workdir}", *COMMON], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=RUN_TIMEOUT)
+  finally:
+    holder.release()
+  assert r.returncode != 0
+  logs = _logs(workdir)
+  for i in range(2):
+    with open(os.path.join(workdir, "logs", f"process_{i}.log")) as f:
+      text = f.read()
+    assert f"is in use by another trainer (pid {os.getpid()} on host" in text and "Traceback" not in text, logs
+  assert not os.path.exists(os.path.join(workdir, "checkpoints")), "a refused job wrote checkpoints"
