@@ -280,6 +280,9 @@ def _resumed_ok(wd, capsys, *extra, last_step):
     pytest.param(["--config.total_steps=8"], id="total_steps"),
     pytest.param(["--config.total_steps=8", "--config.eval_every=1"], id="eval_every"),
     pytest.param(["--config.total_steps=8", "--config.log_every=1"], id="log_every"),
+    pytest.param(["--config.total_steps=8", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+                 id="mesh"),
+    pytest.param(["--config.total_steps=8", "--config.model.attention_impl=flash"], id="attention_impl"),
 ])
 def test_harmless_changes_resume(_finished, tmp_path, capsys, extra):
   copy = tmp_path / "copy"

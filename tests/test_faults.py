@@ -136,7 +136,10 @@ def test_resume_repairs_a_torn_line_and_supersedes_rows_past_the_checkpoint(tmp_
   assert train(wd, *FAST, "--config.checkpoint_every=3") == 0
   rows = _valid_jsonl(os.path.join(wd, "metrics.jsonl"))
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
-  superseded = _valid_jsonl(os.path.join(wd, "metrics_superseded.jsonl"))
+  with open(os.path.join(wd, "metrics_superseded.jsonl")) as f:
+    aside = f.read().splitlines()
+  assert aside[-1] == '{"step": 7, "train/lo', "the torn line was not kept aside"
+  superseded = [json.loads(line) for line in aside[:-1]]
   assert sorted({r["step"] for r in superseded if "train/loss" in r}) == [4, 5, 6]
 
 
@@ -211,37 +214,44 @@ def test_a_full_disk_is_one_sentence_naming_the_last_good_checkpoint(tmp_path, c
   assert [m["step"] for m in metrics(wd) if "train/loss" in m] == [1, 2, 3, 4, 5, 6]
 
 
-def _can_mount_tmpfs(path) -> bool:
+def _can_mount_tmpfs(path, size) -> bool:
   if os.geteuid() != 0 or not shutil.which("mount"):
     return False
   os.makedirs(path, exist_ok=True)
-  return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", path], capture_output=True).returncode == 0
+  return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+                        capture_output=True).returncode == 0
 
 
 @pytest.mark.slow
-def test_a_real_full_disk(tmp_path):
-  """A 2 MiB tmpfs (about three checkpoints of this model): the run fills it with checkpoints and stops in one sentence; the
-  metrics stay valid; once the disk is larger the same command resumes."""
+@pytest.mark.parametrize("size", ["300k", "700k", "2m"])
+def test_a_real_full_disk(tmp_path, size):
+  """A small tmpfs (a checkpoint of this model takes ~0.5 MiB; at 300k the first one does not
+  fit, at 700k the first best and regular saves run out together): the run stops in one
+  sentence, the metrics stay valid, and once the disk is larger the same command resumes."""
   mnt = str(tmp_path / "disk")
-  if not _can_mount_tmpfs(mnt):
+  if not _can_mount_tmpfs(mnt, size):
     pytest.skip("mounting a tmpfs needs root")
   try:
     wd = os.path.join(mnt, "run")
-    args = [*TINY, f"--workdir={wd}", *FAST, "--config.total_steps=40", "--config.checkpoint_every=2",
-            "--config.keep_checkpoints=40"]
+    args = [*TINY, f"--workdir={wd}", "--config.log_every=1", "--config.eval_every=4", "--config.total_steps=40",
+            "--config.checkpoint_every=2", "--config.keep_checkpoints=40"]
     proc = run_cli("trainer.train", *args)
     assert proc.returncode == 75, proc.stderr[-3000:]
     lines = _error_lines(proc.stderr)
     assert len(lines) == 1 and "no space left on device on " + mnt in lines[0], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 3, proc.stderr[-3000:]
-    last = max(_steps(wd))
-    assert f"the last good checkpoint is step {last} in" in lines[0]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr[-3000:]
+    last = max(_steps(wd), default=None)
+    if last is None:
+      assert "there is no finished checkpoint" in lines[0]
+    else:
+      assert f"the last good checkpoint is step {last} in" in lines[0]
     _valid_jsonl(os.path.join(wd, "metrics.jsonl"))
     assert not _tmp_dirs(wd)
     subprocess.run(["mount", "-o", "remount,size=64m", mnt], check=True)
     proc = run_cli("trainer.train", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resuming from step {last}" in proc.stdout
+    if last is not None:
+      assert f"resuming from step {last}" in proc.stdout
     steps = [m["step"] for m in _valid_jsonl(os.path.join(wd, "metrics.jsonl")) if "train/loss" in m]
     assert steps == list(range(1, 41))
   finally:
@@ -366,28 +376,28 @@ BOOM = ["--config.optimizer.learning_rate=1e30", "--config.optimizer.grad_clip=0
 @pytest.mark.slow
 def test_a_nonfinite_stop_during_an_async_save_is_one_sentence_and_keeps_the_last_finite_checkpoint(tmp_path):
   wd = str(tmp_path / "run")
+  # Warm-up from 0 keeps the first steps finite, so there are finished checkpoints to keep.
   proc = run_cli("trainer.train", *TINY, f"--workdir={wd}", *BOOM, "--config.total_steps=40",
-                 "--config.checkpoint_every=1", "--config.optimizer.learning_rate=3e2")
+                 "--config.checkpoint_every=1", "--config.optimizer.warmup_steps=3")
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = _error_lines(proc.stderr)
   assert len(lines) == 1 and "Traceback" not in proc.stderr and "schedule new futures" not in proc.stderr, \
       proc.stderr[-3000:]
   saved = _steps(wd)
+  assert saved, "the finite first steps' checkpoints are gone"
   assert not _tmp_dirs(wd), "an abandoned save was left behind"
-  if saved:
-    assert f"the last good checkpoint is step {saved[-1]}" in lines[0]
-  else:
-    assert "there is no finished checkpoint" in lines[0]
-  # Whatever was saved restores and holds finite numbers only.
-  if saved:
-    from trainer.config import load_config
-    from trainer.experiment import Experiment
-    cfg = load_config("configs/default.py:smoke", ["batch_size=8"] + [a[len("--config."):] for a in BOOM])
-    exp = Experiment(cfg, wd, read_only=True)
-    state, _ = exp.checkpointer.restore(exp.abstract_state)
-    _, bad = exp.checkpointer.fingerprints(state)
-    assert not bad
-    exp.close()
+  assert f"the last good checkpoint is step {saved[-1]}" in lines[0]
+  # What was saved restores (checksums verified) and holds finite numbers only.
+  from trainer.config import load_config
+  from trainer.experiment import Experiment
+  cfg = load_config("configs/default.py:smoke", ["batch_size=8", "optimizer.warmup_steps=3"]
+                    + [a[len("--config."):] for a in BOOM if "warmup" not in a])
+  exp = Experiment(cfg, wd, read_only=True)
+  state, _ = exp.checkpointer.restore(exp.abstract_state)
+  assert int(state["step"]) == saved[-1]
+  _, bad = exp.checkpointer.fingerprints(state)
+  assert not bad
+  exp.close()
 
 
 def test_skip_stops_after_max_skipped_consecutive_steps(tmp_path, capsys):
@@ -396,3 +406,29 @@ def test_skip_stops_after_max_skipped_consecutive_steps(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: on_nonfinite=skip skipped 3 consecutive steps") and "max_skipped=3" in err, err
   assert not any(n.isdigit() and int(n) > 3 for n in os.listdir(os.path.join(wd, "checkpoints")))
+
+
+def test_an_out_of_memory_restore_sets_nothing_aside(tmp_path, monkeypatch):
+  """An error that says nothing about the checkpoint (memory, the runtime) propagates: good
+  checkpoints are never set aside for it, and training never restarts from scratch."""
+  from trainer import checkpoint
+  wd = str(tmp_path / "run")
+  assert train(wd, *FAST, "--config.checkpoint_every=3") == 0
+
+  def oom(self, state, meta):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "_verify", oom)
+  with pytest.raises(RuntimeError, match="Out of memory"):
+    train(wd, *FAST, "--config.checkpoint_every=3", "--config.total_steps=9")
+  assert _steps(wd) == [3, 6] and not os.path.exists(os.path.join(wd, "unreadable_checkpoints"))
+  assert [m["step"] for m in metrics(wd) if "train/loss" in m] == [1, 2, 3, 4, 5, 6]
+  monkeypatch.undo()
+  assert train(wd, *FAST, "--config.checkpoint_every=3", "--config.total_steps=9") == 0  # the lock was released
+
+
+def test_evaluate_warns_about_a_changed_config_instead_of_refusing(tmp_path, caplog):
+  wd = str(tmp_path / "run")
+  assert train(wd, *FAST) == 0
+  assert evaluate(wd, "--config.batch_size=16") == 0  # the evaluation batch is the user's choice
+  assert "was trained with a different config: batch_size (8 -> 16)" in caplog.text

@@ -21,6 +21,8 @@ a non-finite array is never saved (`NonFiniteState`).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -76,24 +78,40 @@ def _leaf_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
+class Unreadable(Exception):
+  """A checkpoint shown to be damaged: its files cannot be read, or a checksum does not match."""
+
+
 def _bits_u32(x):
-  """The array's bits as uint32 words (1- and 2-byte items widened, 8-byte items split)."""
+  """The array's bits as uint32 words of the same shape (1- and 2-byte items widened; 8-byte
+  items split into a trailing pair). No reshape: flattening a sharded array would gather it."""
   size = np.dtype(x.dtype).itemsize
   if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32).reshape(-1)
+    return x.astype(jnp.uint32)
   if size == 4:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
   if size in (1, 2):
-    return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32).reshape(-1)
-  return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # 8 bytes: [..., 2] words
+    return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes: [..., 2] words
+
+
+def _flat_index(shape):
+  """Row-major element index of every position, built per dimension (no reshape, no gather)."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % 2**32)
+    stride *= shape[dim]
+  return index
 
 
 def _fingerprint_leaf(x):
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
   u = _bits_u32(x)
-  i = jax.lax.iota(jnp.uint32, u.size)
-  # Odd weights: a flipped bit b changes the sum by +-2**b * w != 0 (mod 2**32).
+  i = _flat_index(u.shape)
+  # Odd weights: a flipped bit b changes the sum by +-2**b * w != 0 (mod 2**32). Sums mod 2**32
+  # do not depend on the order of the reduction, so neither does the result on the sharding.
   w1 = (i * jnp.uint32(0x9E3779B1)) * jnp.uint32(2) + jnp.uint32(1)
   w2 = (i * jnp.uint32(0x85EBCA77) + jnp.uint32(0x165667B1)) * jnp.uint32(2) + jnp.uint32(1)
   h1 = jnp.sum(u * w1, dtype=jnp.uint32)
@@ -122,6 +140,7 @@ class Checkpointer:
     if keep_best and (not read_only or os.path.isdir(best_dir)):
       self.best = _manager(best_dir, 1, async_save, best=True, read_only=read_only)
     self._fingerprint = None  # (treedef, compiled function)
+    self._sealed_cache = None  # ((step, leaf ids), fingerprints) of the last save
 
   # -- integrity -------------------------------------------------------------------------
 
@@ -147,7 +166,7 @@ class Checkpointer:
     have, _ = self.fingerprints(state)
     for name in sorted(set(want) | set(have)):
       if want.get(name) != have.get(name):
-        raise ValueError(f"array {name!r} does not match its checksum")
+        raise Unreadable(f"array {name!r} does not match its checksum")
 
   def _finalized(self, root: str) -> list[int]:
     if not os.path.isdir(root):
@@ -191,16 +210,23 @@ class Checkpointer:
     saved = manager.item_metadata(step)["state"]
     want, have = _named_shapes(abstract_state), _named_shapes(getattr(saved, "tree", saved))
     names = sorted(set(want) | set(have), key=lambda n: (not n.startswith("params/"), n))
+    def differs(a, b):
+      if a is None or b is None or a[0] != b[0]:
+        return True
+      return a[1] is not None and b[1] is not None and a[1] != b[1]
+
     for name in names:
-      if want.get(name) != have.get(name):
+      if differs(want.get(name), have.get(name)):
         shown = name[len("params/"):] if name.startswith("params/") else name
         kind = "parameter" if name.startswith("params/") else "train-state array"
         if name not in have:
           what = "is missing from the checkpoint"
         elif name not in want:
           what = "is in the checkpoint but not in what this config builds"
+        elif have[name][0] != want[name][0]:
+          what = f"has shape {have[name][0]} in the checkpoint but {want[name][0]} in this config"
         else:
-          what = f"has shape {have[name]} in the checkpoint but {want[name]} in this config"
+          what = f"has dtype {have[name][1]} in the checkpoint but {want[name][1]} in this config"
         raise UserError(f"the checkpoint at step {step} in {manager.directory} does not match the config: {kind} "
                         f"{shown!r} {what}; use the config it was trained with or a fresh --workdir")
 
@@ -224,14 +250,12 @@ class Checkpointer:
     for s in candidates:
       try:
         result = self._restore_one(self.manager, s, abstract_state, check_config)
-      except UserError:
-        raise
-      except Exception as e:  # damaged files, truncated arrays, missing metadata, checksums, ...
+      except Unreadable as e:  # damaged files, truncated arrays, missing metadata, checksums, ...
         if step is not None:
-          raise UserError(f"checkpoint {s} in {self.root} cannot be read ({_why(e)})") from None
+          raise UserError(f"checkpoint {s} in {self.root} cannot be read ({e})") from None
         action = ("evaluating the previous one (a training run will set it aside)" if self.read_only
                   else "trying the previous one")
-        log.warning("checkpoint %d in %s is unreadable (%s); %s", s, self.root, _why(e), action)
+        log.warning("checkpoint %d in %s is unreadable (%s); %s", s, self.root, e, action)
         unreadable.append(s)
         continue
       break
@@ -241,10 +265,8 @@ class Checkpointer:
       for s in reversed(sorted(self.best.all_steps())):
         try:
           result = self._restore_one(self.best, s, abstract_state, check_config)
-        except UserError:
-          raise
-        except Exception as e:
-          log.warning("best checkpoint %d is unreadable too (%s)", s, _why(e))
+        except Unreadable as e:
+          log.warning("best checkpoint %d is unreadable too (%s)", s, e)
           continue
         log.warning("no readable checkpoint in %s; %s from best_checkpoint/%d instead", self.root,
                     "evaluating" if self.read_only else "resuming", s)
@@ -254,14 +276,16 @@ class Checkpointer:
     return result
 
   def _restore_one(self, manager, s: int, abstract_state: dict, check_config) -> tuple[dict, dict]:
-    meta = dict(manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    with _reading():
+      meta = dict(manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     if "meta_sha256" in meta and meta["meta_sha256"] != _meta_sha256(meta):
-      raise ValueError("its meta does not match its checksum")
+      raise Unreadable("its meta does not match its checksum")
     if check_config is not None and "config" in meta:
       check_config(s, meta["config"])
-    self.check_compatible(s, abstract_state, manager)
-    restored = manager.restore(s, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    with _reading():
+      self.check_compatible(s, abstract_state, manager)
+      restored = manager.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     state = restored["state"]
     self._verify(state, meta)
     return state, meta
@@ -279,8 +303,13 @@ class Checkpointer:
       multihost_utils.sync_global_devices("seqmix_set_aside_checkpoints")
     self.manager.reload()
 
-  def _sealed(self, state: dict, meta: dict[str, Any]) -> dict:
-    sums, bad = self.fingerprints(state)
+  def _sealed(self, step: int, state: dict, meta: dict[str, Any]) -> dict:
+    key = (step, tuple(id(x) for x in jax.tree.leaves(state)))
+    if self._sealed_cache is not None and self._sealed_cache[0] == key:  # save_best and save of one step
+      sums, bad = self._sealed_cache[1]
+    else:
+      sums, bad = self.fingerprints(state)
+      self._sealed_cache = (key, (sums, bad))
     if bad:
       raise NonFiniteState(bad)
     meta = dict(meta, checksums=sums)
@@ -289,14 +318,14 @@ class Checkpointer:
 
   def save(self, step: int, state: dict, meta: dict[str, Any]) -> None:
     """Saves asynchronously (when configured); raises NonFiniteState instead of saving NaN/inf."""
-    meta = self._sealed(state, meta)
+    meta = self._sealed(step, state, meta)
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                       force=True)
 
   def save_best(self, step: int, state: dict, meta: dict[str, Any], score: float) -> None:
     if self.best is None or step in self.best.all_steps():  # a step redone after a fallback: already kept
       return
-    meta = self._sealed(state, meta)
+    meta = self._sealed(step, state, meta)
     self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                    metrics={"score": float(score)}, force=True)
 
@@ -312,8 +341,43 @@ class Checkpointer:
 
 
 def _named_shapes(tree) -> dict[str, tuple]:
+  """{array name: (shape, dtype name)} of a state or of a checkpoint's metadata tree."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_leaf_name(p): tuple(getattr(x, "shape", ())) for p, x in leaves}
+  out = {}
+  for p, x in leaves:
+    dtype = getattr(x, "dtype", None)
+    try:
+      dtype = np.dtype(dtype).name if dtype is not None else None
+    except TypeError:  # e.g. a PRNG key type: compared by shape alone
+      dtype = None
+    out[_leaf_name(p)] = (tuple(getattr(x, "shape", ())), dtype)
+  return out
+
+
+_TRANSIENT_ERRNOS = (errno.ENOMEM, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.EMFILE, errno.ENFILE)
+
+
+def _transient(e: BaseException) -> bool:
+  """Errors that say nothing about the checkpoint: memory, the runtime, a busy system."""
+  if isinstance(e, MemoryError) or type(e).__name__ in ("XlaRuntimeError", "JaxRuntimeError"):
+    return True
+  if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+    return True
+  return "Out of memory" in str(e)
+
+
+@contextlib.contextmanager
+def _reading():
+  """Turns what reading a damaged checkpoint raises into Unreadable; user mistakes and
+  transient errors (which must not get a good checkpoint set aside) pass through."""
+  try:
+    yield
+  except (UserError, Unreadable):
+    raise
+  except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types for damaged files
+    if _transient(e):
+      raise
+    raise Unreadable(_why(e)) from None
 
 
 def _why(e: BaseException) -> str:

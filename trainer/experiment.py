@@ -36,11 +36,16 @@ log = logging.getLogger("seqmix")
 
 # Config keys that may change between a run and its resumption without changing what is
 # trained: how long, how often to log/evaluate/save, the input pipeline's threads, the mesh
-# and sequence strategy (the same model computed on other devices), where the data lives.
+# and sequence strategy (the same model computed on other devices), how the same model is
+# computed (kernels, activation dtype, chunk and block sizes of blockwise/scan computations,
+# decode splits), where the data lives.
 RESUMABLE_KEYS = ("total_steps", "log_every", "eval_every", "eval_examples", "eval_split", "checkpoint_every",
                   "keep_checkpoints", "keep_best", "async_checkpointing", "progress_bar", "max_skipped",
-                  "allow_config_change", "data.", "mesh.", "parallel.", "model.attention_impl", "task.tfds.data_dir",
-                  "task.retrieval.data_dir")
+                  "allow_config_change", "data.", "mesh.", "parallel.", "task.tfds.data_dir",
+                  "task.retrieval.data_dir", "model.attention_impl", "model.dtype", "model.flash.",
+                  "model.attention.decode_chunk", "model.local.block", "model.linear.chunk", "model.performer.chunk",
+                  "model.ecoformer.chunk", "model.transnormer.chunk", "model.sla.chunk", "model.mamba.scan",
+                  "model.mamba.chunk", "model.lmu.impl", "model.lmu.chunk", "model.lmu.direct_max_len")
 
 
 def _flat_config(tree, prefix="") -> dict:
@@ -151,8 +156,14 @@ class Experiment:
     if not read_only:
       check_workdir(workdir)
       self.lock = workdir_lib.acquire(workdir)  # one trainer per workdir; refused here otherwise
-    self.checkpointer = Checkpointer(workdir, cfg.keep_checkpoints, cfg.keep_best, cfg.async_checkpointing,
-                                     read_only=read_only)
+    self.read_only = read_only
+    try:
+      self.checkpointer = Checkpointer(workdir, cfg.keep_checkpoints, cfg.keep_best, cfg.async_checkpointing,
+                                       read_only=read_only)
+    except BaseException:
+      if self.lock is not None:
+        self.lock.release()
+      raise
     self._train_step = self._eval_step = None
 
   # -- state ---------------------------------------------------------------------------
@@ -190,10 +201,14 @@ class Experiment:
   def check_config(self, step: int, saved: dict) -> None:
     """Refuses a checkpoint trained with a config that differs in what is trained (see
     RESUMABLE_KEYS for what may change), unless allow_config_change=true."""
+    self.config_changes = {}
     changes = config_changes(saved, json.loads(self.cfg.to_json()))
     if not changes:
       return
     listed = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in changes.items())
+    if self.read_only:  # evaluate / generate: the shape check guards what can be loaded; say what differs
+      log.warning("the checkpoint at step %d was trained with a different config: %s", step, listed)
+      return
     if not self.cfg.allow_config_change:
       raise UserError(f"the checkpoint at step {step} in {self.checkpointer.root} was trained with a different config: "
                       f"{listed}; use the config it was trained with, a fresh --workdir, or "

@@ -15,10 +15,10 @@ class MetricsWriter:
   """Appends whole lines to DIR/metrics.jsonl: a write the disk refuses half way is cut back
   to the last complete line before the error propagates, so the file stays valid JSON lines.
 
-  `resume_step`: the step this run starts from. A torn last line (a kill mid-write) is
-  repaired, and rows of steps after `resume_step` (written by a run that stopped before its
-  next checkpoint, and about to be trained again) move to DIR/metrics_superseded.jsonl, so
-  every step appears once in metrics.jsonl.
+  `resume_step`: the step this run starts from. Rows of steps after `resume_step` (written
+  by a run that stopped before its next checkpoint, and about to be trained again) and any
+  torn line (a kill mid-write) move to DIR/metrics_superseded.jsonl, so every train step
+  appears once in metrics.jsonl and every line of it is valid JSON.
   """
 
   def __init__(self, workdir: str, enabled: bool, resume_step: int | None = None):
@@ -43,9 +43,10 @@ class MetricsWriter:
         continue
       try:
         row = json.loads(line)
-      except ValueError:  # the torn last line of a killed writer
-        continue
-      (keep if int(row.get("step", 0)) <= step else superseded).append(line)
+        ok = isinstance(row, dict) and int(row.get("step", 0)) <= step
+      except (ValueError, TypeError):  # a torn line of a killed writer: kept aside, not lost
+        ok = False
+      (keep if ok else superseded).append(line)
     text = b"".join(x + b"\n" for x in keep)
     if text == raw:
       return

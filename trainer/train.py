@@ -96,6 +96,10 @@ def run(args, overrides) -> int:
   # Every way out finishes (or removes) pending saves and releases the workdir, and a disk that
   # refuses a write is reported once, as a sentence.
   failed = True
+  # Waiting for saves after a failure is safe when every process fails at the same point (one
+  # process; a non-finite loss, which all processes see in the same replicated metrics).
+  # Otherwise the peers may be blocked in a collective, so a multi-process job leaves at once.
+  symmetric = jax.process_count() == 1
   try:
     with workdir_lib.quiet_disk_full_noise():
       try:
@@ -103,16 +107,24 @@ def run(args, overrides) -> int:
         exp.checkpointer.wait()
         failed = False
         return code
+      except _NonFinite:
+        symmetric = True
+        raise
       except Exception as e:
         if workdir_lib.disk_full(e):
-          raise workdir_lib.io_fault(e, args.workdir, exp.checkpointer.last_good_after_wait()) from None
+          last = exp.checkpointer.last_good_after_wait() if symmetric else exp.checkpointer.last_good()
+          raise workdir_lib.io_fault(e, args.workdir, last) from None
         raise
       finally:
-        if failed:
+        if failed and symmetric:
           _finish_saves_after_failure(exp)
   finally:
     if failed:
-      _close_quietly(exp)
+      if symmetric:
+        _close_quietly(exp)
+        exp.checkpointer.remove_unfinished()  # a save the close abandoned: not left half-written
+      elif exp.lock is not None:
+        exp.lock.release()
     else:
       exp.close()
 

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -83,14 +84,21 @@ class WorkdirLock:
     self.announced = False
 
   def try_acquire(self) -> str | None:
-    """Takes the lock; returns None, or the sentence refusing this trainer."""
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Takes the lock; returns None, or the sentence refusing this trainer. On a file system
+    without locks (some NFS and Lustre mounts) it warns and goes on unlocked."""
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      return (f"--workdir={self.workdir!r}: cannot open its lock file {self.path} ({e.strerror}); "
+              f"make it writable or choose another --workdir")
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
         os.close(fd)
-        raise
+        log.warning("the file system of %s does not support locks (%s); nothing stops a second trainer from "
+                    "using this workdir at the same time", self.workdir, e.strerror)
+        return None
       holder = _read_holder(fd)
       os.close(fd)
       who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started "
@@ -124,6 +132,10 @@ class WorkdirLock:
       os.close(self.fd)
       self.fd = None
 
+  def __del__(self):  # an Experiment dropped without close(): the lock goes with it
+    with contextlib.suppress(Exception):
+      self.release()
+
 
 def _read_holder(fd: int) -> dict:
   try:
@@ -142,7 +154,10 @@ def acquire(workdir: str) -> WorkdirLock | None:
   lock, refusal = None, None
   if jax.process_index() == 0:
     lock = WorkdirLock(workdir)
-    refusal = lock.try_acquire()
+    try:
+      refusal = lock.try_acquire()
+    except Exception as e:  # noqa: BLE001 - never leave the other processes waiting in the broadcast
+      refusal = f"--workdir={workdir!r}: cannot take its lock ({type(e).__name__}: {e})"
   if jax.process_count() > 1:  # every process must leave if process 0 was refused
     import numpy as np  # noqa: PLC0415
     from jax.experimental import multihost_utils  # noqa: PLC0415
@@ -173,8 +188,9 @@ def remove_stale_temporaries(workdir: str) -> list[str]:
         removed.append(os.path.join(root, name))
   for path in removed:
     log.warning("removed %s, an unfinished checkpoint a stopped run left behind", path)
-  for name in os.listdir(workdir):
-    if name.endswith(".tmp") and os.path.isfile(os.path.join(workdir, name)):
+  for name in os.listdir(workdir):  # the trainer's own temporaries (not evaluate's, which may run beside it)
+    if name in ("config.json.tmp", "metrics.jsonl.tmp") or (name.startswith("config_resumed_at_")
+                                                           and name.endswith(".tmp")):
       with contextlib.suppress(OSError):
         os.remove(os.path.join(workdir, name))
   return removed
@@ -244,44 +260,60 @@ def _mount_point(path: str) -> str:
 
 
 class _QuietDiskFull(logging.Filter):
-  """Drops log records about a full disk: the run reports that fault once, itself."""
+  """Drops log records about a full disk, and the asyncio/event-loop noise that follows it in
+  the checkpoint library's threads: the run reports that fault once, itself."""
+
+  def __init__(self):
+    super().__init__()
+    self.full = False
+
+  def noise(self, exc: BaseException | None, text: str = "") -> bool:
+    if exc is not None and disk_full(exc):
+      self.full = True
+      return True
+    if any(m in text for m in _FULL_MARKERS):
+      self.full = True
+      return True
+    return self.full and (("loop is closed" in text) or (exc is not None and "loop is closed" in str(exc))
+                          or "exception was never retrieved" in text)
 
   def filter(self, record: logging.LogRecord) -> bool:
-    text = record.getMessage()
-    if record.exc_info and record.exc_info[1] is not None:
-      if disk_full(record.exc_info[1]):
-        return False
-    return not any(m in text for m in _FULL_MARKERS)
+    exc = record.exc_info[1] if record.exc_info else None
+    return not self.noise(exc, record.getMessage())
 
 
 @contextlib.contextmanager
 def quiet_disk_full_noise():
-  """While active, log records and background-thread tracebacks about a full disk are dropped
-  (the checkpoint library writes from threads that each log the same fault at length), as are
-  the errors of those threads' event loops shutting down after it."""
+  """While active, log records and background-thread (or callback) tracebacks about a full disk
+  are dropped, as are the errors of the library's event loops shutting down after it. After a
+  disk-full failure the quieting stays in place: the process is about to exit, and the
+  library's threads go on failing until it does."""
   filt = _QuietDiskFull()
+  loggers = [logging.getLogger(), logging.getLogger("asyncio")]
   handlers = list(logging.getLogger().handlers)
   for h in handlers:
     h.addFilter(filt)
-  old_hook = threading.excepthook
-  state = {"full": False}
+  loggers[1].addFilter(filt)
+  old_hook, old_unraisable = threading.excepthook, sys.unraisablehook
 
   def hook(args):
-    if args.exc_value is not None and (disk_full(args.exc_value) or (
-        state["full"] and isinstance(args.exc_value, RuntimeError) and "loop is closed" in str(args.exc_value))):
-      state["full"] = True
-      return
-    old_hook(args)
+    if not filt.noise(args.exc_value, str(args.exc_value)):
+      old_hook(args)
 
-  threading.excepthook = hook
+  def unraisable(args):
+    if not filt.noise(args.exc_value, str(args.exc_value)):
+      old_unraisable(args)
+
+  threading.excepthook, sys.unraisablehook = hook, unraisable
   try:
     yield
   except BaseException as e:
     if disk_full(e):
-      state["full"] = True
+      filt.full = True
     raise
   finally:
-    threading.excepthook = old_hook
-    for h in handlers:
-      h.removeFilter(filt)
-
+    if not filt.full:
+      threading.excepthook, sys.unraisablehook = old_hook, old_unraisable
+      for h in handlers:
+        h.removeFilter(filt)
+      loggers[1].removeFilter(filt)
