@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from typing import Any, Callable
 
@@ -243,6 +244,7 @@ class Checkpointer:
     """
     if self.manager is None and self.best is None:
       return None
+    _drop_closed_loop_noise()
     if step is not None and step not in self.steps():
       raise UserError(f"--step={step} has no checkpoint in {self.root}; saved steps: {self.steps() or 'none'}")
     candidates = [step] if step is not None else list(reversed(self.steps()))
@@ -352,6 +354,24 @@ def _named_shapes(tree) -> dict[str, tuple]:
       dtype = None
     out[_leaf_name(p)] = (tuple(getattr(x, "shape", ())), dtype)
   return out
+
+
+def _drop_closed_loop_noise() -> None:
+  """When the storage library fails to read a damaged checkpoint, callbacks of its reads still
+  in flight land on an event loop already closed, and each prints "RuntimeError: Event loop
+  is closed" as an unraisable exception: dozens of tracebacks around the one warning that
+  matters. Drops exactly those (installed once, for the process)."""
+  previous = sys.unraisablehook
+  if getattr(previous, "seqmix_closed_loop", False):
+    return
+
+  def hook(args):
+    if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
+      return
+    previous(args)
+
+  hook.seqmix_closed_loop = True
+  sys.unraisablehook = hook
 
 
 _TRANSIENT_ERRNOS = (errno.ENOMEM, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.EMFILE, errno.ENFILE)
