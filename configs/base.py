@@ -249,6 +249,9 @@ def get_config(arg=None):
   c.optimizer.b2 = 0.98  # Adam beta2
   c.optimizer.eps = 1e-8  # Adam epsilon
   c.optimizer.grad_clip = 1.0  # global-norm gradient clipping (0: off)
+  # k micro-batches of batch_size / k per optimizer step, gradients summed in one compiled step
+  # (same update as the whole batch, in less activation memory); 1 = off.
+  c.optimizer.grad_accum_steps = 1
 
   c.parallel = ml_collections.ConfigDict()
   # How attention handles a length split over mesh.sequence > 1: "auto" (the compiler's

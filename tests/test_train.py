@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from tests.helpers import evaluate, metrics, train, train_losses
 
@@ -98,3 +99,28 @@ def test_relative_workdir(tmp_path, monkeypatch):
   assert train_mod.main(args) == 0
   assert sorted(os.listdir(tmp_path / "runs" / "rel" / "checkpoints")) == ["3", "6"]
   assert os.listdir(tmp_path / "runs" / "rel" / "best_checkpoint")
+
+
+def test_throughput_counts_real_tokens_and_accounts_for_the_wall_time(tmp_path, capsys):
+  """tokens/s counts the tokens of the examples (not padding) and the time split adds up: train
+  steps + evaluation + checkpoints + data waits + compilation within the run's wall time."""
+  from trainer.config import load_config
+  from trainer.experiment import Experiment
+  wd = str(tmp_path / "run")
+  args = ["--config=configs/listops.py:smoke", "--config.batch_size=8", "--config.progress_bar=false",
+          f"--workdir={wd}", "--config.log_every=1", "--config.total_steps=4"]
+  from trainer import train as train_mod
+  assert train_mod.main(args) == 0
+  assert "of it in train steps" in capsys.readouterr().out
+  rows = metrics(wd)
+  got = {r["step"]: r["train/tokens"] for r in rows if "train/tokens" in r}
+  cfg = load_config("configs/listops.py:smoke", ["batch_size=8"])
+  exp = Experiment(cfg, str(tmp_path / "probe"), read_only=True)
+  want = {s + 1: float(np.sum(np.asarray(exp.train_batch(s)["segment_ids"]) > 0)) for s in range(4)}
+  assert got == want and all(w < 8 * cfg.task.seq_len for w in want.values()), (got, want)  # listops pads
+  last = rows[-1]
+  parts = sum(last[f"time/{k}_seconds"] for k in ("train", "eval", "checkpoint", "data_wait", "compile"))
+  assert 0 < last["time/goodput"] < 1 and parts <= last["time/wall_seconds"] * 1.001
+  for r in rows:
+    if "train/tokens_per_sec" in r:
+      assert r["train/tokens_per_sec"] == pytest.approx(r["train/tokens"] / r["train/step_seconds"])

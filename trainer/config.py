@@ -238,13 +238,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       where = "model.mixer" if not cfg.model.mixer_schedule else f"model.mixer_schedule[{i}]"
       raise UserError(f"{where}={name!r} is not a known mixer; valid mixers: {', '.join(sorted(mixers.MIXERS))}")
   for key in ("total_steps", "batch_size", "task.seq_len", "task.packing_window", "model.num_layers", "model.d_model",
-              "model.num_heads", "model.mlp_ratio", "eval_examples", "optimizer.learning_rate", "optimizer.eps"):
+              "model.num_heads", "model.mlp_ratio", "eval_examples", "optimizer.learning_rate", "optimizer.eps",
+              "optimizer.grad_accum_steps"):
     _positive(key, _get(cfg, key))
   for key in ("seed", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "max_skipped",
               "data.threads", "data.prefetch", "data.workers", "model.num_kv_heads", "optimizer.warmup_steps",
               "optimizer.grad_clip", "optimizer.weight_decay", "optimizer.end_lr_ratio", "model.prepbn.total_steps",
               "model.prepbn.warmup_steps"):
     _positive(key, _get(cfg, key), allow_zero=True)
+  if cfg.batch_size % cfg.optimizer.grad_accum_steps:
+    raise UserError(f"batch_size={cfg.batch_size} is not divisible by optimizer.grad_accum_steps="
+                    f"{cfg.optimizer.grad_accum_steps} (each micro-batch has batch_size / grad_accum_steps rows)")
   _in_range("model.dropout", cfg.model.dropout, 0.0, 1.0)
   _in_range("optimizer.b1", cfg.optimizer.b1, 0.0, 1.0)
   _in_range("optimizer.b2", cfg.optimizer.b2, 0.0, 1.0)

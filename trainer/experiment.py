@@ -41,7 +41,7 @@ log = logging.getLogger("seqmix")
 # decode splits), where the data lives.
 RESUMABLE_KEYS = ("total_steps", "log_every", "eval_every", "eval_examples", "eval_split", "checkpoint_every",
                   "keep_checkpoints", "keep_best", "async_checkpointing", "progress_bar", "max_skipped",
-                  "allow_config_change", "data.", "mesh.", "parallel.", "task.tfds.data_dir",
+                  "allow_config_change", "data.", "mesh.", "parallel.", "task.tfds.data_dir", "optimizer.grad_accum_steps",
                   "task.retrieval.data_dir", "model.attention_impl", "model.dtype", "model.flash.",
                   "model.attention.decode_chunk", "model.local.block", "model.linear.chunk", "model.performer.chunk",
                   "model.ecoformer.chunk", "model.transnormer.chunk", "model.sla.chunk", "model.mamba.scan",
@@ -119,6 +119,11 @@ class Experiment:
     if cfg.batch_size % dp:
       raise UserError(f"batch_size={cfg.batch_size} is not divisible by the data-parallel size {dp} "
                       f"(mesh.data x mesh.fsdp); use a multiple of {dp}")
+    k = cfg.optimizer.grad_accum_steps
+    if (cfg.batch_size // dp) % k:
+      raise UserError(f"optimizer.grad_accum_steps={k} does not divide the {cfg.batch_size // dp} rows each of the "
+                      f"{dp} data-parallel devices holds (batch_size={cfg.batch_size}); use a batch_size that is a "
+                      f"multiple of {dp * k}")
     seq = self.mesh.shape["sequence"]
     if cfg.task.seq_len % seq:
       raise UserError(f"task.seq_len={cfg.task.seq_len} is not divisible by mesh.sequence={seq}; "
@@ -249,7 +254,7 @@ class Experiment:
 
   def compiled_train_step(self):
     if self._train_step is None:
-      fn = steps.make_train_step(self.fm, self.tx, self.lr_schedule)
+      fn = steps.make_train_step(self.fm, self.tx, self.lr_schedule, self.cfg.optimizer.grad_accum_steps)
       metric_sharding = NamedSharding(self.mesh, P())
       jitted = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_shardings),
                        out_shardings=(self.state_shardings, metric_sharding), donate_argnums=0)
@@ -275,8 +280,24 @@ class Experiment:
       cost = cost[0] if cost else {}
     arg, out, tmp = (int(getattr(mem, f"{k}_size_in_bytes", 0)) for k in ("argument", "output", "temp"))
     alias = int(getattr(mem, "alias_size_in_bytes", 0))
+    flops = float((cost or {}).get("flops", 0.0))
+    k = self.cfg.optimizer.grad_accum_steps
+    if k > 1 and flops:
+      # XLA's cost analysis counts a loop's body once, so the accumulated step reports ~1/k of its
+      # FLOPs. Scale by the ratio of the whole-batch step's to this step's, both estimated from
+      # their (global, unpartitioned) lowered programs, which lowering gives without compiling.
+      def lowered_flops(accum):
+        fn = steps.make_train_step(self.fm, self.tx, self.lr_schedule, accum)
+        with self.tracing():
+          c = self._lower(jax.jit(fn, in_shardings=(self.state_shardings, self.batch_shardings))).cost_analysis()
+        c = (c[0] if c else {}) if isinstance(c, (list, tuple)) else c
+        return float((c or {}).get("flops", 0.0))
+
+      whole, looped = lowered_flops(1), lowered_flops(k)
+      if whole and looped:
+        flops *= whole / looped
     return {"argument_bytes": arg, "output_bytes": out, "temp_bytes": tmp, "alias_bytes": alias,
-            "total_bytes": arg + out + tmp - alias, "flops_per_step": float((cost or {}).get("flops", 0.0)),
+            "total_bytes": arg + out + tmp - alias, "flops_per_step": flops,
             "num_devices": int(self.mesh.size), "num_params": self.num_params}
 
   # -- data ----------------------------------------------------------------------------

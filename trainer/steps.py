@@ -26,24 +26,62 @@ def cross_entropy(logits, targets, weights):
           jnp.sum(weights))
 
 
-def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, lr_schedule):
+def _micro_batches(batch: dict, k: int) -> dict:
+  """[B, ...] -> [k, B/k, ...], micro-batch j = rows j, j+k, j+2k, ...: each device's block
+  of rows holds B/k/dp rows of every micro-batch, so the split moves no data between devices."""
+  return {name: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1) for name, x in batch.items()}
 
-  def loss_fn(params, extra, batch, rng, step):
+
+def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, lr_schedule, accum_steps: int = 1):
+  """`accum_steps` = k > 1: the batch is k micro-batches of B/k rows, their gradients summed
+  in one compiled step (a scan, so the program does not grow with k). The loss is normalised
+  by the target weight of the whole batch, not per micro-batch, so the step equals the
+  full-batch step up to float rounding (exactly so without dropout and batch statistics:
+  dropout draws per micro-batch, and BatchNorm-style statistics see B/k rows at a time)."""
+
+  def loss_fn(params, extra, batch, rng, step, denom=None, aux_scale=1.0):
     logits, aux, new_extra = fm.apply(params, extra, batch, dropout_rng=rng, training=True, step=step)
     targets, weights = fm.targets_and_weights(batch)
     nll_sum, correct, count = cross_entropy(logits, targets, weights)
-    denom = jnp.maximum(count, 1.0)
-    loss = nll_sum / denom + aux
-    return loss, (new_extra, {"loss": nll_sum / denom, "accuracy": correct / denom, "aux_loss": aux,
-                              "weight_sum": count})
+    denom = jnp.maximum(count, 1.0) if denom is None else denom
+    loss = nll_sum / denom + aux * aux_scale
+    return loss, (new_extra, {"nll_sum": nll_sum, "correct": correct, "count": count, "aux": aux})
+
+  def gradients(state, batch, rng):
+    """(grads, new extra, sums) of the whole batch, in one pass or accumulated over micro-batches."""
+    if accum_steps == 1:
+      grads, (new_extra, sums) = jax.grad(loss_fn, has_aux=True)(state["params"], state["extra"], batch, rng,
+                                                                 state["step"])
+      return grads, new_extra, sums
+    _, weights = fm.targets_and_weights(batch)
+    denom = jnp.maximum(jnp.sum(weights), 1.0)  # the whole batch's target weight
+
+    def micro(carry, xs):
+      grads_acc, extra, sums_acc = carry
+      i, mb = xs
+      g, (extra, sums) = jax.grad(loss_fn, has_aux=True)(state["params"], extra, mb, jax.random.fold_in(rng, i),
+                                                         state["step"], denom, 1.0 / accum_steps)
+      return (jax.tree.map(jnp.add, grads_acc, g), extra, jax.tree.map(jnp.add, sums_acc, sums)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    sums0 = {k: jnp.zeros((), jnp.float32) for k in ("nll_sum", "correct", "count", "aux")}
+    (grads, new_extra, sums), _ = jax.lax.scan(
+        micro, (zeros, state["extra"], sums0), (jnp.arange(accum_steps), _micro_batches(batch, accum_steps)))
+    sums = dict(sums, aux=sums["aux"] / accum_steps)
+    return grads, new_extra, sums
 
   def train_step(state, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])
-    grads, (new_extra, metrics) = jax.grad(loss_fn, has_aux=True)(state["params"], state["extra"], batch, rng, state["step"])
+    grads, new_extra, sums = gradients(state, batch, rng)
+    denom = jnp.maximum(sums["count"], 1.0)
+    metrics = {"loss": sums["nll_sum"] / denom, "accuracy": sums["correct"] / denom, "aux_loss": sums["aux"],
+               "weight_sum": sums["count"]}
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
     metrics["learning_rate"] = lr_schedule(state["step"])
+    # Real (non-padding) input tokens of the step, for honest tokens/s.
+    metrics["tokens"] = sum(jnp.sum(batch[k] > 0, dtype=jnp.float32) for k in sorted(batch) if k.startswith("segment_ids"))
     if isinstance(opt_state, optax.ApplyIfFiniteState):  # on_nonfinite=skip
       metrics["skipped"] = 1.0 - opt_state.last_finite.astype(jnp.float32)
       metrics["consecutive_skipped"] = opt_state.notfinite_count.astype(jnp.float32)

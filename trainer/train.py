@@ -155,6 +155,7 @@ def _train(exp, args, overrides, cfg) -> int:
   from trainer.metrics import MetricsWriter
 
   main = jax.process_index() == 0
+  t_begin = time.time()  # goodput's denominator: restore and compilation count as time not training
   state, meta = exp.restore_or_init()
   start = int(jax.device_get(state["step"]))
   resumed = meta is not None
@@ -166,12 +167,12 @@ def _train(exp, args, overrides, cfg) -> int:
         write_json(cfg_path, json.loads(cfg.to_json()))
       elif resumed:
         write_json(os.path.join(args.workdir, f"config_resumed_at_{start}.json"), json.loads(cfg.to_json()))
-    return _train_loop(exp, args, overrides, cfg, state, start, resumed, writer)
+    return _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begin)
   finally:
     writer.close()  # also on failures: TensorBoard's exit hook must find nothing left to flush
 
 
-def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer) -> int:
+def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begin) -> int:
   from trainer.checkpoint import NonFiniteState
   from trainer.metrics import ProgressBar
 
@@ -195,25 +196,40 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer) -> int
   t_compile = time.time()
   train_step = exp.compiled_train_step()
   stats = exp.compile_stats()
-  writer.write(start, {f"compile/{k}": v for k, v in stats.items()} | {"compile/seconds": time.time() - t_compile})
+  compile_seconds = time.time() - t_compile
+  writer.write(start, {f"compile/{k}": v for k, v in stats.items()} | {"compile/seconds": compile_seconds})
   peak = _peak_flops(jax.devices()[0])
 
-  tokens_per_step = cfg.batch_size * cfg.task.seq_len
   bar = ProgressBar(cfg.total_steps, start, main and cfg.progress_bar)
-  t_start = time.time()
   last_eval: dict | None = None
   step = start
   stopped_by = None
   pending = None  # (step, metrics): fetched one step late so the host runs ahead of the device
-  t_window, steps_window = time.time(), 0
+  # Throughput counts train steps alone: each log window's wall time less what was spent on
+  # evaluation, checkpoints and waiting for data (each logged as its own time). Before those,
+  # the loop waits for the steps already dispatched, so their time stays with training.
+  clock = {"eval": 0.0, "checkpoint": 0.0}
+  window = {"t": time.time(), "steps": 0, "tokens": 0.0, "other": 0.0, "wait": 0.0}
+  totals = {"train": 0.0, "tokens": 0.0, "steps": 0}
   stream = exp.train_stream(start)
-  wait_window = 0.0
 
   def check(item):
+    s, m = item
+    values = jax.device_get({k: m[k] for k in ("loss", "tokens", "consecutive_skipped") if k in m})
+    window["tokens"] += float(values.get("tokens", 0.0))
     try:
-      _check_finite(item, cfg)
+      _check_finite((s, values), cfg)
     except _NonFinite as e:
       raise _NonFinite(f"{e}; {exp.checkpointer.last_good_after_wait()}") from None
+
+  def timed(what, fn, *a):
+    jax.block_until_ready(state)  # the steps in flight are training time, not `what`'s
+    t = time.time()
+    try:
+      return fn(*a)
+    finally:
+      clock[what] += time.time() - t
+      window["other"] += time.time() - t
 
   def save(fn, *a):
     nonlocal pending
@@ -221,11 +237,37 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer) -> int
       check(pending)
       pending = None
     try:
-      fn(step, state, *a)
+      timed("checkpoint", fn, step, state, *a)
     except NonFiniteState as e:
       raise _NonFinite(f"the train state holds NaN or inf after step {step} (in {', '.join(e.arrays[:3])}"
                        f"{', ...' if len(e.arrays) > 3 else ''}), so it was not saved; "
                        f"{exp.checkpointer.last_good_after_wait()}; lower optimizer.learning_rate") from None
+
+  def close_window():
+    """(wall seconds, train-step seconds, data-wait seconds) of the window now ending; a new one starts."""
+    dt = time.time() - window["t"]
+    wait = stream.wait_seconds - window["wait"]
+    train_s = max(dt - window["other"] - wait, 1e-9)
+    totals["train"] += train_s
+    totals["tokens"] += window["tokens"]
+    totals["steps"] += window["steps"]
+    return dt, train_s, wait
+
+  def log_row(values):
+    dt, train_s, wait = close_window()
+    row = {f"train/{k}": v for k, v in values.items()}
+    row |= {"train/tokens_per_sec": window["tokens"] / train_s,  # real (non-padding) tokens
+            "train/steps_per_sec": window["steps"] / train_s,
+            "train/step_seconds": train_s / max(window["steps"], 1),
+            # Share of the window's wall time the loop sat waiting for the input pipeline.
+            "train/data_wait_fraction": wait / max(dt, 1e-9),
+            "time/train_seconds": totals["train"], "time/eval_seconds": clock["eval"],
+            "time/checkpoint_seconds": clock["checkpoint"], "time/data_wait_seconds": stream.wait_seconds}
+    if peak and stats["flops_per_step"]:
+      row["train/mfu"] = stats["flops_per_step"] * window["steps"] / train_s / peak
+    writer.write(step, row)
+    bar.update(step, values["loss"], row["train/tokens_per_sec"])
+    window.update(t=time.time(), steps=0, tokens=0.0, other=0.0, wait=stream.wait_seconds)
 
   try:
     with _Preemption() as preempt:
@@ -233,7 +275,7 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer) -> int
         batch = next(stream)
         state, metrics = train_step(state, batch)
         step += 1
-        steps_window += 1
+        window["steps"] += 1
         if pending is not None:
           check(pending)
         pending = (step, metrics)
@@ -241,21 +283,10 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer) -> int
           values = {k: float(v) for k, v in jax.device_get(metrics).items()}
           pending = None
           check((step, values))
-          dt = time.time() - t_window
-          tps = tokens_per_step * steps_window / max(dt, 1e-9)
-          row = {f"train/{k}": v for k, v in values.items()} | {"train/tokens_per_sec": tps,
-                                                                  "train/steps_per_sec": steps_window / max(dt, 1e-9)}
-          # Share of the window's wall time the loop sat waiting for the input pipeline.
-          row["train/data_wait_fraction"] = (stream.wait_seconds - wait_window) / max(dt, 1e-9)
-          wait_window = stream.wait_seconds
-          if peak and stats["flops_per_step"]:
-            row["train/mfu"] = stats["flops_per_step"] * steps_window / max(dt, 1e-9) / peak
-          writer.write(step, row)
-          bar.update(step, values["loss"], tps)
-          t_window, steps_window = time.time(), 0
+          log_row(values)
         do_eval = step == cfg.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)
         if do_eval:
-          result = exp.evaluate(state, cfg.eval_split)
+          result = timed("eval", exp.evaluate, state, cfg.eval_split)
           last_eval = result
           writer.write(step, {f"eval/{k.split('/', 1)[1]}": v for k, v in result.items()})
           save(exp.checkpointer.save_best, exp.meta(step, result), result[f"{cfg.eval_split}/accuracy"])
@@ -271,14 +302,21 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer) -> int
   finally:
     stream.close()  # the pipeline's threads or worker processes, on every way out
     bar.close()
-  exp.checkpointer.wait()
-  wall = time.time() - t_start
+  timed("checkpoint", exp.checkpointer.wait)
+  if window["steps"]:  # steps after the last log point (a stop between them)
+    close_window()
+  wall = time.time() - t_begin
+  timing = {"time/wall_seconds": wall, "time/compile_seconds": compile_seconds, "time/train_seconds": totals["train"],
+            "time/eval_seconds": clock["eval"], "time/checkpoint_seconds": clock["checkpoint"],
+            "time/data_wait_seconds": stream.wait_seconds, "time/goodput": totals["train"] / max(wall, 1e-9),
+            "time/tokens_per_sec": totals["tokens"] / max(totals["train"], 1e-9)}
+  writer.write(step, timing)
   if stopped_by:
     _print(f"stopped by {stopped_by} after step {step}; checkpoint saved in {exp.checkpointer.root}; "
            f"run the same command again to resume")
     writer.close()
     return 0
-  _summary(exp, args, overrides, cfg, last_eval, step, wall)
+  _summary(exp, args, overrides, cfg, last_eval, step, wall, timing)
   writer.close()
   return 0
 
@@ -309,7 +347,7 @@ def _peak_flops(device) -> float | None:
   return next((v for k, v in table.items() if k in kind), None)
 
 
-def _summary(exp, args, overrides, cfg, result, step, wall) -> None:
+def _summary(exp, args, overrides, cfg, result, step, wall, timing=None) -> None:
   from trainer.metrics import format_duration
   spec = exp.task.spec
   split = cfg.eval_split
@@ -320,6 +358,12 @@ def _summary(exp, args, overrides, cfg, result, step, wall) -> None:
                  + (f", {result[f'{split}/bits_per_token']:.3f} bits/token" if f"{split}/bits_per_token" in result
                     else ""))
     lines.append(f"chance: accuracy {spec.chance:.4f} ({spec.chance_note})")
+  if timing:
+    d = format_duration
+    lines.append(f"time: {timing['time/goodput']:.0%} of it in train steps ({d(timing['time/train_seconds'])}, "
+                 f"{timing['time/tokens_per_sec']:,.0f} real tokens/s); compile {d(timing['time/compile_seconds'])}, "
+                 f"evaluation {d(timing['time/eval_seconds'])}, checkpoints {d(timing['time/checkpoint_seconds'])}, "
+                 f"waiting for data {d(timing['time/data_wait_seconds'])}")
   lines.append(f"checkpoints: {exp.checkpointer.root}   logs: {os.path.join(args.workdir, 'metrics.jsonl')}")
   kept = " ".join(f"--config.{o}" for o in overrides if not o.startswith("total_steps="))
   base = f"--config={args.config} --workdir={args.workdir}" + (f" {kept}" if kept else "")
