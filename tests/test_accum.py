@@ -12,11 +12,13 @@ from trainer.config import load_config
 from trainer.experiment import Experiment
 
 # (config, overrides): an LM with packed rows (per-example weights differ between micro-batches),
-# a padded classifier, and an FSDP x tensor mesh.
+# a padded classifier, an FSDP x tensor mesh, and ring attention over a sequence axis.
 CASES = {
     "lm_packed": ("configs/default.py:smoke", ["task.packing=true", "task.seq_len=64"]),
     "classify_padded": ("configs/listops.py:smoke", []),
     "fsdp_tensor": ("configs/default.py:smoke", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),
+    "sequence_ring": ("configs/default.py:smoke", ["mesh.data=4", "mesh.sequence=2", "task.seq_len=64",
+                                                   "parallel.sequence_strategy=ring"]),
 }
 
 
