@@ -67,7 +67,7 @@ def get_config(arg=None):
   c.task.tfds.data_dir = ""  # where `tfds build NAME --file_format=array_record` put it ("": TFDS's default)
   c.task.tfds.train_split = "train"  # TFDS split expressions; the three must not share records
   c.task.tfds.validation_split = "validation"  # e.g. "train[90%:]" for a data set without a validation split
-  c.task.tfds.test_split = "test"
+  c.task.tfds.test_split = "test"  # the test split (`trainer.evaluate` reports it)
   c.task.tfds.kind = "classify"  # "classify" (input -> label), "match" (two inputs -> label), "lm" (next token)
   c.task.tfds.inputs = "text"  # the input feature
   c.task.tfds.inputs2 = ""  # kind "match": the second input feature
@@ -85,9 +85,9 @@ def get_config(arg=None):
   # LRA Retrieval: AAN citation pairs from the LRA release's TSV files (trainer/data/retrieval.py).
   c.task.retrieval = ml_collections.ConfigDict()
   c.task.retrieval.data_dir = ""  # the release's lra_release/tsv_data directory
-  c.task.retrieval.train_file = "new_aan_pairs.train.tsv"
-  c.task.retrieval.validation_file = "new_aan_pairs.eval.tsv"
-  c.task.retrieval.test_file = "new_aan_pairs.test.tsv"
+  c.task.retrieval.train_file = "new_aan_pairs.train.tsv"  # file names in data_dir, one per split
+  c.task.retrieval.validation_file = "new_aan_pairs.eval.tsv"  # (the release calls its validation split "eval")
+  c.task.retrieval.test_file = "new_aan_pairs.test.tsv"  # (see train_file)
 
   # The input pipeline (trainer/data/pipeline.py, grain): batches are made ahead of the train loop.
   c.data = ml_collections.ConfigDict()

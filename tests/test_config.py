@@ -52,3 +52,17 @@ def test_missing_config_file_and_bad_arg():
     load_config("configs/nope.py")
   with pytest.raises(UserError, match="'bogus'"):
     load_config("configs/default.py:bogus")
+
+
+def test_helpfull_lists_every_key_with_its_default_and_meaning():
+  from configs import base
+  from trainer.config import _flat_keys, describe_keys
+  from tests.helpers import run_cli
+  rows = describe_keys()
+  keys = [k for k, _, _ in rows]
+  assert len(keys) == len(set(keys)) and set(keys) == set(_flat_keys(base.get_config()))  # every key, once
+  assert not [k for k, _, text in rows if not text], "a key in configs/base.py has no comment"
+  out = run_cli("trainer.train", "--helpfull", timeout=120)
+  assert out.returncode == 0
+  assert any(line.split()[:3] == ["model.d_model", "=", "128"] and "residual width" in line
+             for line in out.stdout.splitlines())

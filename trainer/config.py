@@ -317,3 +317,58 @@ def _get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
   for p in dotted.split("."):
     node = node[p]
   return node
+
+
+def describe_keys(base_path: str | None = None) -> list[tuple[str, Any, str]]:
+  """(key, default, comment) for every key of configs/base.py, in its order: the comment on the
+  key's line, else the comment lines just above it (for `--helpfull`)."""
+  import io  # noqa: PLC0415
+  import re  # noqa: PLC0415
+  import tokenize  # noqa: PLC0415
+
+  base_path = base_path or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                        "base.py")
+  with open(base_path) as f:
+    source = f.read()
+  comments = {tok.start[0]: tok.string.lstrip("#").strip()
+              for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+  lines = source.splitlines()
+  mod_spec = importlib.util.spec_from_file_location("seqmix_config_base_help", base_path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  cfg = module.get_config()
+  valid = set(_flat_keys(cfg))
+  out, seen = [], set()
+  for number, line in enumerate(lines, start=1):
+    m = re.match(r"\s*c\.([\w.]+)\s*=", line)
+    if not m or m.group(1) not in valid or m.group(1) in seen:  # the first assignment is get_config's
+      continue
+    key = m.group(1)
+    seen.add(key)
+    text = comments.get(number, "") if "#" in line else ""
+    if not text:  # the comment block right above the assignment
+      above, k = [], number - 1
+      while k >= 1 and lines[k - 1].strip().startswith("#"):
+        above.insert(0, comments.get(k, ""))
+        k -= 1
+      text = " ".join(above)
+    out.append((key, _get(cfg, key), text))
+  return out
+
+
+def help_text() -> str:
+  """Every config key, its default and what it does: the text of `--helpfull`."""
+  rows = describe_keys()
+  width = 44
+  lines = ["Every config key (set with --config.KEY=VALUE; defaults from configs/base.py, which an experiment "
+           "config may change):", ""]
+  for key, value, text in rows:
+    head = f"{key} = {value!r}"
+    if not text:
+      lines.append(f"  {head}")
+    elif len(head) <= width:
+      lines.append(f"  {head:<{width}}  {text}")
+    else:  # a long default: the meaning goes on the next line
+      lines += [f"  {head}", f"  {'':<{width}}  {text}"]
+  return "\n".join(lines)
+

@@ -28,11 +28,22 @@ from trainer.workdir import check_workdir, write_json
 log = logging.getLogger("seqmix")
 
 
+class _HelpFull(argparse.Action):
+  def __init__(self, option_strings, dest, **kwargs):
+    super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    from trainer.config import help_text  # noqa: PLC0415
+    print(help_text())
+    parser.exit(0)
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/default.py", help="configs/NAME.py[:ARG]")
   parser.add_argument("--workdir", default="runs/default", help="where checkpoints and metrics go")
   parser.add_argument("--dry_run", action="store_true", help="compile the train step only; write DIR/compile.json")
+  parser.add_argument("--helpfull", action=_HelpFull, help="list every config key with its default and meaning")
   launch.add_flags(parser)
   rest, overrides = split_override_args(list(argv))
   args = parser.parse_args(rest)
