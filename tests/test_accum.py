@@ -50,7 +50,7 @@ def test_four_micro_batches_equal_the_whole_batch(tmp_path, name):
   batch = exp1.train_batch(0)
   g1, m1 = _gradients(exp1, 1, state, batch)
   g4, m4 = _gradients(exp4, 4, state, batch)
-  for key in ("loss", "accuracy", "weight_sum", "tokens"):
+  for key in ("loss", "accuracy", "weight_sum"):
     np.testing.assert_allclose(m4[key], m1[key], rtol=2e-6, err_msg=key)
   np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=2e-6)
   for n in g1:
@@ -82,3 +82,26 @@ def test_flops_per_step_count_every_micro_batch(tmp_path):
   """XLA counts a loop body once; the reported FLOPs (and so MFU) must still be the whole step's."""
   flops = {k: _experiment(tmp_path, "classify_padded", k).compile_stats()["flops_per_step"] for k in (1, 4)}
   assert flops[1] > 0 and abs(flops[4] - flops[1]) < 0.05 * flops[1], flops
+
+
+def test_running_statistics_get_one_update_per_step(tmp_path):
+  """LMU's BatchNorm: with accumulation the running mean moves once per step, by the mean of the
+  micro-batches' means, which for equal micro-batches of real tokens is the whole batch's mean."""
+  exps = {}
+  for k in (1, 4):
+    cfg = load_config("configs/default.py:smoke", ["batch_size=32", "model.mixer=lmu", "model.positions=none",
+                                                   f"optimizer.grad_accum_steps={k}"])
+    exps[k] = Experiment(cfg, str(tmp_path / f"lmu-{k}"), read_only=True)
+  state, batch = exps[1].fresh_state(), exps[1].train_batch(0)
+  assert np.all(np.asarray(batch["segment_ids"]) > 0)  # every token real: equal micro-batches
+  after = {}
+  for k, exp in exps.items():
+    with exp.tracing():
+      new_state, _ = jax.jit(steps.make_train_step(exp.fm, exp.tx, exp.lr_schedule, k))(state, batch)
+    after[k] = jax.device_get(new_state["extra"])
+  means = [n for n in after[1] if n.endswith("/mean")]
+  assert means
+  for n in means:
+    moved = np.abs(after[1][n] - np.asarray(state["extra"][n])).max()
+    assert moved > 0, n
+    np.testing.assert_allclose(after[4][n], after[1][n], rtol=1e-5, atol=1e-6 * moved, err_msg=n)

@@ -119,8 +119,24 @@ def test_throughput_counts_real_tokens_and_accounts_for_the_wall_time(tmp_path, 
   want = {s + 1: float(np.sum(np.asarray(exp.train_batch(s)["segment_ids"]) > 0)) for s in range(4)}
   assert got == want and all(w < 8 * cfg.task.seq_len for w in want.values()), (got, want)  # listops pads
   last = rows[-1]
-  parts = sum(last[f"time/{k}_seconds"] for k in ("train", "eval", "checkpoint", "data_wait", "compile"))
+  parts = sum(last[f"time/{k}_seconds"] for k in ("train", "eval", "checkpoint", "compile"))
   assert 0 < last["time/goodput"] < 1 and parts <= last["time/wall_seconds"] * 1.001
-  for r in rows:
-    if "train/tokens_per_sec" in r:
-      assert r["train/tokens_per_sec"] == pytest.approx(r["train/tokens"] / r["train/step_seconds"])
+
+
+def test_evaluation_time_is_not_counted_as_training(tmp_path, monkeypatch):
+  """An evaluation that takes a second inside every log window: the windows' step time must not
+  contain it (it would be >= 0.5 s per step here; a smoke step takes milliseconds)."""
+  import time as time_mod
+  from trainer.experiment import Experiment
+  real = Experiment.evaluate
+
+  def slow_evaluate(self, state, split):
+    time_mod.sleep(1.0)
+    return real(self, state, split)
+
+  monkeypatch.setattr(Experiment, "evaluate", slow_evaluate)
+  wd = str(tmp_path / "run")
+  assert train(wd, "--config.log_every=2", "--config.eval_every=1", "--config.total_steps=4") == 0
+  rows = [r for r in metrics(wd) if "train/step_seconds" in r]
+  assert len(rows) == 2 and all(r["train/step_seconds"] < 0.25 for r in rows), rows
+  assert rows[-1]["time/eval_seconds"] >= 4.0

@@ -36,8 +36,11 @@ def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, lr_sc
   """`accum_steps` = k > 1: the batch is k micro-batches of B/k rows, their gradients summed
   in one compiled step (a scan, so the program does not grow with k). The loss is normalised
   by the target weight of the whole batch, not per micro-batch, so the step equals the
-  full-batch step up to float rounding (exactly so without dropout and batch statistics:
-  dropout draws per micro-batch, and BatchNorm-style statistics see B/k rows at a time)."""
+  full-batch step up to float rounding, given: no dropout (drawn per micro-batch), no
+  BatchNorm-style statistics in the forward pass (computed over B/k rows; the running
+  statistics get one update per step, with the micro-batches' statistics averaged), and
+  auxiliary losses that are means over rows (each micro-batch's counts 1/k). The gradients'
+  data-parallel reduction happens once per micro-batch (one per step is not yet built)."""
 
   def loss_fn(params, extra, batch, rng, step, denom=None, aux_scale=1.0):
     logits, aux, new_extra = fm.apply(params, extra, batch, dropout_rng=rng, training=True, step=step)
@@ -57,16 +60,21 @@ def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, lr_sc
     denom = jnp.maximum(jnp.sum(weights), 1.0)  # the whole batch's target weight
 
     def micro(carry, xs):
-      grads_acc, extra, sums_acc = carry
+      grads_acc, sums_acc = carry
       i, mb = xs
-      g, (extra, sums) = jax.grad(loss_fn, has_aux=True)(state["params"], extra, mb, jax.random.fold_in(rng, i),
-                                                         state["step"], denom, 1.0 / accum_steps)
-      return (jax.tree.map(jnp.add, grads_acc, g), extra, jax.tree.map(jnp.add, sums_acc, sums)), None
+      # Every micro-batch starts from the step's extra state (e.g. BatchNorm running statistics);
+      # their k updates are averaged below: for an EMA, one update with the mean of their statistics.
+      g, (extra, sums) = jax.grad(loss_fn, has_aux=True)(state["params"], state["extra"], mb,
+                                                         jax.random.fold_in(rng, i), state["step"], denom,
+                                                         1.0 / accum_steps)
+      return (jax.tree.map(jnp.add, grads_acc, g), jax.tree.map(jnp.add, sums_acc, sums)), extra
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
     sums0 = {k: jnp.zeros((), jnp.float32) for k in ("nll_sum", "correct", "count", "aux")}
-    (grads, new_extra, sums), _ = jax.lax.scan(
-        micro, (zeros, state["extra"], sums0), (jnp.arange(accum_steps), _micro_batches(batch, accum_steps)))
+    (grads, sums), extras = jax.lax.scan(
+        micro, (zeros, sums0), (jnp.arange(accum_steps), _micro_batches(batch, accum_steps)))
+    new_extra = jax.tree.map(
+        lambda x: jnp.mean(x, axis=0).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x[-1], extras)
     sums = dict(sums, aux=sums["aux"] / accum_steps)
     return grads, new_extra, sums
 

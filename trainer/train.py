@@ -34,7 +34,10 @@ class _HelpFull(argparse.Action):
 
   def __call__(self, parser, namespace, values, option_string=None):
     from trainer.config import help_text  # noqa: PLC0415
-    print(help_text())
+    try:
+      print(help_text(), flush=True)
+    except BrokenPipeError:  # `--helpfull | head`: the reader left; say nothing more
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     parser.exit(0)
 
 
@@ -217,12 +220,12 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
   stopped_by = None
   pending = None  # (step, metrics): fetched one step late so the host runs ahead of the device
   # Throughput counts train steps alone: each log window's wall time less what was spent on
-  # evaluation, checkpoints and waiting for data (each logged as its own time). Before those,
-  # the loop waits for the steps already dispatched, so their time stays with training.
+  # evaluation and checkpoints (each logged as its own time). Before those, the loop waits for
+  # the steps already dispatched, so their time stays with training.
   clock = {"eval": 0.0, "checkpoint": 0.0}
-  window = {"t": time.time(), "steps": 0, "tokens": 0.0, "other": 0.0, "wait": 0.0}
   totals = {"train": 0.0, "tokens": 0.0, "steps": 0}
   stream = exp.train_stream(start)
+  window = {"t": time.time(), "steps": 0, "tokens": 0.0, "other": 0.0, "wait": 0.0}
 
   def check(item):
     s, m = item
@@ -255,10 +258,14 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
                        f"{exp.checkpointer.last_good_after_wait()}; lower optimizer.learning_rate") from None
 
   def close_window():
-    """(wall seconds, train-step seconds, data-wait seconds) of the window now ending; a new one starts."""
+    """(wall seconds, train-step seconds, data-wait seconds) of the window now ending; a new one starts.
+
+    Waits for data stay in the train-step time: the device is usually still running the
+    step before while the loop waits, so subtracting them would overstate throughput. A
+    data-bound run shows in `train/data_wait_fraction` instead."""
     dt = time.time() - window["t"]
     wait = stream.wait_seconds - window["wait"]
-    train_s = max(dt - window["other"] - wait, 1e-9)
+    train_s = max(dt - window["other"], 1e-9)
     totals["train"] += train_s
     totals["tokens"] += window["tokens"]
     totals["steps"] += window["steps"]
@@ -311,8 +318,10 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
       if pending is not None:
         check(pending)
   finally:
+    t_close = time.time()
     stream.close()  # the pipeline's threads or worker processes, on every way out
     bar.close()
+    window["other"] += time.time() - t_close
   timed("checkpoint", exp.checkpointer.wait)
   if window["steps"]:  # steps after the last log point (a stop between them)
     close_window()
