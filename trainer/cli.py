@@ -21,7 +21,14 @@ def main(argv=None) -> int:
     print(f"error: seqmix takes a command ({', '.join(COMMANDS)}), got {got}", file=sys.stderr)
     return 2
   import importlib
-  return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+  import os
+  from trainer.workdir import EXIT_IO
+  code = importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+  if code == EXIT_IO:  # a full disk: leave without waiting for failing background writers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  return code
 
 
 if __name__ == "__main__":

@@ -397,4 +397,12 @@ def main(argv=None) -> int:
   return launch.run_entry(lambda: run(*parse_args(argv)))
 
 if __name__ == "__main__":
-  sys.exit(main())
+  code = main()
+  if code == workdir_lib.EXIT_IO:
+    # The disk refused a write: saves were finished or removed and the workdir released, but the
+    # checkpoint library's background threads may still be failing; leave without waiting for
+    # them (and their tracebacks) at interpreter shutdown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)

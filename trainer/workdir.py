@@ -274,8 +274,8 @@ class _QuietDiskFull(logging.Filter):
     if any(m in text for m in _FULL_MARKERS):
       self.full = True
       return True
-    return self.full and (("loop is closed" in text) or (exc is not None and "loop is closed" in str(exc))
-                          or "exception was never retrieved" in text)
+    after = ("loop is closed", "exception was never retrieved", "cannot schedule new futures")
+    return self.full and any(m in text or (exc is not None and m in str(exc)) for m in after)
 
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
