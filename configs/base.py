@@ -31,6 +31,11 @@ def get_config(arg=None):
   # refused; true continues anyway and records the change in metrics.jsonl.
   c.allow_config_change = False
   c.progress_bar = True  # one-line progress bar on stderr (step, loss, tokens/s, ETA)
+  # jax.profiler traces of chosen train steps, into DIR/profile (TensorBoard's profile plugin, Perfetto).
+  c.profile = ml_collections.ConfigDict()
+  c.profile.steps = ""  # "A:B": trace train steps A+1..B (the steps after A, up to and including B); "" = off
+  c.profile.memory = False  # also save a device memory profile (pprof) when the traced steps end
+  c.profile.all_processes = False  # trace every process of a multi-host run (default: process 0 only)
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "text"  # which task generator; see trainer/data/tasks.py

@@ -140,3 +140,19 @@ def test_evaluation_time_is_not_counted_as_training(tmp_path, monkeypatch):
   rows = [r for r in metrics(wd) if "train/step_seconds" in r]
   assert len(rows) == 2 and all(r["train/step_seconds"] < 0.25 for r in rows), rows
   assert rows[-1]["time/eval_seconds"] >= 4.0
+
+
+def test_profile_traces_exactly_the_chosen_steps(tmp_path, capsys):
+  import glob
+  import gzip
+  wd = str(tmp_path / "run")
+  assert train(wd, "--config.profile.steps=2:4", "--config.profile.memory=true", "--config.eval_every=0") == 0
+  assert "profile of train steps 3-4 written to" in capsys.readouterr().out
+  runs = glob.glob(os.path.join(wd, "profile", "plugins", "profile", "*"))  # TensorBoard's profile plugin layout
+  assert len(runs) == 1 and glob.glob(os.path.join(runs[0], "*.xplane.pb"))
+  with gzip.open(glob.glob(os.path.join(runs[0], "*.trace.json.gz"))[0]) as f:
+    events = json.load(f)["traceEvents"]
+  steps = [e for e in events if e.get("name", "").endswith("Execute (jit_train_step)")
+           and not e["name"].startswith("[")]
+  assert len(steps) == 2, [e["name"] for e in steps]  # steps 3 and 4, not 1-2 or 5-6
+  assert os.path.getsize(os.path.join(wd, "profile", "memory_after_step_4.prof")) > 0

@@ -300,6 +300,23 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if sum(1 for a in ("data", "fsdp", "tensor", "sequence") if cfg.mesh[a] == -1) > 1:
     raise UserError("at most one of mesh.data/fsdp/tensor/sequence may be -1")
   _check_rules(cfg.mesh.rules)
+  profile_steps(cfg)
+
+
+def profile_steps(cfg: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """`profile.steps="A:B"` as (A, B) with 0 <= A < B, or None when profiling is off."""
+  text = cfg.profile.steps.strip()
+  if not text:
+    return None
+  a, sep, b = text.partition(":")
+  try:
+    first, last = int(a), int(b)
+  except ValueError:
+    first = last = -1
+  if not sep or first < 0 or last <= first:
+    raise UserError(f"profile.steps={text!r} is not valid; write A:B with 0 <= A < B, e.g. 10:15 to trace "
+                    f"train steps 11 to 15")
+  return first, last
 
 
 def mixer_schedule(cfg: ml_collections.ConfigDict) -> list[str]:

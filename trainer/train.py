@@ -161,6 +161,44 @@ def _close_quietly(exp) -> None:
       exp.lock.release()
 
 
+class _Profiler:
+  """jax.profiler traces of train steps A+1..B (`profile.steps="A:B"`) into DIR/profile, for
+  TensorBoard's profile plugin (`tensorboard --logdir DIR/profile`) or Perfetto; process 0 only
+  unless `profile.all_processes` (then DIR/profile/process_<i>)."""
+
+  def __init__(self, cfg, workdir: str, start: int):
+    from trainer.config import profile_steps  # noqa: PLC0415
+    span = profile_steps(cfg)
+    traced = jax.process_index() == 0 or cfg.profile.all_processes
+    self.span = span if span and span[1] > start and traced else None
+    self.dir = os.path.join(workdir, "profile")
+    if cfg.profile.all_processes and jax.process_count() > 1:
+      self.dir = os.path.join(self.dir, f"process_{jax.process_index()}")
+    self.memory = cfg.profile.memory
+    self.active = False
+
+  def before(self, done: int) -> None:
+    """Called with the number of steps done, before the next one runs."""
+    if self.span and not self.active and self.span[0] <= done < self.span[1]:
+      jax.profiler.start_trace(self.dir)
+      self.active = True
+
+  def after(self, done: int, state) -> None:
+    if self.active and done >= self.span[1]:
+      jax.block_until_ready(state)
+      if self.memory:
+        os.makedirs(self.dir, exist_ok=True)
+        jax.profiler.save_device_memory_profile(os.path.join(self.dir, f"memory_after_step_{done}.prof"))
+      self.close()
+      _print(f"profile of train steps {self.span[0] + 1}-{done} written to {self.dir}")
+      self.span = None
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
 class _NonFinite(UserError):
   """Training produced a non-finite loss (stop) or too many skipped steps (skip)."""
 
@@ -222,9 +260,10 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
   # Throughput counts train steps alone: each log window's wall time less what was spent on
   # evaluation and checkpoints (each logged as its own time). Before those, the loop waits for
   # the steps already dispatched, so their time stays with training.
-  clock = {"eval": 0.0, "checkpoint": 0.0}
+  clock = {"eval": 0.0, "checkpoint": 0.0, "profile": 0.0}
   totals = {"train": 0.0, "tokens": 0.0, "steps": 0}
   stream = exp.train_stream(start)
+  profiler = _Profiler(cfg, args.workdir, start)
   window = {"t": time.time(), "steps": 0, "tokens": 0.0, "other": 0.0, "wait": 0.0}
 
   def check(item):
@@ -290,6 +329,7 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
   try:
     with _Preemption() as preempt:
       while step < cfg.total_steps:
+        profiler.before(step)
         batch = next(stream)
         state, metrics = train_step(state, batch)
         step += 1
@@ -297,6 +337,8 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
         if pending is not None:
           check(pending)
         pending = (step, metrics)
+        if profiler.active and step >= profiler.span[1]:
+          timed("profile", profiler.after, step, state)  # writing the trace is not train time
         if step % max(cfg.log_every, 1) == 0 or step == cfg.total_steps:
           values = {k: float(v) for k, v in jax.device_get(metrics).items()}
           pending = None
@@ -319,6 +361,7 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
         check(pending)
   finally:
     t_close = time.time()
+    profiler.close()
     stream.close()  # the pipeline's threads or worker processes, on every way out
     bar.close()
     window["other"] += time.time() - t_close
