@@ -223,11 +223,12 @@ def _can_mount_tmpfs(path, size) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", ["300k", "700k", "2m"])
+@pytest.mark.parametrize("size", ["300k", "700k"])
 def test_a_real_full_disk(tmp_path, size):
   """A small tmpfs (a checkpoint of this model takes ~0.5 MiB; at 300k the first one does not
-  fit, at 700k the first best and regular saves run out together): the run stops in one
-  sentence, the metrics stay valid, and once the disk is larger the same command resumes."""
+  fit, at 700k the first best and regular saves run out together; scripts/fault_matrix.py
+  also fills 2-4 MiB disks mid-run): the run stops in one sentence, the metrics stay valid,
+  and once the disk is larger the same command resumes."""
   mnt = str(tmp_path / "disk")
   if not _can_mount_tmpfs(mnt, size):
     pytest.skip("mounting a tmpfs needs root")
