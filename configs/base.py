@@ -298,3 +298,27 @@ def shrink_to_smoke(c):
   c.eval_examples = 16
   c.log_every = 2
   return c
+
+
+def lra_size(c, arg, config_name: str, small_d_model: int):
+  """The `:small` (1k tokens, 2 layers, 2000 cosine steps) and `:smoke` sizes shared by the LRA
+  text-like configs; no argument keeps the LRA settings; anything else is a ValueError."""
+  if arg == "small":
+    c.task.seq_len = 1024
+    c.model.num_layers = 2
+    c.model.d_model = small_d_model
+    c.total_steps = 2000
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.eval_examples = 1024
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = 200
+  elif arg == "smoke":
+    c.task.seq_len = 128
+    shrink_to_smoke(c)
+    c.optimizer.warmup_steps = 2
+    c.optimizer.schedule = "cosine"
+  elif arg:
+    raise ValueError(f"configs/{config_name} takes no argument, 'small' or 'smoke', not {arg!r}")
+  return c

@@ -43,22 +43,4 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 8000
   c.optimizer.weight_decay = 0.1
   c.optimizer.b2 = 0.98
-  if arg == "small":
-    c.task.seq_len = 1024
-    c.model.num_layers = 2
-    c.model.d_model = 64
-    c.total_steps = 2000
-    c.eval_every = 500
-    c.checkpoint_every = 500
-    c.eval_examples = 1024
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 200
-  elif arg == "smoke":
-    c.task.seq_len = 128
-    base.shrink_to_smoke(c)
-    c.optimizer.warmup_steps = 2
-    c.optimizer.schedule = "cosine"
-  elif arg:
-    raise ValueError(f"configs/lra_retrieval.py takes no argument, 'small' or 'smoke', not {arg!r}")
-  return c
+  return base.lra_size(c, arg, "lra_retrieval.py", small_d_model=64)

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from typing import Any, Callable
@@ -38,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from trainer.config import UserError
+from trainer.workdir import remove_unfinished_checkpoints
 
 log = logging.getLogger("seqmix")
 
@@ -191,13 +191,8 @@ class Checkpointer:
 
   def remove_unfinished(self) -> None:
     """Deletes temporary directories of saves that did not finish (after a failed save)."""
-    if jax.process_index() != 0:
-      return
-    for root in (self.root, os.path.join(os.path.dirname(self.root), "best_checkpoint")):
-      if os.path.isdir(root):
-        for name in os.listdir(root):
-          if ".orbax-checkpoint-tmp" in name:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if jax.process_index() == 0:
+      remove_unfinished_checkpoints(os.path.dirname(self.root))
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps()) if self.manager else []

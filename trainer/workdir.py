@@ -174,9 +174,9 @@ def acquire(workdir: str) -> WorkdirLock | None:
   return lock
 
 
-def remove_stale_temporaries(workdir: str) -> list[str]:
-  """Removes unfinished checkpoint directories (`*.orbax-checkpoint-tmp*`) left by a dead
-  writer. Only safe while holding the workdir's lock."""
+def remove_unfinished_checkpoints(workdir: str) -> list[str]:
+  """Removes the temporary directories (`*.orbax-checkpoint-tmp*`) of saves that never finished,
+  in checkpoints/ and best_checkpoint/; returns their paths. Only safe with no save under way."""
   removed = []
   for sub in ("checkpoints", "best_checkpoint"):
     root = os.path.join(workdir, sub)
@@ -186,6 +186,13 @@ def remove_stale_temporaries(workdir: str) -> list[str]:
       if ".orbax-checkpoint-tmp" in name:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         removed.append(os.path.join(root, name))
+  return removed
+
+
+def remove_stale_temporaries(workdir: str) -> list[str]:
+  """Removes unfinished checkpoints and the trainer's own temporary files left by a dead
+  writer. Only safe while holding the workdir's lock."""
+  removed = remove_unfinished_checkpoints(workdir)
   for path in removed:
     log.warning("removed %s, an unfinished checkpoint a stopped run left behind", path)
   for name in os.listdir(workdir):  # the trainer's own temporaries (not evaluate's, which may run beside it)
