@@ -261,8 +261,13 @@ def get_config(arg=None):
   c.parallel = ml_collections.ConfigDict()
   # How attention handles a length split over mesh.sequence > 1: "auto" (the compiler's
   # sharding propagation, which gathers K/V), "ring", "all_to_all" (Ulysses), "all_gather", or
-  # "scan" (recurrent mixers: per-device chunk scans combined across devices).
+  # "scan" (recurrent mixers: per-device chunk scans combined across devices), "halo" (short
+  # convolutions: the k - 1 tokens beside each chunk from the neighbours); the default for every mixer.
   c.parallel.sequence_strategy = "auto"
+  # Per-mixer strategies overriding the default, "MIXER=STRATEGY,..." (e.g. "mamba=scan" in a schedule
+  # of attention and mamba under ring). A mixer the default does not apply to and that has one
+  # implicit strategy (halo, for conv) takes it without being named here.
+  c.parallel.sequence_overrides = ""
   c.parallel.load_balance = True  # causal + ring: store rows in zigzag order so every device does equal work
 
   c.mesh = ml_collections.ConfigDict()

@@ -51,13 +51,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.flash_pallas import (LOG2E, _SQ, _dot, _dot_t, _online_finish, _online_init, _online_step, _pad_axis,
-                                  _pow2_at_least, _resolve_interpret, output_vjp)
-
-try:
-  from jax.experimental.pallas import triton as _pltriton
-except ImportError:  # pragma: no cover
-  _pltriton = None
+from kernels.common import (LOG2E, SQ, TILES, checked_tables, compact_table, dot, dot_t, merge_rows, online_finish,
+                            online_init, online_step, output_vjp, pad_axis, pltriton, pow2_at_least, resolve_interpret,
+                            transpose_table)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +72,9 @@ class _Config:
 
 
 def _compiler_params(cfg: _Config):
-  if cfg.interpret or _pltriton is None:
+  if cfg.interpret or pltriton is None:
     return None
-  return _pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+  return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _tile_mask(row_pos, col_pos, row_seg, col_seg, cfg: _Config, rows_are_queries: bool, bits=None):
@@ -137,11 +133,11 @@ def _fwd_kernel(tbl_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *,
     blk, bits = _split(_entry(row, m), r)
     start = pl.multiple_of(blk * bs, bs)
     k = k_ref[pl.ds(start, bs), :]
-    s = _dot_t(q, k) * c
+    s = dot_t(q, k) * c
     mask = _tile_mask(q_pos, start + jnp.arange(bs, dtype=jnp.int32), q_seg, ks_ref[pl.ds(start, bs)], cfg, True, bits)
-    return _online_step(carry, jnp.where(mask, s, -jnp.inf), lambda: v_ref[pl.ds(start, bs), :])
+    return online_step(carry, jnp.where(mask, s, -jnp.inf), lambda: v_ref[pl.ds(start, bs), :])
 
-  _online_finish(lax.fori_loop(0, _count(row), step, _online_init(r * bs, q.shape[1])), o_ref, lse_ref)
+  online_finish(lax.fori_loop(0, _count(row), step, online_init(r * bs, q.shape[1])), o_ref, lse_ref)
 
 
 def _dq_kernel(tbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, *, cfg: _Config):
@@ -159,13 +155,13 @@ def _dq_kernel(tbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref,
     start = pl.multiple_of(blk * bs, bs)
     k = k_ref[pl.ds(start, bs), :]
     v = v_ref[pl.ds(start, bs), :]
-    s = _dot_t(q, k) * c
+    s = dot_t(q, k) * c
     mask = _tile_mask(q_pos, start + jnp.arange(bs, dtype=jnp.int32), q_seg, ks_ref[pl.ds(start, bs)], cfg, True, bits)
     p = jnp.where(mask, jnp.exp2(s - lse2[:, None]), 0.0)
-    ds = p * (_dot_t(do, v) - delta[:, None])
+    ds = p * (dot_t(do, v) - delta[:, None])
     if r > 1:  # the tile's rows of a block with an empty row: their dO is never read
       ds = jnp.where(mask, ds, 0.0)
-    return dq + _dot(ds.astype(k.dtype), k)
+    return dq + dot(ds.astype(k.dtype), k)
 
   dq = lax.fori_loop(0, _count(row), step, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
@@ -190,15 +186,15 @@ def _dkv_kernel(tbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref
     do = do_ref[pl.ds(start, bs), g, :]
     lse2 = lse_ref[g, pl.ds(start, bs)]
     delta = delta_ref[g, pl.ds(start, bs)]
-    st = _dot_t(k, q) * c  # S^T [bk, bq]
+    st = dot_t(k, q) * c  # S^T [bk, bq]
     mask = _tile_mask(k_pos, start + jnp.arange(bs, dtype=jnp.int32), k_seg, qs_ref[pl.ds(start, bs)], cfg, False,
                       bits)
     pt = jnp.where(mask, jnp.exp2(st - lse2[None, :]), 0.0)
-    dv = dv + _dot(pt.astype(do.dtype), do)
-    dst = pt * (_dot_t(v, do) - delta[None, :])
+    dv = dv + dot(pt.astype(do.dtype), do)
+    dst = pt * (dot_t(v, do) - delta[None, :])
     if r > 1:  # the tile's key rows of a block no row lists: their K/V are never read
       dst = jnp.where(mask, dst, 0.0)
-    dk = dk + _dot(dst.astype(q.dtype), q)
+    dk = dk + dot(dst.astype(q.dtype), q)
     return dk, dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
@@ -225,16 +221,16 @@ def _forward(rows, cols, q, k, v, seg, cfg: _Config):
       functools.partial(_fwd_kernel, cfg=cfg),
       grid=(cfg.num_blocks // cfg.q_tile, n, b),
       in_specs=[
-          pl.BlockSpec((_SQ, _SQ, _SQ, mp), lambda i, hd, bt: (tb(bt), hd, i, 0)),
-          pl.BlockSpec((_SQ, bq, _SQ, h), lambda i, hd, bt: (bt, i, hd, 0)),
-          pl.BlockSpec((_SQ, tp, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
-          pl.BlockSpec((_SQ, tp, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
-          pl.BlockSpec((_SQ, bq), lambda i, hd, bt: (bt, i)),
-          pl.BlockSpec((_SQ, tp), lambda i, hd, bt: (bt, 0)),
+          pl.BlockSpec((SQ, SQ, SQ, mp), lambda i, hd, bt: (tb(bt), hd, i, 0)),
+          pl.BlockSpec((SQ, bq, SQ, h), lambda i, hd, bt: (bt, i, hd, 0)),
+          pl.BlockSpec((SQ, tp, SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
+          pl.BlockSpec((SQ, tp, SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
+          pl.BlockSpec((SQ, bq), lambda i, hd, bt: (bt, i)),
+          pl.BlockSpec((SQ, tp), lambda i, hd, bt: (bt, 0)),
       ],
       out_specs=[
-          pl.BlockSpec((_SQ, bq, _SQ, h), lambda i, hd, bt: (bt, i, hd, 0)),
-          pl.BlockSpec((_SQ, _SQ, bq), lambda i, hd, bt: (bt, hd, i)),
+          pl.BlockSpec((SQ, bq, SQ, h), lambda i, hd, bt: (bt, i, hd, 0)),
+          pl.BlockSpec((SQ, SQ, bq), lambda i, hd, bt: (bt, hd, i)),
       ],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
       compiler_params=_compiler_params(cfg),
@@ -252,16 +248,16 @@ def _backward(rows, cols, q, k, v, seg, out, lse, d_out, cfg: _Config):
   delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
   lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0)  # rows that see nothing: every P is masked to 0
 
-  q_spec = pl.BlockSpec((_SQ, bq, _SQ, h), lambda i, hd, bt: (bt, i, hd, 0))
-  kv_spec = pl.BlockSpec((_SQ, tp, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0))
-  row_spec = pl.BlockSpec((_SQ, _SQ, bq), lambda i, hd, bt: (bt, hd, i))
+  q_spec = pl.BlockSpec((SQ, bq, SQ, h), lambda i, hd, bt: (bt, i, hd, 0))
+  kv_spec = pl.BlockSpec((SQ, tp, SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0))
+  row_spec = pl.BlockSpec((SQ, SQ, bq), lambda i, hd, bt: (bt, hd, i))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg),
       grid=(cfg.num_blocks // cfg.q_tile, n, b),
-      in_specs=[pl.BlockSpec((_SQ, _SQ, _SQ, rows.shape[-1]), lambda i, hd, bt: (tb(bt), hd, i, 0)),
+      in_specs=[pl.BlockSpec((SQ, SQ, SQ, rows.shape[-1]), lambda i, hd, bt: (tb(bt), hd, i, 0)),
                 q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                pl.BlockSpec((_SQ, bq), lambda i, hd, bt: (bt, i)),
-                pl.BlockSpec((_SQ, tp), lambda i, hd, bt: (bt, 0))],
+                pl.BlockSpec((SQ, bq), lambda i, hd, bt: (bt, i)),
+                pl.BlockSpec((SQ, tp), lambda i, hd, bt: (bt, 0))],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_compiler_params(cfg),
@@ -269,16 +265,16 @@ def _backward(rows, cols, q, k, v, seg, out, lse, d_out, cfg: _Config):
       name="block_sparse_bwd_dq",
   )(rows, q, k, v, d_out, lse2, delta, seg, seg)
 
-  qg_spec = pl.BlockSpec((_SQ, tp, g, h), lambda j, kh, bt: (bt, 0, kh, 0))
-  rowg_spec = pl.BlockSpec((_SQ, g, tp), lambda j, kh, bt: (bt, kh, 0))
-  kt_spec = pl.BlockSpec((_SQ, bk, _SQ, h), lambda j, kh, bt: (bt, j, kh, 0))
+  qg_spec = pl.BlockSpec((SQ, tp, g, h), lambda j, kh, bt: (bt, 0, kh, 0))
+  rowg_spec = pl.BlockSpec((SQ, g, tp), lambda j, kh, bt: (bt, kh, 0))
+  kt_spec = pl.BlockSpec((SQ, bk, SQ, h), lambda j, kh, bt: (bt, j, kh, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, cfg=cfg),
       grid=(cfg.num_blocks // cfg.kv_tile, kvh, b),
-      in_specs=[pl.BlockSpec((_SQ, _SQ, _SQ, cols.shape[-1]), lambda j, kh, bt: (tb(bt), kh, j, 0)),
+      in_specs=[pl.BlockSpec((SQ, SQ, SQ, cols.shape[-1]), lambda j, kh, bt: (tb(bt), kh, j, 0)),
                 qg_spec, kt_spec, kt_spec, qg_spec, rowg_spec, rowg_spec,
-                pl.BlockSpec((_SQ, tp), lambda j, kh, bt: (bt, 0)),
-                pl.BlockSpec((_SQ, bk), lambda j, kh, bt: (bt, j))],
+                pl.BlockSpec((SQ, tp), lambda j, kh, bt: (bt, 0)),
+                pl.BlockSpec((SQ, bk), lambda j, kh, bt: (bt, j))],
       out_specs=[kt_spec, kt_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=_compiler_params(cfg),
@@ -294,121 +290,7 @@ _attention = output_vjp(_forward, _backward)
 # ----------------------------------------------------------------------------- tables
 
 
-def compact_table(kv_blocks, kv_valid, num_heads: int, num_kv_heads: int, num_blocks: int):
-  """The engine's table layout -> rows [B or 1, N, C, Mp] int32: each row's valid blocks first, then -1.
-
-  Mp is M rounded up to a power of two >= 16 (a Triton vector). numpy in, numpy out (the
-  table is then a compile-time constant); jax in, jax out.
-  """
-  concrete = isinstance(kv_blocks, np.ndarray) and isinstance(kv_valid, np.ndarray)
-  xp = np if concrete else jnp
-  blocks, valid = xp.asarray(kv_blocks).astype(np.int32), xp.asarray(kv_valid).astype(bool)
-  if blocks.ndim != 4 or blocks.shape != valid.shape:
-    raise ValueError(f"kv_blocks {blocks.shape} and kv_valid {valid.shape} must both be [B or 1, heads, "
-                     f"{num_blocks} query blocks, M]")
-  tb, tn, tc, m = blocks.shape
-  if tn not in (1, num_kv_heads, num_heads) or tc != num_blocks:
-    raise ValueError(f"block table of shape {blocks.shape} does not fit {num_heads} query heads / {num_kv_heads} kv "
-                     f"heads and {num_blocks} blocks")
-  if tn != num_heads:  # one table per kv head (query head n reads n // G's) or one for all heads
-    pick = np.arange(num_heads) // (num_heads // num_kv_heads) if tn == num_kv_heads else np.zeros(num_heads, int)
-    blocks, valid = blocks[:, pick], valid[:, pick]
-  valid = valid & (blocks >= 0) & (blocks < num_blocks)
-  entries = xp.where(valid, blocks, -1)
-  if concrete:
-    order = np.argsort(~valid, axis=-1, kind="stable")
-  else:
-    order = jnp.argsort(~valid, axis=-1, stable=True)
-  rows = xp.take_along_axis(entries, order, axis=-1)
-  mp = _pow2_at_least(m, 16)
-  pad = [(0, 0)] * 3 + [(0, mp - m)]
-  return xp.pad(rows, pad, constant_values=-1)
-
-
-def transpose_table(rows, num_kv_heads: int):
-  """rows [B or 1, N, C, Mp] -> cols [B or 1, K, C, M_T]: for key block j of kv head kh, the
-  entries g * C + i of the (query head kh * G + g, query block i) rows that list j, then -1."""
-  concrete = isinstance(rows, np.ndarray)
-  xp = np if concrete else jnp
-  tb, n, c, _ = rows.shape
-  g = n // num_kv_heads
-  hit = xp.any(rows[..., None] == xp.arange(c, dtype=np.int32), axis=-2)  # [tb, N, C_i, C_j]
-  hit = hit.reshape(tb, num_kv_heads, g, c, c).transpose(0, 1, 4, 2, 3).reshape(tb, num_kv_heads, c, g * c)
-  lanes = xp.arange(g * c, dtype=np.int32)
-  entries = xp.where(hit, lanes, -1)
-  if concrete:
-    order = np.argsort(~hit, axis=-1, kind="stable")
-    width = _pow2_at_least(max(int(hit.sum(-1).max(initial=0)), 1), 16)
-  else:
-    order = jnp.argsort(~hit, axis=-1, stable=True)
-    width = _pow2_at_least(g * c, 16)
-  cols = xp.take_along_axis(entries, order, axis=-1)
-  if width <= cols.shape[-1]:
-    return cols[..., :width]
-  return xp.pad(cols, [(0, 0)] * 3 + [(0, width - cols.shape[-1])], constant_values=-1)
-
-
-_BIG = 1 << 26  # above every entry (a transposed entry is below G * C); times 2^4 it still fits int32
-TILES = (1, 2, 4)  # table blocks per program
-
-
-def merge_rows(rows, r: int):
-  """rows [B or 1, H, C, M] (C a multiple of r; each row's distinct entries first, then -1) ->
-  [B or 1, H, C / r, W]: merged row i lists once each entry e of rows i*r .. i*r + r - 1, as
-  e * 2^r + bits, where bit s says that row i*r + s lists e; then -1. One program walks a merged
-  row for a tile of r table blocks and masks each visited tile's rows by their bit. W is the
-  longest merged row rounded up to a power of two >= 16 (r * M for a table traced under jit).
-  numpy in, numpy out; jax in, jax out."""
-  if r == 1:
-    return rows
-  concrete = isinstance(rows, np.ndarray)
-  xp = np if concrete else jnp
-  argsort = (lambda a: np.argsort(a, axis=-1, kind="stable")) if concrete else (
-      lambda a: jnp.argsort(a, axis=-1, stable=True))
-  tb, h, c, m = rows.shape
-  x = xp.asarray(rows).astype(np.int32).reshape(tb, h, c // r, r * m)
-  vals = xp.where(x >= 0, x, _BIG)
-  order = argsort(vals)
-  sv = xp.take_along_axis(vals, order, axis=-1)
-  sub_bit = xp.broadcast_to(xp.asarray(1 << np.repeat(np.arange(r, dtype=np.int32), m)), x.shape)
-  sb = xp.where(sv < _BIG, xp.take_along_axis(sub_bit, order, axis=-1), 0)
-  first = (sv < _BIG) & xp.concatenate([xp.ones_like(sv[..., :1], bool), sv[..., 1:] != sv[..., :-1]], axis=-1)
-  bits = sb  # a run of equal entries is at most r long (a row's entries are distinct): OR its bits
-  for d in range(1, r):
-    pad = [(0, 0)] * 3 + [(0, d)]
-    bits = bits | xp.where(xp.pad(sv[..., d:], pad, constant_values=-1) == sv, xp.pad(sb[..., d:], pad), 0)
-  enc = xp.take_along_axis(xp.where(first, sv * (1 << r) + bits, -1), argsort(~first), axis=-1)
-  longest = int(first.sum(-1).max(initial=0)) if concrete else r * m
-  width = _pow2_at_least(max(longest, 1), 16)
-  if width <= enc.shape[-1]:
-    return enc[..., :width]
-  return xp.pad(enc, [(0, 0)] * 3 + [(0, width - enc.shape[-1])], constant_values=-1)
-
-
 # ----------------------------------------------------------------------------- public API
-
-
-def checked_tables(q_btnh, k_bskh, v_bskh, kv_blocks, kv_valid, block: int, multiple: int = 1):
-  """The shape checks every block-sparse kernel shares, then (rows, cols): the compacted table
-  and its transpose (see `compact_table`, `transpose_table`), the block count padded with
-  empty rows to a multiple of `multiple`."""
-  b, t, n, h = q_btnh.shape
-  kvh = k_bskh.shape[2]
-  if k_bskh.shape != v_bskh.shape or k_bskh.shape[:2] != (b, t) or k_bskh.shape[3] != h:
-    raise ValueError(f"q {q_btnh.shape}, k {k_bskh.shape}, v {v_bskh.shape}: block-sparse attention is "
-                     f"self-attention, expected k and v [B, T, K, H] matching q [B, T, N, H]")
-  if n % kvh:
-    raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
-  rows = compact_table(kv_blocks, kv_valid, n, kvh, -(-t // block))
-  if rows.shape[0] not in (1, b):
-    raise ValueError(f"block table batch {rows.shape[0]} does not fit batch {b}")
-  extra = -rows.shape[2] % multiple
-  if extra:
-    rows = (np if isinstance(rows, np.ndarray) else jnp).pad(rows, [(0, 0), (0, 0), (0, extra), (0, 0)],
-                                                            constant_values=-1)
-  if n * rows.shape[2] >= _BIG:
-    raise ValueError(f"{n} heads x {rows.shape[2]} blocks is too many table entries for int32 tables")
-  return rows, transpose_table(rows, kvh)
 
 
 def block_sparse_attention_pallas(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_valid, *, block: int,
@@ -437,13 +319,13 @@ def block_sparse_attention_pallas(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks
   b, t, n, h = q_btnh.shape
   nb = rows.shape[2] * q_tile
   tp = nb * block
-  hp = _pow2_at_least(h, 16)
-  seg = _pad_axis(jnp.asarray(segment_ids, jnp.int32), 1, tp)
-  q = _pad_axis(_pad_axis(q_btnh, 3, hp), 1, tp)
-  k = _pad_axis(_pad_axis(k_bskh, 3, hp), 1, tp)
-  v = _pad_axis(_pad_axis(v_bskh, 3, hp), 1, tp)
+  hp = pow2_at_least(h, 16)
+  seg = pad_axis(jnp.asarray(segment_ids, jnp.int32), 1, tp)
+  q = pad_axis(pad_axis(q_btnh, 3, hp), 1, tp)
+  k = pad_axis(pad_axis(k_bskh, 3, hp), 1, tp)
+  v = pad_axis(pad_axis(v_bskh, 3, hp), 1, tp)
   cfg = _Config(block=block, causal=bool(causal), band=None if band is None else (int(band[0]), int(band[1])),
-                scale=1.0 / math.sqrt(h), interpret=_resolve_interpret(interpret), num_blocks=nb,
+                scale=1.0 / math.sqrt(h), interpret=resolve_interpret(interpret), num_blocks=nb,
                 table_batched=rows.shape[0] > 1,
                 num_warps=num_warps or (4 if max(q_tile, kv_tile) * block * hp <= 64 * 64 else 8),
                 num_stages=num_stages, q_tile=q_tile, kv_tile=kv_tile)

@@ -32,11 +32,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.block_sparse_pallas import checked_tables
-from kernels.flash_pallas import output_vjp
-from kernels.flash_tpu import _dot, _dot_t, _fwd_finish, _fwd_init, _fwd_tile, _when_visible
+from kernels.common import (checked_tables, dot, dot_t, output_vjp, tpu_fwd_finish, tpu_fwd_init, tpu_fwd_tile,
+                            tpu_when_visible)
 
-_SQ = None  # a squeezed block dimension
+SQ = None  # a squeezed block dimension
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +102,7 @@ def _walk(cfg: _Config, tbl_ref, cnt_ref, qs_ref, ks_ref, tile, *, transposed: b
     qi, kj = (lax.rem(e, cfg.num_blocks), r) if transposed else (r, e)
     mask = _mask(cfg, qi, kj, qs_ref[...], ks_ref[...])  # [bq, bk]
 
-    @_when_visible(mask)
+    @tpu_when_visible(mask)
     def _visible():
       tile(mask)
 
@@ -112,10 +111,10 @@ def _fwd_kernel(tbl_ref, cnt_ref, tblt_ref, cntt_ref, q_ref, k_ref, v_ref, qs_re
                 l_sc, acc_sc, *, cfg: _Config):
   del tblt_ref, cntt_ref
   m = pl.program_id(3)
-  pl.when(m == 0)(lambda: _fwd_init(m_sc, l_sc, acc_sc))
-  _walk(cfg, tbl_ref, cnt_ref, qs_ref, ks_ref, lambda mask: _fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, mask,
+  pl.when(m == 0)(lambda: tpu_fwd_init(m_sc, l_sc, acc_sc))
+  _walk(cfg, tbl_ref, cnt_ref, qs_ref, ks_ref, lambda mask: tpu_fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, mask,
                                                                        cfg.scale), transposed=False)
-  pl.when(m == pl.num_programs(3) - 1)(lambda: _fwd_finish(o_ref, lse_ref, m_sc, l_sc, acc_sc))
+  pl.when(m == pl.num_programs(3) - 1)(lambda: tpu_fwd_finish(o_ref, lse_ref, m_sc, l_sc, acc_sc))
 
 
 def _dq_kernel(tbl_ref, cnt_ref, tblt_ref, cntt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
@@ -129,9 +128,9 @@ def _dq_kernel(tbl_ref, cnt_ref, tblt_ref, cntt_ref, q_ref, k_ref, v_ref, do_ref
 
   def tile(mask):
     k = k_ref[...]
-    p = jnp.where(mask, jnp.exp(_dot_t(q_ref[...], k) * cfg.scale - lse_ref[...]), 0.0)
-    ds = p * (_dot_t(do_ref[...], v_ref[...]) - delta_ref[...])
-    dq_sc[...] += _dot(ds.astype(k.dtype), k)
+    p = jnp.where(mask, jnp.exp(dot_t(q_ref[...], k) * cfg.scale - lse_ref[...]), 0.0)
+    ds = p * (dot_t(do_ref[...], v_ref[...]) - delta_ref[...])
+    dq_sc[...] += dot(ds.astype(k.dtype), k)
 
   _walk(cfg, tbl_ref, cnt_ref, qs_ref, ks_ref, tile, transposed=False)
 
@@ -152,10 +151,10 @@ def _dkv_kernel(tbl_ref, cnt_ref, tblt_ref, cntt_ref, q_ref, k_ref, v_ref, do_re
 
   def tile(mask):
     q, do = q_ref[...], do_ref[...]
-    p = jnp.where(mask, jnp.exp(_dot_t(q, k_ref[...]) * cfg.scale - lse_ref[...]), 0.0)
+    p = jnp.where(mask, jnp.exp(dot_t(q, k_ref[...]) * cfg.scale - lse_ref[...]), 0.0)
     contract_rows = lambda a, b_: lax.dot_general(a, b_, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     dv_sc[...] += contract_rows(p.astype(do.dtype), do)
-    ds = p * (_dot_t(do, v_ref[...]) - delta_ref[...])
+    ds = p * (dot_t(do, v_ref[...]) - delta_ref[...])
     dk_sc[...] += contract_rows(ds.astype(q.dtype), q)
 
   _walk(cfg, tblt_ref, cntt_ref, qs_ref, ks_ref, tile, transposed=True)
@@ -173,12 +172,12 @@ def _row_specs(cfg: _Config, h: int):
   """BlockSpecs of a (batch, head, query block, m) grid whose step m reads K/V block rows[i][m]."""
   bs, g = cfg.block, cfg.heads // cfg.kv_heads
   kj = lambda bt, hd, i, m, t, c, tt, ct: _entry(cfg, bt, hd, i, m, t, c, cfg.width, cfg.heads)
-  q = pl.BlockSpec((_SQ, _SQ, bs, h), lambda bt, hd, i, m, *tables: (bt, hd, i, 0))
-  kv = pl.BlockSpec((_SQ, _SQ, bs, h), lambda bt, hd, i, m, *tables: (bt, lax.div(hd, g), kj(bt, hd, i, m, *tables),
+  q = pl.BlockSpec((SQ, SQ, bs, h), lambda bt, hd, i, m, *tables: (bt, hd, i, 0))
+  kv = pl.BlockSpec((SQ, SQ, bs, h), lambda bt, hd, i, m, *tables: (bt, lax.div(hd, g), kj(bt, hd, i, m, *tables),
                                                                       0))
-  stat = pl.BlockSpec((_SQ, _SQ, bs, 1), lambda bt, hd, i, m, *tables: (bt, hd, i, 0))
-  qseg = pl.BlockSpec((_SQ, bs, 1), lambda bt, hd, i, m, *tables: (bt, i, 0))
-  kseg = pl.BlockSpec((_SQ, _SQ, 1, bs), lambda bt, hd, i, m, *tables: (bt, kj(bt, hd, i, m, *tables), 0, 0))
+  stat = pl.BlockSpec((SQ, SQ, bs, 1), lambda bt, hd, i, m, *tables: (bt, hd, i, 0))
+  qseg = pl.BlockSpec((SQ, bs, 1), lambda bt, hd, i, m, *tables: (bt, i, 0))
+  kseg = pl.BlockSpec((SQ, SQ, 1, bs), lambda bt, hd, i, m, *tables: (bt, kj(bt, hd, i, m, *tables), 0, 0))
   return q, kv, stat, qseg, kseg
 
 
@@ -220,18 +219,18 @@ def _backward(tables, q, k, v, qseg, kseg, out, lse, d_out, cfg: _Config):
   e = lambda bt, kh, j, m, t, c, tt, ct: _entry(cfg, bt, kh, j, m, tt, ct, cfg.width_t, cfg.kv_heads)
   qh = lambda bt, kh, j, m, *tables: kh * g + lax.div(e(bt, kh, j, m, *tables), nq)
   qb = lambda bt, kh, j, m, *tables: lax.rem(e(bt, kh, j, m, *tables), nq)
-  qt_spec = pl.BlockSpec((_SQ, _SQ, bs, h), lambda bt, kh, j, m, *t: (bt, qh(bt, kh, j, m, *t), qb(bt, kh, j, m, *t),
+  qt_spec = pl.BlockSpec((SQ, SQ, bs, h), lambda bt, kh, j, m, *t: (bt, qh(bt, kh, j, m, *t), qb(bt, kh, j, m, *t),
                                                                       0))
-  st_spec = pl.BlockSpec((_SQ, _SQ, bs, 1), lambda bt, kh, j, m, *t: (bt, qh(bt, kh, j, m, *t),
+  st_spec = pl.BlockSpec((SQ, SQ, bs, 1), lambda bt, kh, j, m, *t: (bt, qh(bt, kh, j, m, *t),
                                                                       qb(bt, kh, j, m, *t), 0))
-  kt_spec = pl.BlockSpec((_SQ, _SQ, bs, h), lambda bt, kh, j, m, *t: (bt, kh, j, 0))
+  kt_spec = pl.BlockSpec((SQ, SQ, bs, h), lambda bt, kh, j, m, *t: (bt, kh, j, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, cfg=cfg),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4, grid=(b, cfg.kv_heads, nq, cfg.width_t),
           in_specs=[qt_spec, kt_spec, kt_spec, qt_spec, st_spec, st_spec,
-                    pl.BlockSpec((_SQ, bs, 1), lambda bt, kh, j, m, *t: (bt, qb(bt, kh, j, m, *t), 0)),
-                    pl.BlockSpec((_SQ, _SQ, 1, bs), lambda bt, kh, j, m, *t: (bt, j, 0, 0))],
+                    pl.BlockSpec((SQ, bs, 1), lambda bt, kh, j, m, *t: (bt, qb(bt, kh, j, m, *t), 0)),
+                    pl.BlockSpec((SQ, SQ, 1, bs), lambda bt, kh, j, m, *t: (bt, j, 0, 0))],
           out_specs=[kt_spec, kt_spec],
           scratch_shapes=[pltpu.VMEM((bs, h), jnp.float32), pltpu.VMEM((bs, h), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],

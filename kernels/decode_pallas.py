@@ -4,7 +4,7 @@ A few new query tokens attend to a long KV cache. One query row per program woul
 the GPU idle (B * N programs for a whole cache), so the cache is cut into `num_splits`
 contiguous ranges and each program - (split, kv head, batch) - streams only its range,
 returning a partial output and its log-sum-exp. The partials are combined outside the
-kernel with the associative online-softmax merge (`layers.attention.flash.merge_partials`).
+kernel with the associative online-softmax merge (`kernels.reference.merge_partials`).
 
 Grouped-query heads are packed into the rows of one tile: the G = N/K query heads that
 share a kv head and the Tq new tokens form G*Tq rows (padded to 16, the smallest Triton
@@ -18,8 +18,8 @@ With segment ids (a model's batched cache: padded prompts, packed prompts, one w
 position for every row) a query also needs its own nonzero segment; the ids of each key
 block are loaded beside it (4 bytes a slot against 2*K*H*2 for bf16 K/V).
 
-Inference only (no VJP). Twin: `reference_decode_attention` (the blockwise pure-JAX flash
-with the same mask), and the dense reference in the tests.
+Inference only (no VJP). Twin: `reference_decode_attention` (dense attention with the same
+mask, `kernels.reference`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.flash_pallas import LN2, LOG2E, _M_INIT, _SQ, _dot, _dot_t, _pltriton, _resolve_interpret
-from layers.attention.flash import flash_attention_lse, merge_partials
+from kernels.common import LN2, LOG2E, M_INIT, SQ, dot, dot_t, pltriton, resolve_interpret
+from kernels.reference import make_mask, merge_partials, reference_attention_lse
 
 
 def _decode_kernel(*refs, bk: int, blocks_per_split: int, scale: float, segs: bool):
@@ -55,7 +55,7 @@ def _decode_kernel(*refs, bk: int, blocks_per_split: int, scale: float, segs: bo
     o, m, l = carry
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
-    s = _dot_t(q, k) * c
+    s = dot_t(q, k) * c
     k_pos = start + jnp.arange(bk, dtype=jnp.int32)
     visible = k_pos[None, :] <= pos[:, None]
     if q_seg is not None:  # packed or padded caches: only the query's own segment
@@ -66,11 +66,11 @@ def _decode_kernel(*refs, bk: int, blocks_per_split: int, scale: float, segs: bo
     p = jnp.exp2(s - m_new[:, None])
     l = l * alpha + jnp.sum(p, axis=1)
     v = v_ref[pl.ds(start, bk), :]
-    o = o * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    o = o * alpha[:, None] + dot(p.astype(v.dtype), v)
     return o, m_new, l
 
   rows = q.shape[0]
-  carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((rows,), _M_INIT, jnp.float32), jnp.zeros((rows,), jnp.float32))
+  carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((rows,), M_INIT, jnp.float32), jnp.zeros((rows,), jnp.float32))
   o, m, l = lax.fori_loop(lo, hi, step, carry)
   empty = l == 0.0
   l_safe = jnp.where(empty, 1.0, l)
@@ -110,7 +110,7 @@ def decode_attention_pallas(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, q_
     raise ValueError(f"head dim {h}: the decode kernel needs a power of two >= 16")
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
-  interp = _resolve_interpret(interpret)
+  interp = resolve_interpret(interpret)
   g = n // kvh
   rows = max(16, 1 << (g * tq - 1).bit_length())
   # [B, Tq, K, G, H] -> rows ordered (g, t): [B, K, G*Tq, H], zero rows to a power of two.
@@ -124,10 +124,10 @@ def decode_attention_pallas(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, q_
   splits = num_splits or _default_splits(b, kvh, blocks)
   per_split = -(-blocks // min(splits, blocks))
   splits = -(-blocks // per_split)
-  params = None if interp or _pltriton is None else _pltriton.CompilerParams(num_warps=num_warps,
+  params = None if interp or pltriton is None else pltriton.CompilerParams(num_warps=num_warps,
                                                                               num_stages=num_stages)
-  row_spec = pl.BlockSpec((_SQ, rows), lambda sp, kh, bt: (bt, 0))
-  cache_spec = pl.BlockSpec((_SQ, s, _SQ, h), lambda sp, kh, bt: (bt, 0, kh, 0))
+  row_spec = pl.BlockSpec((SQ, rows), lambda sp, kh, bt: (bt, 0))
+  cache_spec = pl.BlockSpec((SQ, s, SQ, h), lambda sp, kh, bt: (bt, 0, kh, 0))
   segs = q_segment_ids is not None
   if segs:  # ids per query row, as the rows are ordered; padding rows -1 (they see nothing anyway)
     q_seg = jnp.pad(jnp.tile(jnp.asarray(q_segment_ids, jnp.int32), (1, g)), ((0, 0), (0, rows - g * tq)),
@@ -137,12 +137,12 @@ def decode_attention_pallas(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, q_
       functools.partial(_decode_kernel, bk=block_k, blocks_per_split=per_split, scale=1.0 / math.sqrt(h),
                         segs=segs),
       grid=(splits, kvh, b),
-      in_specs=[pl.BlockSpec((_SQ, _SQ, rows, h), lambda sp, kh, bt: (bt, kh, 0, 0)), row_spec]
+      in_specs=[pl.BlockSpec((SQ, SQ, rows, h), lambda sp, kh, bt: (bt, kh, 0, 0)), row_spec]
       + ([row_spec] if segs else []) + [cache_spec, cache_spec]
-      + ([pl.BlockSpec((_SQ, s), lambda sp, kh, bt: (bt, 0))] if segs else []),
+      + ([pl.BlockSpec((SQ, s), lambda sp, kh, bt: (bt, 0))] if segs else []),
       out_specs=[
-          pl.BlockSpec((_SQ, _SQ, _SQ, rows, h), lambda sp, kh, bt: (bt, kh, sp, 0, 0)),
-          pl.BlockSpec((_SQ, _SQ, _SQ, rows), lambda sp, kh, bt: (bt, kh, sp, 0)),
+          pl.BlockSpec((SQ, SQ, SQ, rows, h), lambda sp, kh, bt: (bt, kh, sp, 0, 0)),
+          pl.BlockSpec((SQ, SQ, SQ, rows), lambda sp, kh, bt: (bt, kh, sp, 0)),
       ],
       out_shape=[jax.ShapeDtypeStruct((b, kvh, splits, rows, h), jnp.float32),
                  jax.ShapeDtypeStruct((b, kvh, splits, rows), jnp.float32)],
@@ -156,8 +156,8 @@ def decode_attention_pallas(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, q_
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, tq, n, h).astype(q_btnh.dtype)
 
 
-def reference_decode_attention(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, block: int = 128):
-  """The same function through the pure-JAX blockwise flash attention (independent of the kernel)."""
+def reference_decode_attention(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b):
+  """The same function computed densely (`kernels.reference`; independent of the kernel)."""
   b, tq = q_btnh.shape[:2]
   s = k_cache_bskh.shape[1]
   lengths = lengths_b.astype(jnp.int32)
@@ -165,6 +165,6 @@ def reference_decode_attention(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *,
   kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   kv_seg = (kv_index < lengths[:, None]).astype(jnp.int32)
   q_seg = jnp.ones((b, tq), jnp.int32)
-  out, _ = flash_attention_lse(q_btnh, k_cache_bskh, v_cache_bskh, q_seg, kv_seg, q_index, kv_index, causal=True,
-                               block_q=block, block_k=block)
+  out, _ = reference_attention_lse(q_btnh, k_cache_bskh, v_cache_bskh,
+                                   make_mask(q_seg, kv_seg, q_index, kv_index, causal=True))
   return out

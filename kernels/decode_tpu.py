@@ -9,7 +9,7 @@ Tq new tokens form the G*Tq rows of one query tile, so K/V are read once per kv 
 Grid (batch, kv head, split, block of the split): the splits are independent ("parallel":
 TPU cores share them) and each walks its contiguous range of cache blocks sequentially with
 the online-softmax state in VMEM scratch, writing a partial (out, lse) that the associative
-merge (`layers.attention.flash.merge_partials`) combines outside. The lengths travel as a
+merge (`kernels.reference.merge_partials`) combines outside. The lengths travel as a
 scalar-prefetch operand: blocks past a sequence's length repeat the last needed block index
 (so they are never fetched) and compute nothing.
 
@@ -28,10 +28,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.flash_tpu import _fwd_finish, _fwd_init, _fwd_tile
-from layers.attention.flash import merge_partials
+from kernels.common import tpu_fwd_finish, tpu_fwd_init, tpu_fwd_tile
+from kernels.reference import merge_partials
 
-_SQ = None
+SQ = None
 
 
 def _decode_kernel(*refs, bk: int, per_split: int, scale: float, segs: bool):
@@ -44,7 +44,7 @@ def _decode_kernel(*refs, bk: int, per_split: int, scale: float, segs: bool):
 
   @pl.when(j == 0)
   def _init():
-    _fwd_init(m_sc, l_sc, acc_sc)
+    tpu_fwd_init(m_sc, l_sc, acc_sc)
 
   @pl.when(blk * bk < len_ref[bt])  # a block holding a valid cache entry
   def _step():
@@ -53,11 +53,11 @@ def _decode_kernel(*refs, bk: int, per_split: int, scale: float, segs: bool):
     visible = k_pos <= pos
     if segs:  # only the query's own segment: [R, 1] against the block's [1, bk]
       visible &= qs_ref[...] == ks_ref[...]
-    _fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, visible, scale)
+    tpu_fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, visible, scale)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
-    _fwd_finish(o_ref, lse_ref, m_sc, l_sc, acc_sc)
+    tpu_fwd_finish(o_ref, lse_ref, m_sc, l_sc, acc_sc)
 
 
 def decode_attention_tpu(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, q_segment_ids=None, kv_segment_ids=None,
@@ -106,16 +106,16 @@ def decode_attention_tpu(q_btnh, k_cache_bskh, v_cache_bskh, lengths_b, *, q_seg
     last = jnp.maximum(lax.div(len_ref[bt] + block_k - 1, block_k) - 1, 0)
     return bt, jnp.minimum(sp * per_split + j, last), kh
 
-  kv_spec = pl.BlockSpec((_SQ, block_k, h), kv_block)
-  row_spec = pl.BlockSpec((_SQ, rows, 1), lambda bt, kh, sp, j, ln: (bt, 0, 0))
+  kv_spec = pl.BlockSpec((SQ, block_k, h), kv_block)
+  row_spec = pl.BlockSpec((SQ, rows, 1), lambda bt, kh, sp, j, ln: (bt, 0, 0))
   # Cache segment ids as [B, S/bk, 1, bk]: a (1, bk) tile spans its array's last two dims.
-  kseg_spec = pl.BlockSpec((_SQ, _SQ, 1, block_k), lambda *a: (*kv_block(*a)[:2], 0, 0))
+  kseg_spec = pl.BlockSpec((SQ, SQ, 1, block_k), lambda *a: (*kv_block(*a)[:2], 0, 0))
   grid = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1, grid=(b, kvh, splits, per_split),
-      in_specs=[pl.BlockSpec((_SQ, _SQ, rows, h), lambda bt, kh, sp, j, ln: (bt, kh, 0, 0)), row_spec]
+      in_specs=[pl.BlockSpec((SQ, SQ, rows, h), lambda bt, kh, sp, j, ln: (bt, kh, 0, 0)), row_spec]
       + ([row_spec] if segs else []) + [kv_spec, kv_spec] + ([kseg_spec] if segs else []),
-      out_specs=[pl.BlockSpec((_SQ, _SQ, _SQ, rows, h), lambda bt, kh, sp, j, ln: (bt, kh, sp, 0, 0)),
-                 pl.BlockSpec((_SQ, _SQ, _SQ, rows, 1), lambda bt, kh, sp, j, ln: (bt, kh, sp, 0, 0))],
+      out_specs=[pl.BlockSpec((SQ, SQ, SQ, rows, h), lambda bt, kh, sp, j, ln: (bt, kh, sp, 0, 0)),
+                 pl.BlockSpec((SQ, SQ, SQ, rows, 1), lambda bt, kh, sp, j, ln: (bt, kh, sp, 0, 0))],
       scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
                       pltpu.VMEM((rows, h), jnp.float32)])
   o, lse = pl.pallas_call(

@@ -1,9 +1,8 @@
 """Flash attention for Hopper GPUs as Mosaic GPU Pallas kernels (wgmma, TMA, warp
 specialization): forward, dQ and dK/dV; GPU interpret mode on CPU.
 
-Why a second set of kernels: the Triton-lowered ones of `kernels/flash_pallas.py` reach
-0.61-0.73x cuDNN forward and 0.59-0.69x forward+backward at head dim 128 on an H200
-(BENCHMARKS.md). Triton issues the K/V loads and the matrix products from the same warps. Here
+Why a second set of kernels: the Triton-lowered ones of `kernels/flash_pallas.py` stay well
+below cuDNN on Hopper (BENCHMARKS.md). Triton issues the K/V loads and the matrix products from the same warps. Here
 every program (CTA) owns 128 rows (queries for the forward and dQ, keys for dK/dV) and runs
 three warpgroups:
 
@@ -68,7 +67,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import flash_pallas as fp  # causal tile bounds (flash_pallas imports this module too)
+from kernels import common
 
 try:
   from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -264,7 +263,7 @@ def _query_rows_kernel(*refs, kind: str, causal: bool, has_seg: bool, scale: flo
   wg = lax.axis_index("wg")
   if causal:
     # Key tiles [0, n_full) are visible to all 128 rows; [n_full, hi) straddle the diagonal.
-    n_full, hi = fp._causal_q_bounds(qb, PROGRAM_ROWS, bk, nk)
+    n_full, hi = common.causal_q_bounds(qb, PROGRAM_ROWS, bk, nk)
   else:
     n_full = hi = nk
 
@@ -384,7 +383,7 @@ def _dkv_kernel(*refs, causal: bool, has_seg: bool, scale: float, block_q: int, 
   wg = lax.axis_index("wg")
   if causal:
     # Query tiles [lo, q_full) straddle the diagonal of these 128 keys; [q_full, nq) see them all.
-    lo, q_full = fp._causal_k_bounds(kb, bq, PROGRAM_ROWS, nq)
+    lo, q_full = common.causal_k_bounds(kb, bq, PROGRAM_ROWS, nq)
   else:
     lo = q_full = 0
   per_head = nq - lo

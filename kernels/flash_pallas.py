@@ -21,9 +21,9 @@ per tile and the mask built in the kernel. Lengths that are not multiples of the
 are padded outside the kernel with segment id 0; head dims that are not powers of two
 are zero-padded (zeros change neither scores nor outputs).
 
-The twin is `reference_flash_attention_lse` (the same contract through the pure-JAX
-blockwise `layers.attention.flash.flash_attention_lse`); tests also compare with the dense
-`layers.attention.exact.reference_attention`. Cost: forward 4*B*N*Tq*Tk*H FLOPs (about half
+The twin is `reference_flash_attention_lse` (the same contract computed densely by
+`kernels.reference`); tests also compare with the pure-JAX blockwise
+`layers.attention.flash.flash_attention_lse`. Cost: forward 4*B*N*Tq*Tk*H FLOPs (about half
 when causal), backward 2.5x that.
 """
 
@@ -40,22 +40,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import flash_mgpu
-from layers.attention.flash import flash_attention_lse
-
-try:  # Triton compiler parameters (num_warps, num_stages); absent from some jax builds.
-  from jax.experimental.pallas import triton as _pltriton
-except ImportError:  # pragma: no cover
-  _pltriton = None
-
-# Atomic read-modify-write on a ref: `pallas.triton.atomic_add` in newer jax, `pl.atomic_add` before.
-_atomic_add = getattr(_pltriton, "atomic_add", None) or getattr(pl, "atomic_add", None)
-# `pl.squeezed` (newer) and `None` (older) both mean "this block dimension is 1 and dropped".
-_SQ = getattr(pl, "squeezed", None)
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
-# Finite start for the running max: exp2(-inf - _M_INIT) is 0 and exp2(_M_INIT - _M_INIT) is
-# 1, so a row that has seen only masked (-inf) scores keeps l = 0 and o = 0, without NaNs.
-_M_INIT = -1e30
+from kernels.common import (LN2, LOG2E, M_INIT, SQ, atomic_add, causal_k_bounds, causal_q_bounds, check_inputs, dot,
+                            dot_t, fit, fused_attention, online_finish, online_init, online_step, pad_axis, pltriton,
+                            pow2_at_least, resolve_interpret, visit_if_visible)
+from kernels.reference import make_mask, reference_attention_lse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +85,10 @@ def default_tiling(head_dim: int) -> Tiling:
 
   The backward kernels keep two fp32 accumulators of [rows, H] (dK and dV) or one (dQ)
   resident, so their streamed side is 32 rows. For H=128 the forward keeps the 128-row query
-  tiles at 8 warps, and the backward uses 64-row programs at 4 warps: in the H200 tile sweep of
-  2026-11-27 (BENCHMARKS.md) those backward tiles ran the backward ~10% faster (non-causal)
-  and ~7% faster (causal) than the 128-row ones, while 128-row query tiles were the faster
-  forward; the two are separate launches, so each keeps its own best. The bench's sweep
-  (scripts/bench_kernels.py) re-times these and the fused-dQ variant on every GPU run.
+  tiles at 8 warps, and the backward uses 64-row programs at 4 warps, the faster of each in the
+  GPU tile sweep (BENCHMARKS.md); the two are separate launches, so each keeps its own best.
+  The bench's sweep (scripts/bench_kernels.py) re-times these and the fused-dQ variant on every
+  GPU run.
   """
   if head_dim <= 64:
     return Tiling(128, 64, 32, 128, 128, 32, num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=3)
@@ -138,16 +125,6 @@ class _Config:
   out_dtype: str | None = None  # forward output dtype (None: q's); ring attention merges fp32 partials
 
 
-def _dot(a, b):
-  """a [m, k] @ b [k, n] -> fp32."""
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_t(a, b):
-  """a [m, k] @ b[n, k]^T -> fp32 (b is a loaded tile; Triton reads it transposed for free)."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def _row_col_mask(row_pos, col_pos, row_seg, col_seg, causal: bool, rows_are_queries: bool):
   """Visibility of a [rows, cols] tile, or None when every entry is visible.
 
@@ -161,57 +138,6 @@ def _row_col_mask(row_pos, col_pos, row_seg, col_seg, causal: bool, rows_are_que
     c = (col_pos[None, :] <= row_pos[:, None]) if rows_are_queries else (row_pos[:, None] <= col_pos[None, :])
     mask = c if mask is None else mask & c
   return mask
-
-
-def _causal_q_bounds(i, bq: int, bk: int, nk: int):
-  """Key blocks of query block i: [0, n_full) entirely visible, [n_full, hi) straddling the diagonal."""
-  n_full = jnp.minimum(lax.div(i * bq + 1, bk), nk)
-  hi = jnp.minimum(lax.div((i + 1) * bq + bk - 1, bk), nk)
-  return n_full, hi
-
-
-def _causal_k_bounds(j, bq: int, bk: int, nq: int):
-  """Query blocks seen by key block j: [lo, q_full) straddling the diagonal, [q_full, nq) below it."""
-  lo = jnp.minimum(lax.div(j * bk, bq), nq)
-  q_full = jnp.minimum(lax.div((j + 1) * bk - 1 + bq - 1, bq), nq)
-  return lo, q_full
-
-
-def _any(mask):
-  """True when any entry of a [rows, cols] mask is set (a max: reductions of bools do not lower to Triton)."""
-  return jnp.max(mask.astype(jnp.int32)) > 0
-
-
-def _visit_if_visible(step, mask_of, carry):
-  """step(mask, carry) when the tile's mask has a visible entry, else carry unchanged."""
-  mask = mask_of()
-  return lax.cond(_any(mask), lambda c: step(mask, c), lambda c: c, carry)
-
-
-def _online_step(carry, s, load_v):
-  """One online-softmax step in base 2: carry (o [rows, H] fp32, m, l [rows]); s the tile's
-  scores [rows, cols], already scaled by log2(e)/sqrt(H) and masked to -inf; load_v() loads
-  the V tile (after the exponentials, as a pipelined kernel wants)."""
-  o, m, l = carry
-  m_new = jnp.maximum(m, jnp.max(s, axis=1))
-  alpha = jnp.exp2(m - m_new)
-  p = jnp.exp2(s - m_new[:, None])
-  l = l * alpha + jnp.sum(p, axis=1)
-  v = load_v()
-  return o * alpha[:, None] + _dot(p.astype(v.dtype), v), m_new, l
-
-
-def _online_init(rows: int, h: int):
-  return jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), _M_INIT, jnp.float32), jnp.zeros((rows,), jnp.float32)
-
-
-def _online_finish(carry, o_ref, lse_ref):
-  """Writes out = o / l and lse (natural log); rows that saw no key get 0 and -inf."""
-  o, m, l = carry
-  empty = l == 0.0
-  l_safe = jnp.where(empty, 1.0, l)
-  o_ref[...] = (o * (1.0 / l_safe)[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
 
 
 def _q_block(pid, nq: int, causal: bool):
@@ -243,34 +169,34 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, qi_ref, ki_ref, o_ref, lse_
   def step(j, carry, causal_tile: bool, mask=None):
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
-    s = _dot_t(q, k) * c
+    s = dot_t(q, k) * c
     if mask is None:
       mask = tile_mask(start, causal_tile)
     if mask is not None:
       s = jnp.where(mask, s, -jnp.inf)
-    return _online_step(carry, s, lambda: v_ref[pl.ds(start, bk), :])
+    return online_step(carry, s, lambda: v_ref[pl.ds(start, bk), :])
 
-  carry = _online_init(bq, q.shape[1])
+  carry = online_init(bq, q.shape[1])
   if cfg.has_index:
-    visit = lambda j, carry: _visit_if_visible(lambda mask, c: step(j, c, True, mask),
+    visit = lambda j, carry: visit_if_visible(lambda mask, c: step(j, c, True, mask),
                                                lambda: tile_mask(pl.multiple_of(j * bk, bk), True), carry)
     carry = lax.fori_loop(0, nk, visit, carry)
   elif cfg.causal:
-    n_full, hi = _causal_q_bounds(i, bq, bk, nk)
+    n_full, hi = causal_q_bounds(i, bq, bk, nk)
     carry = lax.fori_loop(0, n_full, functools.partial(step, causal_tile=False), carry)
     carry = lax.fori_loop(n_full, hi, functools.partial(step, causal_tile=True), carry)
   else:
     carry = lax.fori_loop(0, nk, functools.partial(step, causal_tile=False), carry)
-  _online_finish(carry, o_ref, lse_ref)  # no visible key (padding rows): out 0, lse -inf
+  online_finish(carry, o_ref, lse_ref)  # no visible key (padding rows): out 0, lse -inf
 
 
 def _compiler_params(cfg: _Config, backward: bool):
-  if cfg.interpret or _pltriton is None:
+  if cfg.interpret or pltriton is None:
     return None
   t = cfg.tiling
   if backward:
-    return _pltriton.CompilerParams(num_warps=t.num_warps_bwd, num_stages=t.num_stages_bwd)
-  return _pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
+    return pltriton.CompilerParams(num_warps=t.num_warps_bwd, num_stages=t.num_stages_bwd)
+  return pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
 
 
 def _forward(q, k, v, qseg, kseg, qidx, kidx, cfg: _Config):
@@ -290,17 +216,17 @@ def _forward(q, k, v, qseg, kseg, qidx, kidx, cfg: _Config):
       kernel,
       grid=(nq, n, b),
       in_specs=[
-          pl.BlockSpec((_SQ, bq, _SQ, h), lambda i, hd, bt: (bt, qb(i), hd, 0)),
-          pl.BlockSpec((_SQ, s, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
-          pl.BlockSpec((_SQ, s, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
-          pl.BlockSpec((_SQ, bq), lambda i, hd, bt: (bt, qb(i))),
-          pl.BlockSpec((_SQ, s), lambda i, hd, bt: (bt, 0)),
-          pl.BlockSpec((_SQ, bq), lambda i, hd, bt: (bt, qb(i))),
-          pl.BlockSpec((_SQ, s), lambda i, hd, bt: (bt, 0)),
+          pl.BlockSpec((SQ, bq, SQ, h), lambda i, hd, bt: (bt, qb(i), hd, 0)),
+          pl.BlockSpec((SQ, s, SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
+          pl.BlockSpec((SQ, s, SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0)),
+          pl.BlockSpec((SQ, bq), lambda i, hd, bt: (bt, qb(i))),
+          pl.BlockSpec((SQ, s), lambda i, hd, bt: (bt, 0)),
+          pl.BlockSpec((SQ, bq), lambda i, hd, bt: (bt, qb(i))),
+          pl.BlockSpec((SQ, s), lambda i, hd, bt: (bt, 0)),
       ],
       out_specs=[
-          pl.BlockSpec((_SQ, bq, _SQ, h), lambda i, hd, bt: (bt, qb(i), hd, 0)),
-          pl.BlockSpec((_SQ, _SQ, bq), lambda i, hd, bt: (bt, hd, qb(i))),
+          pl.BlockSpec((SQ, bq, SQ, h), lambda i, hd, bt: (bt, qb(i), hd, 0)),
+          pl.BlockSpec((SQ, SQ, bq), lambda i, hd, bt: (bt, hd, qb(i))),
       ],
       out_shape=[jax.ShapeDtypeStruct(q.shape, cfg.out_dtype or q.dtype),
                  jax.ShapeDtypeStruct((b, n, tq), jnp.float32)],
@@ -336,23 +262,23 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, 
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
-    s = _dot_t(q, k) * c
+    s = dot_t(q, k) * c
     if mask is None:
       mask = tile_mask(start, causal_tile)
     if mask is not None:
       s = jnp.where(mask, s, -jnp.inf)
     p = jnp.exp2(s - lse2[:, None])
-    dp = _dot_t(do, v)
+    dp = dot_t(do, v)
     ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.astype(k.dtype), k)
+    return dq + dot(ds.astype(k.dtype), k)
 
   dq = jnp.zeros(q.shape, jnp.float32)
   if cfg.has_index:
-    visit = lambda j, dq: _visit_if_visible(lambda mask, c: step(j, c, True, mask),
+    visit = lambda j, dq: visit_if_visible(lambda mask, c: step(j, c, True, mask),
                                             lambda: tile_mask(pl.multiple_of(j * bk, bk), True), dq)
     dq = lax.fori_loop(0, nk, visit, dq)
   elif cfg.causal:
-    n_full, hi = _causal_q_bounds(i, bq, bk, nk)
+    n_full, hi = causal_q_bounds(i, bq, bk, nk)
     dq = lax.fori_loop(0, n_full, functools.partial(step, causal_tile=False), dq)
     dq = lax.fori_loop(n_full, hi, functools.partial(step, causal_tile=True), dq)
   else:
@@ -389,28 +315,28 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
     do = do_ref[pl.ds(start, bq), g, :]
     lse2 = lse_ref[g, pl.ds(start, bq)]
     delta = delta_ref[g, pl.ds(start, bq)]
-    st = _dot_t(k, q) * c  # S^T [bk, bq]
+    st = dot_t(k, q) * c  # S^T [bk, bq]
     if mask is None:
       mask = tile_mask(start, causal_tile)
     if mask is not None:
       st = jnp.where(mask, st, -jnp.inf)
     pt = jnp.exp2(st - lse2[None, :])
-    dv = dv + _dot(pt.astype(do.dtype), do)
-    dpt = _dot_t(v, do)
+    dv = dv + dot(pt.astype(do.dtype), do)
+    dpt = dot_t(v, do)
     dst = (pt * (dpt - delta[None, :])).astype(q.dtype)
-    dk = dk + _dot(dst, q)
+    dk = dk + dot(dst, q)
     if dq_ref is not None:  # dQ_i += dS K (unscaled; the caller applies 1/sqrt(H) once)
       dq_tile = lax.dot_general(dst, k, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-      _atomic_add(dq_ref, (pl.ds(start, bq), jnp.asarray(g, jnp.int32), slice(None)), dq_tile)
+      atomic_add(dq_ref, (pl.ds(start, bq), jnp.asarray(g, jnp.int32), slice(None)), dq_tile)
     return dk, dv
 
   def per_head(g, carry):
     if cfg.has_index:
-      visit = lambda i, c: _visit_if_visible(lambda mask, cc: step(i, cc, g, True, mask),
+      visit = lambda i, c: visit_if_visible(lambda mask, cc: step(i, cc, g, True, mask),
                                              lambda: tile_mask(pl.multiple_of(i * bq, bq), True), c)
       return lax.fori_loop(0, nq, visit, carry)
     if cfg.causal:
-      lo, q_full = _causal_k_bounds(j, bq, bk, nq)
+      lo, q_full = causal_k_bounds(j, bq, bk, nq)
       carry = lax.fori_loop(lo, q_full, functools.partial(step, g=g, causal_tile=True), carry)
       return lax.fori_loop(q_full, nq, functools.partial(step, g=g, causal_tile=False), carry)
     return lax.fori_loop(0, nq, functools.partial(step, g=g, causal_tile=False), carry)
@@ -442,20 +368,20 @@ def _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, d_lse, cfg: _Con
   # One program per (key block, kv head): it owns dK/dV of that tile, so the G query heads of
   # its group are summed in registers (no atomics, no [B, S, N, H] intermediate). With
   # fused_dq the same programs also add their dS K into the shared fp32 dQ (atomics there).
-  qg_spec = pl.BlockSpec((_SQ, tq, g, h), lambda j, kh, bt: (bt, 0, kh, 0))
-  rowg_spec = pl.BlockSpec((_SQ, g, tq), lambda j, kh, bt: (bt, kh, 0))
-  kt_spec = pl.BlockSpec((_SQ, bk, _SQ, h), lambda j, kh, bt: (bt, j, kh, 0))
+  qg_spec = pl.BlockSpec((SQ, tq, g, h), lambda j, kh, bt: (bt, 0, kh, 0))
+  rowg_spec = pl.BlockSpec((SQ, g, tq), lambda j, kh, bt: (bt, kh, 0))
+  kt_spec = pl.BlockSpec((SQ, bk, SQ, h), lambda j, kh, bt: (bt, j, kh, 0))
   in_specs = [qg_spec, kt_spec, kt_spec, qg_spec, rowg_spec, rowg_spec,
-              pl.BlockSpec((_SQ, tq), lambda j, kh, bt: (bt, 0)),
-              pl.BlockSpec((_SQ, bk), lambda j, kh, bt: (bt, j)),
-              pl.BlockSpec((_SQ, tq), lambda j, kh, bt: (bt, 0)),
-              pl.BlockSpec((_SQ, bk), lambda j, kh, bt: (bt, j))]
+              pl.BlockSpec((SQ, tq), lambda j, kh, bt: (bt, 0)),
+              pl.BlockSpec((SQ, bk), lambda j, kh, bt: (bt, j)),
+              pl.BlockSpec((SQ, tq), lambda j, kh, bt: (bt, 0)),
+              pl.BlockSpec((SQ, bk), lambda j, kh, bt: (bt, j))]
   args = [q, k, v, d_out, lse2, delta, qseg, kseg, qidx, kidx]
   out_specs = [kt_spec, kt_spec]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   aliases = {}
   if t.fused_dq:
-    if _atomic_add is None:  # pragma: no cover
+    if atomic_add is None:  # pragma: no cover
       raise NotImplementedError("Tiling(fused_dq=True) needs Pallas atomic_add, which this jax lacks")
     aliases = {len(args): 2}
     args.append(jnp.zeros(q.shape, jnp.float32))
@@ -487,17 +413,17 @@ def _dq_call(q, k, v, d_out, lse2, delta, qseg, kseg, qidx, kidx, cfg: _Config):
   nq, nk = tq // t.block_q_dq, s // t.block_k_dq
   qb = functools.partial(_q_block, nq=nq, causal=cfg.causal)
   bq, bk = t.block_q_dq, t.block_k_dq
-  q_spec = pl.BlockSpec((_SQ, bq, _SQ, h), lambda i, hd, bt: (bt, qb(i), hd, 0))
-  kv_spec = pl.BlockSpec((_SQ, s, _SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0))
-  row_spec = pl.BlockSpec((_SQ, _SQ, bq), lambda i, hd, bt: (bt, hd, qb(i)))
+  q_spec = pl.BlockSpec((SQ, bq, SQ, h), lambda i, hd, bt: (bt, qb(i), hd, 0))
+  kv_spec = pl.BlockSpec((SQ, s, SQ, h), lambda i, hd, bt: (bt, 0, lax.div(hd, g), 0))
+  row_spec = pl.BlockSpec((SQ, SQ, bq), lambda i, hd, bt: (bt, hd, qb(i)))
   return pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg, nq=nq, nk=nk),
       grid=(nq, n, b),
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                pl.BlockSpec((_SQ, bq), lambda i, hd, bt: (bt, qb(i))),
-                pl.BlockSpec((_SQ, s), lambda i, hd, bt: (bt, 0)),
-                pl.BlockSpec((_SQ, bq), lambda i, hd, bt: (bt, qb(i))),
-                pl.BlockSpec((_SQ, s), lambda i, hd, bt: (bt, 0))],
+                pl.BlockSpec((SQ, bq), lambda i, hd, bt: (bt, qb(i))),
+                pl.BlockSpec((SQ, s), lambda i, hd, bt: (bt, 0)),
+                pl.BlockSpec((SQ, bq), lambda i, hd, bt: (bt, qb(i))),
+                pl.BlockSpec((SQ, s), lambda i, hd, bt: (bt, 0))],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_compiler_params(cfg, backward=True),
@@ -506,106 +432,10 @@ def _dq_call(q, k, v, d_out, lse2, delta, qseg, kseg, qidx, kidx, cfg: _Config):
   )(q, k, v, d_out, lse2, delta, qseg, kseg, qidx, kidx)
 
 
-def fused_attention(forward, backward):
-  """The differentiable (out, lse) = f(q, k, v, qseg, kseg, qidx, kidx, cfg) of a kernel family:
-  forward(...) -> (out, lse); backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, d_lse,
-  cfg) -> (dq, dk, dv), the lse cotangent entering as dS = P (dP - delta + dlse)."""
-
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-  def attention(q, k, v, qseg, kseg, qidx, kidx, cfg):
-    return tuple(forward(q, k, v, qseg, kseg, qidx, kidx, cfg))
-
-  def attention_fwd(q, k, v, qseg, kseg, qidx, kidx, cfg):
-    out, lse = forward(q, k, v, qseg, kseg, qidx, kidx, cfg)
-    return (out, lse), (q, k, v, qseg, kseg, qidx, kidx, out, lse)
-
-  def attention_bwd(cfg, res, grads):
-    q, k, v, qseg, kseg, qidx, kidx, out, lse = res
-    d_out, d_lse = grads
-    dq, dk, dv = backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out.astype(q.dtype),
-                          d_lse.astype(jnp.float32), cfg)
-    float0 = lambda x: np.zeros(x.shape, jax.dtypes.float0)
-    return dq, dk, dv, float0(qseg), float0(kseg), float0(qidx), float0(kidx)
-
-  attention.defvjp(attention_fwd, attention_bwd)
-  return attention
-
-
 _attention = fused_attention(_forward, _backward)
 
 
-def output_vjp(forward, backward):
-  """out = f(*arrays, cfg=...) of a kernel family differentiable in its output only (the
-  block-sparse kernels): forward(*arrays, cfg) -> (out, lse), the lse saved for the backward;
-  backward(*arrays, out, lse, d_out, cfg) -> the gradients of the floating-point arrays (q, k,
-  v) in order. Integer arrays (block tables, segment ids) get float0 zeros."""
-
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-  def attention(arrays, cfg):
-    return forward(*arrays, cfg)[0]
-
-  def attention_fwd(arrays, cfg):
-    out, lse = forward(*arrays, cfg)
-    return out, (arrays, out, lse)
-
-  def attention_bwd(cfg, res, d_out):
-    arrays, out, lse = res
-    grads = iter(backward(*arrays, out, lse, d_out, cfg))
-    zero_or_grad = lambda a: next(grads) if jnp.issubdtype(a.dtype, jnp.floating) else np.zeros(a.shape,
-                                                                                                 jax.dtypes.float0)
-    return (jax.tree.map(zero_or_grad, arrays),)  # in leaf order, as backward returns them
-
-  attention.defvjp(attention_fwd, attention_bwd)
-  return lambda *arrays, cfg: attention(arrays, cfg)
-
-
 # ----------------------------------------------------------------------------- public API
-
-
-def _resolve_interpret(interpret: bool | None) -> bool:
-  if interpret is not None:
-    return bool(interpret)
-  backend = jax.default_backend()
-  if backend == "cpu":
-    return True
-  if backend == "gpu":
-    return False
-  raise NotImplementedError(f"this Pallas kernel has a GPU (Triton) path only, none for backend {backend!r} (the "
-                            f"TPU flash kernels are kernels/flash_tpu.py); pass interpret=True or use "
-                            f"layers.attention.flash")
-
-
-def _pow2_at_least(x: int, lo: int) -> int:
-  return max(lo, 1 << max(0, (x - 1).bit_length()))
-
-
-def _fit(block: int, length: int) -> int:
-  """A block no larger than the (power-of-two-rounded) length, so tiny inputs are not padded to 128."""
-  return min(block, _pow2_at_least(length, 16))
-
-
-def _pad_axis(x, axis: int, size: int, value=0):
-  extra = size - x.shape[axis]
-  if extra == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, extra)
-  return jnp.pad(x, widths, constant_values=value)
-
-
-def check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index) -> None:
-  """The attention kernels' shared argument contract, with one-sentence errors."""
-  b, t, n, h = q_btnh.shape
-  bs, s, kvh, hk = k_bskh.shape
-  if k_bskh.shape != v_bskh.shape or bs != b or hk != h:
-    raise ValueError(f"q {q_btnh.shape}, k {k_bskh.shape}, v {v_bskh.shape}: expected q [B, T, N, H] and k, v "
-                     f"[B, S, K, H] with the same B and H")
-  if n % kvh:
-    raise ValueError(f"num_heads={n} is not a multiple of num_kv_heads={kvh}")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-  if (q_index is None) != (kv_index is None):
-    raise ValueError("pass both q_index and kv_index, or neither")
 
 
 def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, *, causal, block_q, block_k,
@@ -614,8 +444,8 @@ def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_
   check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index)
   b, t, n, h = q_btnh.shape
   s = k_bskh.shape[1]
-  interp = _resolve_interpret(interpret)
-  hp = _pow2_at_least(h, 16)
+  interp = resolve_interpret(interpret)
+  hp = pow2_at_least(h, 16)
   if tiling is None:
     base = default_tiling(hp)
     if block_q is not None or block_k is not None:
@@ -629,11 +459,11 @@ def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_
       raise ValueError(f"Tiling.{name}={getattr(tiling, name)!r}: expected 'triton' or 'mgpu'")
   mgpu_f, mgpu_b = tiling.forward == "mgpu", tiling.backward == "mgpu"
   # The Mosaic GPU programs own 128 rows whatever the length (padded up to it).
-  keep = lambda block, fixed, length: block if fixed else _fit(block, length)
+  keep = lambda block, fixed, length: block if fixed else fit(block, length)
   tiling = dataclasses.replace(
-      tiling, block_q=keep(tiling.block_q, mgpu_f, t), block_k=_fit(tiling.block_k, s),
-      block_q_dkv=_fit(tiling.block_q_dkv, t), block_k_dkv=keep(tiling.block_k_dkv, mgpu_b, s),
-      block_q_dq=keep(tiling.block_q_dq, mgpu_b, t), block_k_dq=_fit(tiling.block_k_dq, s))
+      tiling, block_q=keep(tiling.block_q, mgpu_f, t), block_k=fit(tiling.block_k, s),
+      block_q_dkv=fit(tiling.block_q_dkv, t), block_k_dkv=keep(tiling.block_k_dkv, mgpu_b, s),
+      block_q_dq=keep(tiling.block_q_dq, mgpu_b, t), block_k_dq=fit(tiling.block_k_dq, s))
   for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
     size = getattr(tiling, name)
     if size < 16 or size & (size - 1):
@@ -664,9 +494,9 @@ def _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_
       raise ValueError(f"Tiling({which}='mgpu'): {reason}")
   if q_index is None:
     q_index, kv_index = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
-  pad_tok = lambda x, size: _pad_axis(jnp.asarray(x).astype(jnp.int32), 1, size)
-  arrays = (_pad_axis(_pad_axis(q_btnh, 3, hp), 1, tp), _pad_axis(_pad_axis(k_bskh, 3, hp), 1, sp),
-            _pad_axis(_pad_axis(v_bskh, 3, hp), 1, sp), pad_tok(q_segment_ids, tp), pad_tok(kv_segment_ids, sp),
+  pad_tok = lambda x, size: pad_axis(jnp.asarray(x).astype(jnp.int32), 1, size)
+  arrays = (pad_axis(pad_axis(q_btnh, 3, hp), 1, tp), pad_axis(pad_axis(k_bskh, 3, hp), 1, sp),
+            pad_axis(pad_axis(v_bskh, 3, hp), 1, sp), pad_tok(q_segment_ids, tp), pad_tok(kv_segment_ids, sp),
             pad_tok(q_index, tp), pad_tok(kv_index, sp))
   cfg = _Config(causal=bool(causal), has_seg=has_seg, tiling=tiling, scale=1.0 / math.sqrt(h), interpret=interp,
                 has_index=has_index, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name)
@@ -695,21 +525,11 @@ def flash_attention_pallas_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_se
   they are None too the per-head-dim GPU defaults apply. `interpret=None` interprets on
   CPU and compiles with Triton on GPU.
   """
-  if interpret is None and jax.default_backend() == "tpu":
-    return _on_tpu(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, causal=causal,
-                   out_dtype=out_dtype)
   t, h = q_btnh.shape[1], q_btnh.shape[3]
   arrays, cfg = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, causal=causal,
                          block_q=block_q, block_k=block_k, tiling=tiling, interpret=interpret, out_dtype=out_dtype)
   out, lse = _attention(*arrays, cfg)
   return out[:, :t, :, :h], jnp.swapaxes(lse, 1, 2)[:, :t]
-
-
-def _on_tpu(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, *, causal, out_dtype):
-  """On a TPU the same contract runs on the Mosaic kernels of kernels/flash_tpu.py."""
-  from kernels.flash_tpu import flash_attention_tpu_lse
-  return flash_attention_tpu_lse(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, q_index=q_index,
-                                 kv_index=kv_index, out_dtype=out_dtype)
 
 
 def flash_chunk_grads_pallas(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, out_btnh,
@@ -720,34 +540,31 @@ def flash_chunk_grads_pallas(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_i
   backward kernels run with P = exp(S - lse_final), which splits the softmax gradient exactly
   over disjoint key chunks. `layers.attention.flash.flash_chunk_grads`'s contract (ring
   attention's backward); dq in fp32 for accumulation across chunks, dk/dv in k's dtype."""
-  if interpret is None and jax.default_backend() == "tpu":
-    from kernels.flash_tpu import flash_chunk_grads_tpu
-    return flash_chunk_grads_tpu(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, out_btnh,
-                                 lse_btn, d_out_btnh, causal=causal)
   t, h = q_btnh.shape[1], q_btnh.shape[3]
   s = k_bskh.shape[1]
   arrays, cfg = _prepare(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index, causal=causal,
                          block_q=block_q, block_k=block_k, tiling=tiling, interpret=interpret)
   q, k, v, qseg, kseg, qidx, kidx = arrays
   tp, hp = q.shape[1], q.shape[3]
-  out = _pad_axis(_pad_axis(out_btnh.astype(q.dtype), 3, hp), 1, tp)
-  d_out = _pad_axis(_pad_axis(d_out_btnh.astype(q.dtype), 3, hp), 1, tp)
-  lse = _pad_axis(jnp.swapaxes(lse_btn.astype(jnp.float32), 1, 2), 2, tp, value=-jnp.inf)  # [B, N, Tp]
+  out = pad_axis(pad_axis(out_btnh.astype(q.dtype), 3, hp), 1, tp)
+  d_out = pad_axis(pad_axis(d_out_btnh.astype(q.dtype), 3, hp), 1, tp)
+  lse = pad_axis(jnp.swapaxes(lse_btn.astype(jnp.float32), 1, 2), 2, tp, value=-jnp.inf)  # [B, N, Tp]
   dq, dk, dv = _backward(q, k, v, qseg, kseg, qidx, kidx, out, lse, d_out, jnp.zeros(lse.shape, jnp.float32), cfg)
   return dq[:, :t, :, :h].astype(jnp.float32), dk[:, :s, :, :h], dv[:, :s, :, :h]
 
 
 def reference_flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segment_ids=None, *,
-                                  causal: bool, block: int = 128):
-  """The twin: `flash_attention_pallas_lse`'s contract through the pure-JAX blockwise flash."""
+                                  causal: bool, q_index=None, kv_index=None):
+  """The twin: `flash_attention_pallas_lse`'s contract computed densely (`kernels.reference`)."""
   b, t = q_btnh.shape[:2]
   s = k_bskh.shape[1]
   if q_segment_ids is None:
     q_segment_ids, kv_segment_ids = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)
-  q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  return flash_attention_lse(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_index, kv_index,
-                             causal=causal, block_q=block, block_k=block)
+  if q_index is None:
+    q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  mask = make_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, causal)
+  return reference_attention_lse(q_btnh, k_bskh, v_bskh, mask)
 
 
 def flash_attention_pallas(q_btnh, k_bskh, v_bskh, q_segment_ids=None, kv_segment_ids=None, *, causal: bool,

@@ -39,9 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.flash_pallas import check_inputs, fused_attention
-
-_M_INIT = -1e30  # finite start for the running max (see kernels/flash_pallas.py)
+from kernels.common import (M_INIT, check_inputs, dot, dot_t, fused_attention, tpu_fwd_finish, tpu_fwd_init,
+                            tpu_fwd_tile, tpu_when_visible)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +82,6 @@ def _needed(cfg: _Config, i, j):
   return j * cfg.block_k <= (i + 1) * cfg.block_q - 1
 
 
-def _when_visible(mask):
-  """Decorator: run the tile's body only if its mask has a visible entry (a max: Mosaic reduces ints)."""
-  return pl.when(jnp.max(mask.astype(jnp.int32)) > 0)
-
-
 # Integer division by lax.div (truncating; every operand here is >= 0): jnp's floor division
 # brings in `sign`, whose Mosaic lowering asks which TPU generation it runs on.
 
@@ -106,14 +100,6 @@ def _first_q(cfg: _Config, j):
   return lax.div(j * cfg.block_k, cfg.block_q)
 
 
-def _dot_t(a, b):
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 # ----------------------------------------------------------------------------- forward
 
 
@@ -123,46 +109,19 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, qi_ref, ki_ref, o_ref, lse_
 
   @pl.when(j == 0)
   def _init():
-    _fwd_init(m_sc, l_sc, acc_sc)
+    tpu_fwd_init(m_sc, l_sc, acc_sc)
 
   @pl.when(_needed(cfg, i, j))
   def _step():
     mask = _mask(cfg, i, j, qs_ref[...], ks_ref[...], qi_ref[...], ki_ref[...])
 
-    @_when_visible(mask)
+    @tpu_when_visible(mask)
     def _visible():
-      _fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, mask, cfg.scale)
+      tpu_fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, mask, cfg.scale)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
-    _fwd_finish(o_ref, lse_ref, m_sc, l_sc, acc_sc)
-
-
-def _fwd_init(m_sc, l_sc, acc_sc):
-  m_sc[...] = jnp.full(m_sc.shape, _M_INIT, jnp.float32)
-  l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-  acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
-
-
-def _fwd_finish(o_ref, lse_ref, m_sc, l_sc, acc_sc):
-  """out = acc / l and lse = m + log l; rows that saw no key: out 0, lse -inf."""
-  l = l_sc[...]
-  empty = l == 0.0
-  l_safe = jnp.where(empty, 1.0, l)
-  o_ref[...] = (acc_sc[...] / l_safe).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l_safe))
-
-
-def _fwd_tile(q_ref, k_ref, v_ref, m_sc, l_sc, acc_sc, mask, scale: float):
-  """One online-softmax step of the resident query tile against one K/V tile."""
-  s = jnp.where(mask, _dot_t(q_ref[...], k_ref[...]) * scale, -jnp.inf)  # [bq, bk]
-  m = m_sc[...]
-  m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-  alpha = jnp.exp(m - m_new)
-  p = jnp.exp(s - m_new)
-  l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-  acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v_ref.dtype), v_ref[...])
-  m_sc[...] = m_new
+    tpu_fwd_finish(o_ref, lse_ref, m_sc, l_sc, acc_sc)
 
 
 def _forward(q, k, v, qseg, kseg, qidx, kidx, cfg: _Config):
@@ -213,13 +172,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, 
   def _step():
     mask = _mask(cfg, i, j, qs_ref[...], ks_ref[...], qi_ref[...], ki_ref[...])
 
-    @_when_visible(mask)
+    @tpu_when_visible(mask)
     def _visible():
       k = k_ref[...]
-      s = _dot_t(q_ref[...], k) * cfg.scale
+      s = dot_t(q_ref[...], k) * cfg.scale
       p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
-      ds = p * (_dot_t(do_ref[...], v_ref[...]) - delta_ref[...])
-      dq_sc[...] += _dot(ds.astype(k.dtype), k)
+      ds = p * (dot_t(do_ref[...], v_ref[...]) - delta_ref[...])
+      dq_sc[...] += dot(ds.astype(k.dtype), k)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -241,16 +200,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
   def _step():
     mask = _mask(cfg, i, j, qs_ref[...], ks_ref[...], qi_ref[...], ki_ref[...])
 
-    @_when_visible(mask)
+    @tpu_when_visible(mask)
     def _visible():
       q, do = q_ref[...], do_ref[...]
-      s = _dot_t(q, k_ref[...]) * cfg.scale  # [bq, bk]
+      s = dot_t(q, k_ref[...]) * cfg.scale  # [bq, bk]
       p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
       # dV += P^T dO and dK += dS^T Q: contractions over the query rows.
       contract_rows = lambda a, b_: lax.dot_general(a, b_, (((0,), (0,)), ((), ())),
                                                     preferred_element_type=jnp.float32)
       dv_sc[...] += contract_rows(p.astype(do.dtype), do)
-      ds = p * (_dot_t(do, v_ref[...]) - delta_ref[...])
+      ds = p * (dot_t(do, v_ref[...]) - delta_ref[...])
       dk_sc[...] += contract_rows(ds.astype(q.dtype), q)
 
   @pl.when(last)

@@ -19,7 +19,7 @@ CLASSES = "classes"
 
 ALL = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, STATE, CLASSES)
 
-# Activation layouts, named by dimension letters (DESIGN.md conventions).
+# Activation layouts, named by dimension letters (docs/architecture.md#conventions).
 ACT_BTD = (BATCH, LENGTH, EMBED)
 ACT_BTNH = (BATCH, LENGTH, HEADS, HEAD_DIM)
 

@@ -31,6 +31,9 @@ class MixerSpec:
   # This mixer's own settings (config `model.<mixer name>.*`) as sorted (key, value) pairs:
   # hashable, because NNX keeps the spec as static module data.
   options: tuple = ()
+  # The mixer's registry name (config `model.mixer` / a `mixer_schedule` entry): per-mixer
+  # choices such as `parallel.sequence_overrides` key on it. "" when built outside a model.
+  name: str = ""
 
   @property
   def alternation_index(self) -> int:
@@ -68,12 +71,20 @@ class MixContext:
     return jax.numpy.broadcast_to(jax.numpy.arange(t, dtype=jax.numpy.int32), (b, t))
 
 
+# What a mixer offers sequence-parallel strategies (parallel/strategy.py); a strategy needs one.
+ATTENTION = "attention"  # an exact softmax-attention core that splits over key chunks (ring, all_gather)
+HEADS = "heads"  # a computation independent per head given whole rows (all_to_all)
+SUMMARY = "summary"  # a recurrence whose chunk state is an associative summary (scan)
+HALO = "halo"  # reads only the few tokens beside each token (halo)
+INDEX = "index"  # masks by the true positions (ctx.index), so rows may be stored permuted (zigzag)
+
+
 class Mixer(nnx.Module):
   """Base class (documentation of the contract; subclasses override both methods)."""
 
-  # Sequence-parallel strategies this mixer implements (see parallel/sequence.py);
-  # "auto" (compiler-propagated shardings) works for every mixer.
-  SEQUENCE_STRATEGIES: tuple[str, ...] = ("auto",)
+  # Capabilities (above) that sequence-parallel strategies may use; with none, only "auto"
+  # (compiler-propagated shardings, which works for every mixer) applies.
+  SEQUENCE_CAPABILITIES: frozenset = frozenset()
   # False for a mixer that, bidirectional and without learned position embeddings, cannot
   # tell token order (kernelised attention applies no rotary embedding): the trainer
   # refuses such a model rather than train a bag of tokens.
@@ -93,14 +104,17 @@ class Mixer(nnx.Module):
     training batch of a fresh run (e.g. EcoFormer learns its hash functions). Default: nothing."""
 
 
-# The sequence-parallel strategy in force while the model is traced (installed by
-# `parallel.sequence.use_sequence_parallel`); None on one device or without one.
+# The sequence-parallel strategies in force while the model is traced (a
+# `parallel.sequence.SequenceParallel`, installed by `use_sequence_parallel`); None on one
+# device or without one.
 _SEQUENCE_PARALLEL = contextvars.ContextVar("seqmix_sequence_parallel", default=None)
 
 
-def sequence_parallel():
-  """The active `parallel.sequence.SequenceParallel`, or None."""
-  return _SEQUENCE_PARALLEL.get()
+def sequence_parallel(mixer):
+  """The strategy `mixer` runs under (a `parallel.strategy.Strategy`), or None: no sequence
+  parallelism, or the compiler's own sharding ("auto")."""
+  active = _SEQUENCE_PARALLEL.get()
+  return None if active is None else active.for_mixer(mixer)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """The mixer registry and the interface every token mixer implements.
 
 A mixer maps `x_btd -> y_btd` given a `MixContext`. The interface covers the whole
-family in PAPERS.md:
+family documented in docs/papers.md:
 
 * attention that needs positions (RoPE) or segment ids (packing, padding) reads them
   from the context;

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
-AXIS = "sequence"
+from layers import axes
+from layers.mixer_base import SUMMARY
+from parallel.strategy import AXIS, Strategy
 
 
 def exclusive_prefix(summaries, combine_fn, identity):
@@ -192,3 +194,28 @@ def sp_selective_scan(x_bte, delta_bte, a_es, b_bts, c_bts, reset_bt, *, mesh: M
 
   return jax.shard_map(body, mesh=mesh, in_specs=(act_spec, act_spec, a_spec, state_spec, state_spec, tok_spec),
                        out_specs=act_spec, check_vma=False)(x_bte, delta_bte, a_es, b_bts, c_bts, reset_bt)
+
+
+class Scan(Strategy):
+  """The length stays sharded; each device scans its chunk and the chunk summaries are combined
+  across devices (nothing O(T) moves except the [b, T] segment ids)."""
+
+  name = "scan"
+  needs = SUMMARY
+  doc = "recurrent mixers: each device scans its chunk, chunk states combined across devices"
+
+  def linear_attention(self, phi_q, phi_k, v, segment_ids, *, causal: bool, normalize: bool, eps: float, chunk: int):
+    """Linear attention (layers/linear/core.py) with the length sharded."""
+    qk_spec, _, tok_spec = self.attention_specs(phi_q, phi_k)
+    v_spec, _, _ = self.attention_specs(v, v)
+    return sp_linear_attention(phi_q, phi_k, v, segment_ids, mesh=self.mesh, qk_spec=qk_spec, v_spec=v_spec,
+                               tok_spec=tok_spec, causal=causal, normalize=normalize, eps=eps, chunk=chunk)
+
+  def selective_scan(self, x_bte, delta_bte, a_es, b_bts, c_bts, reset_bt, *, impl: str, chunk: int):
+    """Mamba's scan (layers/ssm/mamba.py) with the length sharded."""
+    act = self.spec((axes.BATCH, axes.LENGTH, axes.MLP), x_bte.shape)
+    self.length_sharded(act, x_bte.shape)
+    state = self.spec((axes.BATCH, axes.LENGTH, axes.STATE), b_bts.shape)
+    return sp_selective_scan(x_bte, delta_bte, a_es, b_bts, c_bts, reset_bt, mesh=self.mesh, act_spec=act,
+                             state_spec=state, tok_spec=P(act[0], act[1]),
+                             a_spec=self.spec((axes.MLP, axes.STATE), a_es.shape), impl=impl, chunk=chunk)

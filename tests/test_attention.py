@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers.attention.exact import make_mask, reference_attention
-from layers.models import ModelSpec, build_model
+from kernels.reference import make_mask, reference_attention
 from layers.functional import FunctionalModel
+from layers.models import ModelSpec, build_model
 from tests.helpers import attention_mixer_results
 
 
@@ -148,7 +148,7 @@ def test_attention_impls_agree_in_storage_and_permuted_order(causal):
 
 
 def test_one_example_per_row_predicate():
-  from layers.attention.exact import one_example_per_row
+  from layers.attention.ops import one_example_per_row
   yes = [[[1, 1, 1, 0]], [[3, 3, 0, 0], [1, 1, 1, 1]], [[0, 0, 0, 0], [2, 0, 0, 0]]]
   no = [[[1, 1, 2, 2]], [[0, 1, 1, 1]], [[1, 0, 1, 0]], [[1, 1, 0, 0], [1, 2, 0, 0]]]
   for seg in yes:
@@ -162,7 +162,7 @@ def test_cudnn_path_equals_naive_for_padded_and_packed_batches(causal):
   """attention_impl=cudnn's wiring (per-row lengths into jax.nn.dot_product_attention, the
   blockwise path for packed batches, padding zeroed), run here through the same call's XLA
   implementation: values and gradients against the naive loop, GQA, both branches."""
-  from layers.attention.exact import cudnn_attention, one_example_per_row
+  from layers.attention.ops import cudnn_attention, one_example_per_row
   b, t, n, kv, h = 2, 21, 4, 2, 8
   r = np.random.default_rng(11)
   q, k, v = (jnp.asarray(r.normal(size=(b, t, m, h)), jnp.float32) for m in (n, kv, kv))
@@ -192,7 +192,7 @@ def test_cudnn_path_equals_naive_for_padded_and_packed_batches(causal):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_cudnn_kernel_on_gpu_equals_reference(causal):
   """The real cuDNN kernel (bf16) through attention_impl=cudnn's wiring, padded and packed batches."""
-  from layers.attention.exact import cudnn_attention
+  from layers.attention.ops import cudnn_attention
   b, t, n, kv, h = 2, 256, 8, 2, 64
   r = np.random.default_rng(12)
   q, k, v = (jnp.asarray(r.normal(size=(b, t, m, h)), jnp.bfloat16) for m in (n, kv, kv))

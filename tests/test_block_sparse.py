@@ -1,7 +1,7 @@
 """Block-sparse attention (engine, block_sparse, xattention, local, bigbird) against dense references.
 
 Every fast path is compared with a dense twin that materialises the equivalent explicit
-[B, N, T, T] mask and calls `exact.reference_attention`: forward values and gradients,
+[B, N, T, T] mask and calls `kernels.reference.reference_attention`: forward values and gradients,
 causal and bidirectional, packed segments + padding, lengths that are not multiples of
 the block, grouped-query heads. The patterns that cover every visible pair are also
 compared with exact attention itself (full table, XAttention at threshold 1, a window
@@ -17,12 +17,12 @@ import pytest
 from flax import nnx
 
 import layers.mixers
-from layers.attention import block_sparse as bs
-from layers.attention import local as lc
-from layers.attention.exact import make_mask, reference_attention
+from kernels.reference import make_mask, reference_attention
 from layers.functional import FunctionalModel
 from layers.mixer_base import MixContext, MixerSpec
 from layers.models import ModelSpec, build_model
+from layers.attention import block_sparse as bs
+from layers.attention import local as lc
 
 TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=4e-2, rtol=4e-2)}
 B, T, N, KV, H = 2, 37, 4, 2, 8  # T = 37: not a multiple of any block used here

@@ -10,13 +10,14 @@ import pytest
 from flax import nnx
 from jax.extend import core as jex_core
 
+from kernels.reference import make_mask, reference_attention
 from layers import mixers
-from layers.attention import combiner as C
-from layers.attention import swin as S
-from layers.attention.exact import make_mask, reference_attention, rope
+from layers.attention.exact import rope
 from layers.functional import FunctionalModel
 from layers.mixer_base import MixContext, MixerSpec
 from layers.models import ModelSpec, build_model
+from layers.attention import combiner as C
+from layers.attention import swin as S
 
 TOL = {jnp.float32: dict(atol=3e-5, rtol=3e-5), jnp.bfloat16: dict(atol=4e-2, rtol=4e-2)}
 
@@ -341,4 +342,5 @@ def test_user_errors_are_one_sentence():
   with pytest.raises(NotImplementedError, match="Swin does not support incremental decoding"):
     S.Swin(_spec(True, window=4), rngs=nnx.Rngs(0))(x, MixContext(segment_ids=ctx.segment_ids,
                                                                    positions=ctx.positions, decode=True))
-  assert C.Combiner.SEQUENCE_STRATEGIES == S.Swin.SEQUENCE_STRATEGIES == ("auto",)
+  from parallel import sequence
+  assert sequence.supported(C.Combiner) == sequence.supported(S.Swin) == ("auto",)

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from ml_collections import ConfigDict
 
-from layers.mixer_base import MixContext, MixerSpec
+from layers.mixer_base import MixContext, MixerSpec, use_sequence_parallel
 from layers.ssm.conv import ShortConv
 from trainer import config as config_lib
 
@@ -41,14 +42,15 @@ def reference(params, x, seg, *, causal, k, gated):
   taps s in t-k+1..t (causal) or t-floor(k/2)..t+k-1-floor(k/2), same nonzero segment only."""
   left = k - 1 if causal else k // 2
   rows = []
-  for b in range(B):
+  n_rows, length = seg.shape
+  for b in range(n_rows):
     out = []
-    for t in range(T):
+    for t in range(length):
       if seg[b, t] == 0:
         out.append(jnp.zeros(D))
         continue
       acc = params["conv_bias"]
-      for s in range(T):
+      for s in range(length):
         j = s - t + left
         if 0 <= j < k and seg[b, s] == seg[b, t]:
           acc = acc + params["conv_weight"][j] * x[b, s]
@@ -68,7 +70,7 @@ def params_of(layer):
   return p
 
 
-def layer_fn(layer, seg, pos):
+def layer_fn(layer, seg, pos, sequence_parallel=None):
   graphdef, state = nnx.split(layer)
 
   def f(params, x):
@@ -76,7 +78,8 @@ def layer_fn(layer, seg, pos):
     m.conv_weight[...], m.conv_bias[...] = params["conv_weight"], params["conv_bias"]
     if m.gate is not None:
       m.gate.kernel[...], m.gate.bias[...] = params["gate"], params["gate_bias"]
-    return m(x, ctx(seg, pos))
+    with use_sequence_parallel(sequence_parallel):
+      return m(x, ctx(seg, pos))
 
   return f
 
@@ -89,6 +92,39 @@ def test_matches_the_per_token_loop(causal, k, gated):
   check_values_and_grads(layer_fn(layer, seg, pos),
                          lambda p, x: reference(p, x, seg, causal=causal, k=k, gated=gated),
                          params, jnp.asarray(x), every_param_used=True)
+
+
+@pytest.mark.parametrize("causal,k", [(True, 5), (False, 5), (False, 4)])
+def test_halo_sequence_parallel_equals_the_loop(causal, k):
+  """The length split over 4 devices (`parallel.sequence_strategy=halo`): each device gets the
+  k - 1 (causal) or floor(k/2) / k-1-floor(k/2) (centred) tokens beside its 4-token chunk from its
+  neighbours. Values and gradients equal the per-token loop, with a segment boundary and a
+  padding run crossing chunk boundaries."""
+  from parallel import mesh as mesh_lib
+  from parallel.sequence import SequenceParallel
+  mesh = mesh_lib.make_mesh(ConfigDict(dict(data=2, fsdp=1, tensor=1, sequence=4)))
+  rules = (("batch", ("data", "fsdp")), ("length", "sequence"), ("embed", None))
+  t = 16
+  x = np.random.default_rng(6).normal(size=(B, t, D)).astype(np.float32)
+  seg = np.array([[1] * 6 + [2] * 7 + [0] * 3, [3] * 9 + [0] * 2 + [4] * 5], np.int32)
+  pos = np.zeros_like(seg)
+  layer = ShortConv(make_spec(causal, kernel=k, gate=True), rngs=nnx.Rngs(1))
+  params = params_of(layer)
+  sp = SequenceParallel(mesh, rules, "halo")
+  check_values_and_grads(layer_fn(layer, seg, pos, sp),
+                         lambda p, x: reference(p, x, seg, causal=causal, k=k, gated=True),
+                         params, jnp.asarray(x), every_param_used=True)
+
+
+def test_halo_longer_than_a_chunk_is_refused():
+  from parallel import mesh as mesh_lib
+  from parallel.sequence import SequenceParallel
+  mesh = mesh_lib.make_mesh(ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=8)))
+  sp = SequenceParallel(mesh, (("length", "sequence"),), "halo")
+  layer = ShortConv(make_spec(True, kernel=5), rngs=nnx.Rngs(1))
+  x, seg, pos = np.zeros((1, 16, D), np.float32), np.ones((1, 16), np.int32), np.zeros((1, 16), np.int32)
+  with pytest.raises(ValueError, match="halo of 4 tokens is longer than one device's 2 tokens"):
+    layer_fn(layer, seg, pos, sp)(params_of(layer), jnp.asarray(x))
 
 
 def test_decode_equals_full_forward():

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from kernels.reference import merge_partials
 from layers.attention import exact
-from layers.attention.decode import (cached_attention, decode_masks, reference_decode_attention,
+from layers.attention import ops
+from layers.attention.decode import (decode_masks, reference_decode_attention,
                                      split_kv_decode_attention, tree_merge)
-from layers.attention.flash import flash_attention_lse, merge_partials
+from layers.attention.flash import flash_attention_lse
 from layers.models import ModelSpec, build_model
 from tests import helpers
 
@@ -205,7 +207,7 @@ def _kernel_names(f, *args):
 ])
 def test_cached_attention_picks_a_kernel_and_equals_reference(backend, h, t, kernel):
   """The model's cache layout (one write position; a packed row, a padded prompt with a gap, a
-  row of padding queries): `cached_attention(impl="pallas")` equals the dense masked reference
+  row of padding queries): `ops.decode_attention(impl="pallas")` equals the dense masked reference
   and runs the kernel its shapes call for."""
   b, n, kv, s, length = 3, 4, 2, 64, 48
   r = np.random.default_rng(7)
@@ -216,7 +218,7 @@ def test_cached_attention_picks_a_kernel_and_equals_reference(backend, h, t, ker
   kseg[1, :5], kseg[1, length - t:length] = 1, 1  # a short prompt, a padding gap, the new tokens
   kseg[2, :length - t] = 1  # new tokens that are padding
   qseg = kseg[:, length - t:length].copy()
-  f = lambda q, k, v: cached_attention(q, k, v, length, qseg, kseg, causal=True, impl="pallas", backend=backend)
+  f = lambda q, k, v: ops.decode_attention(q, k, v, length, qseg, kseg, causal=True, impl="pallas", platform=backend)
   got = jax.jit(f)(q, k, v)
   want = reference_decode_attention(q, k, v, np.full(b, length), q_segment_ids=qseg, kv_segment_ids=kseg)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers.attention.exact import make_mask, reference_attention
-from layers.attention.flash import flash_accumulate, flash_attention, flash_attention_lse, flash_finish, merge_partials
+from kernels.reference import make_mask, merge_partials, reference_attention
+from layers.attention.flash import flash_accumulate, flash_attention, flash_attention_lse, flash_finish
 from layers.functional import FunctionalModel
 from layers.models import ModelSpec, build_model
 

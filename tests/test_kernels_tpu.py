@@ -17,10 +17,11 @@ import pytest
 from kernels.decode_tpu import decode_attention_tpu
 from kernels.flash_pallas import reference_flash_attention_lse
 from kernels.flash_tpu import flash_attention_tpu, flash_attention_tpu_lse, flash_chunk_grads_tpu
-from layers.attention.exact import make_mask, reference_attention
+from kernels.reference import make_mask, reference_attention
 from tests.helpers import values_and_grads, zigzag_index
-from tests.kernel_checks import (attention_case, check_chunk_grads, check_explicit_positions, check_decode, check_decode_segments, check_rel,
-                                 decode_case)
+from tests.kernel_checks import (attention_case, check_chunk_grads, check_decode, check_decode_segments,
+                                 check_explicit_positions, check_rel, decode_case)
+
 
 @pytest.mark.parametrize("dtype,causal", [(jnp.float32, True), (jnp.float32, False), (jnp.bfloat16, True)],
                          ids=["fp32-causal", "fp32-bidirectional", "bf16-causal"])
@@ -31,8 +32,7 @@ def test_values_lse_and_gradients_match_references(dtype, causal):
   (o1, l1), g1 = values_and_grads(lambda q, k, v: flash_attention_tpu_lse(q, k, v, seg, seg, causal=causal,
                                                                           block_q=16, block_k=24), q, k, v, w_o, w_l)
   f32 = lambda x: x.astype(jnp.float32)
-  (o2, l2), g2 = values_and_grads(lambda q, k, v: reference_flash_attention_lse(q, k, v, seg, seg, causal=causal,
-                                                                                block=16),
+  (o2, l2), g2 = values_and_grads(lambda q, k, v: reference_flash_attention_lse(q, k, v, seg, seg, causal=causal),
                                   f32(q), f32(k), f32(v), w_o, w_l)
   assert o1.dtype == dtype and o1.shape == q.shape and l1.shape == (2, 45, 4)
   np.testing.assert_array_equal(np.isneginf(np.asarray(l1)), np.broadcast_to((seg == 0)[..., None], l1.shape))
@@ -137,10 +137,10 @@ def test_attention_auto_on_a_tpu_runs_these_kernels(monkeypatch):
 
 
 def test_ring_backward_step_dispatches_to_these_kernels_on_a_tpu(monkeypatch):
-  """`flash_chunk_grads_pallas` (ring attention's backward step under attention_impl=pallas)
-  runs `flash_chunk_grads_tpu` on a TPU backend (faked here; interpreted)."""
-  import kernels.flash_pallas as gpu_module
+  """The `pallas` backend's ring backward step (`ops.backend("pallas").ring_backward`) runs
+  `flash_chunk_grads_tpu` on a TPU backend (faked here; interpreted)."""
   import kernels.flash_tpu as tpu_module
+  from layers.attention import ops
   calls = []
   real = tpu_module.flash_chunk_grads_tpu
   monkeypatch.setattr(tpu_module, "flash_chunk_grads_tpu",
@@ -151,7 +151,9 @@ def test_ring_backward_step_dispatches_to_these_kernels_on_a_tpu(monkeypatch):
                                      block_k=16)
   args = (q, k, v, seg, seg, idx, idx, out, lse, jnp.ones_like(q))
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  got = gpu_module.flash_chunk_grads_pallas(*args, causal=True)
+  init, add, finish = ops.backend("pallas").ring_backward(q, k, seg, idx, out, lse, jnp.ones_like(q), causal=True,
+                                                          options=ops.Options())
+  got = finish(add((k, v, seg, idx), init()))
   monkeypatch.undo()
   assert calls == [1]
   for name, a, b_ in zip(("dq", "dk", "dv"), got, real(*args, causal=True, interpret=True)):

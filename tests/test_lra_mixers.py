@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from kernels.reference import make_mask, reference_attention
 from layers import mixers
-from layers.attention.exact import make_mask, reference_attention, rope
+from layers.attention.exact import rope
 from layers.functional import FunctionalModel
-from layers.lra import reformer as R
-from layers.lra import sinkhorn as S
 from layers.lra.linformer import Linformer, reference_linformer
 from layers.lra.synthesizer import FixedRandom, Synthesizer
 from layers.mixer_base import MixContext, MixerSpec
 from layers.models import ModelSpec, build_model
+from layers.lra import reformer as R
+from layers.lra import sinkhorn as S
 
 D, N, KV = 32, 4, 2
 

@@ -72,6 +72,35 @@ def test_sharded_step_equals_single_device(task, mesh, strategy, tmp_path):
     np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("mesh,bidirectional", [((4, 1, 1, 2), False), ((2, 1, 1, 4), False), ((2, 1, 1, 4), True)],
+                         ids=["dp4-seq2", "dp2-seq4", "dp2-seq4-bidirectional"])
+def test_mixed_schedule_trains_under_ring(mesh, bidirectional, tmp_path):
+  """configs/mqar.py's model, a 5-tap conv layer then attention, under
+  `parallel.sequence_strategy=ring`: the conv takes the halo strategy (its 4 earlier tokens
+  from the left neighbour), attention the ring, and the step equals one device's. Rows stay in
+  storage order (the conv reads neighbouring stored tokens, so no zigzag). The bidirectional
+  case (listops) also needs the right neighbour's tokens."""
+  sizes = dict(zip(("data", "fsdp", "tensor", "sequence"), mesh))
+  task = "listops" if bidirectional else "mqar"
+  cfg = load_config(f"configs/{task}.py:smoke", TASKS[task] + [f"mesh.{k}={v}" for k, v in sizes.items()]
+                    + ["parallel.sequence_strategy=ring", "model.num_layers=2", "model.mixer_schedule=conv,mixer",
+                       "model.mixer=flash", "model.conv.kernel=5", "model.flash.block_q=8", "model.flash.block_k=8"])
+  exp = Experiment(cfg, str(tmp_path / "none"), read_only=True)
+  assert exp.sequence_parallel is not None and exp.layout_perm is None
+  state, batch = exp.fresh_state(), exp.train_batch(0)
+  host_state, host_batch = jax.device_get(state), jax.device_get(batch)
+  new_state, metrics = exp.compiled_train_step()(state, batch)
+  one = jax.devices()[0]
+  ref_step = jax.jit(steps.make_train_step(exp.fm, exp.tx, exp.lr_schedule))
+  ref_state, ref_metrics = jax.device_get(ref_step(jax.device_put(host_state, one), jax.device_put(host_batch, one)))
+  for k in ("loss", "accuracy", "grad_norm"):
+    np.testing.assert_allclose(float(metrics[k]), float(ref_metrics[k]), rtol=2e-6, err_msg=k)
+  got, want = jax.device_get(new_state["params"]), jax.device_get(ref_state["params"])
+  assert any("conv_weight" in name for name in want)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_parameters_really_are_sharded():
   """FSDP splits the embed axis, TP splits heads and the MLP hidden: per-device shards shrink."""
   cfg = load_config("configs/mqar.py:smoke", ["model.num_heads=4", "model.d_model=32", "mesh.data=2",

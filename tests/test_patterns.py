@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from kernels.reference import make_mask, reference_attention
 from layers import mixers
-from layers.attention import patterns as P
-from layers.attention.exact import make_mask, reference_attention, rope
+from layers.attention.exact import rope
 from layers.functional import FunctionalModel
 from layers.mixer_base import MixContext, MixerSpec
 from layers.models import ModelSpec, build_model
+from layers.attention import patterns as P
 
 TOL = {jnp.float32: dict(atol=3e-5, rtol=3e-5), jnp.bfloat16: dict(atol=4e-2, rtol=4e-2)}
 
@@ -268,7 +269,8 @@ def test_user_errors_are_one_sentence():
     P.Longformer(_spec(False, window=2), rngs=nnx.Rngs(0)).init_cache(1, 8, jnp.float32)
   # Attention's ring / all-to-all paths would ignore the pattern: only "auto" is offered, and a
   # permuted (zigzag) layout is refused rather than silently scrambling the pattern.
-  assert P.SparseTransformer.SEQUENCE_STRATEGIES == P.Longformer.SEQUENCE_STRATEGIES == ("auto",)
+  from parallel import sequence
+  assert sequence.supported(P.SparseTransformer) == sequence.supported(P.Longformer) == ("auto",)
   seg = jnp.ones((1, 6), jnp.int32)
   ctx = MixContext(segment_ids=seg, positions=seg, index=seg)
   with pytest.raises(NotImplementedError, match="storage order"):

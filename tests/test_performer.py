@@ -1,6 +1,6 @@
 """Performer (FAVOR+, layers/linear/performer.py).
 
-References: exact softmax attention (layers.attention.exact.reference_attention) for the
+References: exact softmax attention (kernels.reference.reference_attention) for the
 approximation trend; the naive masked linear form (core.reference_linear_attention) on
 FAVOR+ features written out plainly here, without any stabiliser, for the mixer's
 wiring (values and gradients); the unbiasedness of the kernel estimate; the feature
@@ -17,12 +17,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
-from layers.attention.exact import make_mask, reference_attention
+from kernels.reference import make_mask, reference_attention
 from layers.linear.core import reference_linear_attention
 from layers.linear.performer import Performer, orthogonal_random_features
 from layers.mixer_base import MixContext, MixerSpec, use_sequence_parallel
-from parallel import mesh as mesh_lib
 from parallel.sequence import SequenceParallel
+from parallel import mesh as mesh_lib
 
 
 def _spec(causal, d_model=16, heads=2, layer_index=0, **options):

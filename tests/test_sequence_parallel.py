@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from layers.attention.exact import make_mask, reference_attention
+from kernels.reference import make_mask, reference_attention
+from layers.attention import ops
 from layers.attention.flash import flash_attention, flash_attention_lse
 from ml_collections import ConfigDict
 from parallel import mesh as mesh_lib
@@ -72,8 +73,8 @@ def _check_strategy(strategy, shape, causal, impl="flash"):
 
   def sharded(q, k, v):
     local = lambda *a: _local_flash(*a, causal)
-    return sp.attention(local, q, k, v, jnp.asarray(stored(seg)), jnp.asarray(idx), causal=causal, block_q=8,
-                        block_k=8, impl=impl)
+    return sp.attention(local, q, k, v, jnp.asarray(stored(seg)), jnp.asarray(idx), causal=causal,
+                        impl=impl, options=ops.Options(block_q=8, block_k=8))
 
   def dense(q, k, v):
     full = np.broadcast_to(np.arange(t), (b, t))
@@ -97,7 +98,7 @@ def test_ring_hlo_permutes_and_never_gathers_kv():
   idx = np.broadcast_to(np.arange(t), (b, t)).astype(np.int32)
   sp = SequenceParallel(mesh, RULES, "ring")
   f = lambda q, k, v: jnp.sum(sp.attention(None, q, k, v, jnp.asarray(seg), jnp.asarray(idx), causal=False,
-                                           block_q=16, block_k=16))
+                                           options=ops.Options(block_q=16, block_k=16)))
   put = lambda x: jax.device_put(x, NamedSharding(mesh, P(None, "sequence")))
   hlo = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(put(q), put(k), put(v)).compile().as_text()
   assert "collective-permute" in hlo

@@ -1,4 +1,4 @@
-"""SLA (PAPERS.md D4): the layer against a plainly written quadratic reference with the
+"""SLA (docs/papers.md#sla): the layer against a plainly written quadratic reference with the
 depth-wise conv as an explicit Toeplitz matrix (forward and gradients; causal,
 bidirectional, 1-D and 2-D grid; padding and packed segments; T not a multiple of the
 chunk), normalised rows, segment isolation, decode == full forward, errors; and PRepBN
@@ -242,7 +242,7 @@ RULES = (("batch", ("data", "fsdp")), ("length", "sequence"), ("heads", "tensor"
 
 
 def test_sequence_parallel_scan_equals_single_device():
-  """Length sharded 8 ways: the core's scan path for the attention, compiler-propagated halos for the conv."""
+  """Length sharded 8 ways: the parallel scan for the attention, a halo exchange for the conv on V."""
   mesh = mesh_lib.make_mesh(ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=8)))
   sp = SequenceParallel(mesh, RULES, "scan")
   t = 32

@@ -1,4 +1,4 @@
-"""TransNormer (PAPERS.md D3): NormAttention and DiagAttention against plainly written
+"""TransNormer (docs/papers.md#transnormer): NormAttention and DiagAttention against plainly written
 references (forward and gradients, causal and bidirectional, padding and packed segments,
 lengths that are not multiples of the chunk/block), the recurrent == masked-quadratic
 identity, SRMS scale invariance, DiagAttention's locality and its w >= T limit (exact

@@ -224,6 +224,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   """Checks that need no devices: names, ranges and combinations."""
   # Imported here: configs must stay loadable without building models.
   from layers import mixers
+  from layers.attention import ops as attention_ops
+  from parallel import sequence as sequence_lib
   from trainer.data import tasks
 
   _finite_numbers(cfg)
@@ -260,36 +262,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice("model.pooling", cfg.model.pooling, ("mean", "cls"))
   _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
   _choice("on_nonfinite", cfg.on_nonfinite, ("stop", "skip"))
-  _choice("model.attention_impl", cfg.model.attention_impl, ("xla", "flash", "pallas", "cudnn", "mgpu", "auto"))
-  impl = cfg.model.attention_impl
-  if impl in ("cudnn", "mgpu"):
-    import jax  # only here: the rest of the validation needs no backend
-
-    if jax.default_backend() != "gpu":
-      raise UserError(f"model.attention_impl={impl!r} needs an NVIDIA GPU, but this run's backend is "
-                      f"{jax.default_backend()!r}; use 'auto' (Pallas on GPU/TPU, blockwise 'flash' elsewhere)")
-    if cfg.model.dtype != "bfloat16":
-      raise UserError(f"model.attention_impl={impl!r} takes 16-bit activations, but model.dtype="
-                      f"{cfg.model.dtype!r}; set model.dtype=bfloat16")
-  if impl == "mgpu":
-    from kernels.flash_mgpu import HEAD_DIMS  # noqa: PLC0415
-
-    if cfg.model.d_model % cfg.model.num_heads or cfg.model.d_model // cfg.model.num_heads not in HEAD_DIMS:
-      raise UserError(f"model.attention_impl='mgpu' takes head dims {HEAD_DIMS}, but d_model={cfg.model.d_model} / "
-                      f"num_heads={cfg.model.num_heads} is not one of them")
-  _choice("parallel.sequence_strategy", cfg.parallel.sequence_strategy, ("auto", "ring", "all_to_all", "all_gather", "scan"))
-  strategy = cfg.parallel.sequence_strategy
+  _choice("model.attention_impl", cfg.model.attention_impl, attention_ops.choices())
+  if cfg.model.d_model % cfg.model.num_heads:
+    raise UserError(f"model.d_model={cfg.model.d_model} is not divisible by model.num_heads={cfg.model.num_heads}")
+  reason = attention_ops.refusal(cfg.model.attention_impl, dtype=cfg.model.dtype,
+                                 head_dim=cfg.model.d_model // cfg.model.num_heads)
+  if reason:
+    raise UserError(reason)
+  _choice("parallel.sequence_strategy", cfg.parallel.sequence_strategy, sequence_lib.choices())
   for name in sorted(set(mixer_schedule(cfg))):
     leak = mixers.MIXERS[name].PACKING_LEAK
     if cfg.task.packing and leak:
       raise UserError(f"task.packing=true cannot train mixer {name!r}: {leak}, so packed examples would see each "
                       f"other; train it on unpacked rows (task.packing=false)")
-    supported = mixers.MIXERS[name].SEQUENCE_STRATEGIES
-    if strategy not in supported:
-      raise UserError(f"parallel.sequence_strategy={strategy!r} is not available for mixer {name!r}; "
-                      f"it supports: {', '.join(supported)}")
-  if cfg.model.d_model % cfg.model.num_heads:
-    raise UserError(f"model.d_model={cfg.model.d_model} is not divisible by model.num_heads={cfg.model.num_heads}")
+  sequence_strategies(cfg)
   kv = cfg.model.num_kv_heads or cfg.model.num_heads
   if cfg.model.num_heads % kv:
     raise UserError(f"model.num_heads={cfg.model.num_heads} is not divisible by model.num_kv_heads={kv}")
@@ -317,6 +303,20 @@ def profile_steps(cfg: ml_collections.ConfigDict) -> tuple[int, int] | None:
     raise UserError(f"profile.steps={text!r} is not valid; write A:B with 0 <= A < B, e.g. 10:15 to trace "
                     f"train steps 11 to 15")
   return first, last
+
+
+def sequence_strategies(cfg: ml_collections.ConfigDict) -> dict[str, str]:
+  """{mixer name: sequence-parallel strategy} for the schedule's mixers (`parallel.sequence_strategy`
+  as the default, `parallel.sequence_overrides` per mixer), or a UserError."""
+  from layers import mixers  # noqa: PLC0415  (as in validate: configs load without the model code)
+  from parallel import sequence as sequence_lib  # noqa: PLC0415
+
+  names = sorted(set(mixer_schedule(cfg)))
+  try:
+    return sequence_lib.resolve(cfg.parallel.sequence_strategy, cfg.parallel.sequence_overrides,
+                                {name: mixers.MIXERS[name] for name in names})
+  except sequence_lib.SequenceParallelError as e:
+    raise UserError(str(e)) from None
 
 
 def mixer_schedule(cfg: ml_collections.ConfigDict) -> list[str]:

@@ -18,10 +18,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from layers.functional import FunctionalModel
 from layers import mixers
-from layers.mixer_base import Mixer, use_sequence_parallel
+from layers.mixer_base import INDEX, Mixer, use_sequence_parallel
 from layers.models import ModelSpec, build_model
 from parallel import mesh as mesh_lib
-from parallel.sequence import SequenceParallel, SequenceParallelError, zigzag_permutation
+from parallel.sequence import STRATEGIES, SequenceParallel, SequenceParallelError, zigzag_permutation
 from trainer import config as config_lib
 from trainer import optim, steps
 from trainer import workdir as workdir_lib
@@ -145,11 +145,20 @@ class Experiment:
                                        abstract, self.state_shardings)
     self.sequence_parallel = None
     self.layout_perm = None  # zigzag storage order of each row (causal ring load balance)
-    if seq > 1 and cfg.parallel.sequence_strategy != "auto":
+    strategies = config_lib.sequence_strategies(cfg)  # {mixer name: strategy}
+    if seq > 1 and set(strategies.values()) != {"auto"}:
       try:
-        self.sequence_parallel = SequenceParallel(self.mesh, self.rules, cfg.parallel.sequence_strategy)
-        if cfg.parallel.sequence_strategy == "ring" and cfg.parallel.load_balance and self.spec.kind == "lm":
-          self.layout_perm = zigzag_permutation(cfg.task.seq_len, seq)
+        self.sequence_parallel = SequenceParallel(self.mesh, self.rules, cfg.parallel.sequence_strategy,
+                                                  cfg.parallel.sequence_overrides)
+        zigzag = any(STRATEGIES[s].zigzag for s in strategies.values() if s in STRATEGIES)
+        if zigzag and cfg.parallel.load_balance and self.spec.kind == "lm":
+          # Zigzag rows need every mixer to mask by the true positions.
+          plain = sorted(n for n in strategies if INDEX not in mixers.MIXERS[n].SEQUENCE_CAPABILITIES)
+          if plain:
+            log.warning("parallel.load_balance is off for this model: mixer %r masks by storage order, so rows "
+                        "stay in storage order", plain[0])
+          else:
+            self.layout_perm = zigzag_permutation(cfg.task.seq_len, seq)
       except SequenceParallelError as e:
         raise UserError(str(e)) from None
     self.batch_shapes, self.batch_shardings = pipeline.batch_shardings(self.task, cfg.batch_size, self.mesh,

@@ -12,22 +12,20 @@ absolute indices (causal) and an optional band (sliding windows).
 Backward: a custom VJP in FlashAttention's style (recompute P from the saved lse,
 one pass over the M entries, dK/dV scatter-added into their key blocks). Autodiff of
 the loop would be O(T * M * block) too, since it stores every step's probabilities, but
-the custom VJP keeps only O(T * H) residuals, so memory does not grow with M. Compiled
-forward+backward temp memory at T=8192, N=2, K=1, H=32, block 64 (CPU, fp32): custom
-VJP 18.2 MiB for both M=3 and M=17; autodiff 93 MiB (M=3) and 364 MiB (M=17); dense
-reference 2052 MiB (tests/test_block_sparse.py::test_compiled_memory_is_far_below_dense).
+the custom VJP keeps only O(T * H) residuals, so memory does not grow with M (compiled
+memory against autodiff and the dense reference: BENCHMARKS.md).
 The gathers and scatters are vmapped over batch and kv heads, so with those axes sharded
 the step stays local (only the per-step "is any entry valid" flag is all-reduced).
 
 On top of the engine:
 * `BlockSparseAttention` (`block_sparse`): a fixed table from a config pattern
   ("local", "strided", "random", "full") or any table given programmatically.
-* `XAttention` (`xattention`, PAPERS.md D1): a per-input table chosen by strided
+* `XAttention` (`xattention`, docs/papers.md#xattention): a per-input table chosen by strided
   antidiagonal scoring and a cumulative-probability threshold.
 `layers/attention/local.py` builds `local` (sliding window) and `bigbird` on it too.
 
 Reference twins: `reference_block_sparse_attention` (the table expanded to an explicit
-[B, N, T, T] mask, then `exact.reference_attention` head by head) and
+[B, N, T, T] mask, then `kernels.reference.reference_attention` head by head) and
 `reference_xattention_block_mask` (XAttention's selection as plain numpy loops).
 """
 
@@ -42,9 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.reference import MASK_VALUE, NEG_INF, make_mask, reference_attention
+from layers.attention import ops
 from layers.attention.decode import PatternCacheMixin, block_mask_rows
-from layers.attention.exact import Attention, make_mask, reference_attention
-from layers.attention.flash import MASK_VALUE, NEG_INF, pad_length
+from layers.attention.exact import Attention
+from layers.attention.flash import pad_length
 from layers.mixer_base import MixContext, MixerSpec
 
 Band = tuple[int, int] | None  # (before, after): key j visible from query i only if i-before <= j <= i+after
@@ -225,14 +225,9 @@ def block_sparse_attention(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_va
   `kernels/block_sparse_pallas.py` (Triton; interpret mode on CPU) when `block` is a power of
   two >= 16; otherwise, and for any other impl, this pure-JAX engine.
   """
-  if impl == "pallas" and jax.default_backend() == "tpu" and block % 8 == 0:
-    from kernels.block_sparse_tpu import block_sparse_attention_tpu
-    return block_sparse_attention_tpu(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_valid, block=block,
-                                      causal=causal, band=band)
-  if impl == "pallas" and block >= 16 and not block & (block - 1) and jax.default_backend() != "tpu":
-    from kernels.block_sparse_pallas import block_sparse_attention_pallas
-    return block_sparse_attention_pallas(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_valid, block=block,
-                                         causal=causal, band=band)
+  kernel = ops.block_sparse_kernel(impl, block)
+  if kernel is not None:
+    return kernel(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_valid, block=block, causal=causal, band=band)
   b, t, n, h = q_btnh.shape
   kvh = k_bskh.shape[2]
   if n % kvh:
@@ -279,7 +274,7 @@ def band_mask(t: int, band: Band) -> np.ndarray:
 
 def reference_block_sparse_attention(q_btnh, k_bskh, v_bskh, segment_ids, kv_blocks, kv_valid, *, block: int,
                                      causal: bool, band: Band = None) -> jax.Array:
-  """`block_sparse_attention` as an explicit [B, N, T, T] mask and `exact.reference_attention` per head."""
+  """`block_sparse_attention` as an explicit [B, N, T, T] mask and `kernels.reference.reference_attention` per head."""
   b, t, n, h = q_btnh.shape
   kvh = k_bskh.shape[2]
   g, nb = n // kvh, num_blocks(t, block)
@@ -297,7 +292,7 @@ def reference_block_sparse_attention(q_btnh, k_bskh, v_bskh, segment_ids, kv_blo
 
 
 def per_head_reference_attention(q_btnh, k_bskh, v_bskh, mask_bnts) -> jax.Array:
-  """`exact.reference_attention` with a different mask per query head (one head per call, vmapped)."""
+  """`kernels.reference.reference_attention` with a different mask per query head (one head per call, vmapped)."""
   n, kvh = q_btnh.shape[2], k_bskh.shape[2]
   kv_of = np.arange(n) // (n // kvh)  # query head n reads kv head n // G
   one = lambda q, k, v, m: reference_attention(q[:, :, None], k[:, :, None], v[:, :, None], m)[:, :, 0]
@@ -397,7 +392,7 @@ class BlockSparseAttention(PatternCacheMixin, Attention):
 
   # Blocks are contiguous runs of stored tokens: only compiler-propagated sharding ("auto") of
   # the length axis; Attention's explicit ring / all-to-all / all-gather paths do not apply.
-  SEQUENCE_STRATEGIES = ("auto",)
+  SEQUENCE_CAPABILITIES = frozenset()  # no explicit strategy: the compiler's sharding only
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs, table: TableFn | None = None):
     super().__init__(spec, rngs=rngs)
@@ -443,11 +438,11 @@ class BlockSparseAttention(PatternCacheMixin, Attention):
     check_storage_order(ctx, "block_sparse")
     blocks, valid = self.block_table(num_blocks(q_btnh.shape[1], self.block))
     return block_sparse_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, blocks, valid, block=self.block,
-                                  causal=self.spec.causal, impl=self.impl())
+                                  causal=self.spec.causal, impl=self.spec.attention_impl)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# XAttention (PAPERS.md D1)
+# XAttention (docs/papers.md#xattention)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -628,7 +623,7 @@ def reference_xattention_block_mask(q, k, segment_ids, *, block: int, stride: in
 
 
 class XAttention(Attention):
-  """XAttention (PAPERS.md D1): a block table chosen per input by antidiagonal scoring.
+  """XAttention (docs/papers.md#xattention): a block table chosen per input by antidiagonal scoring.
 
   Options (config group `model.xattention`): `block` (B, default 128 as in the paper's
   kernel), `stride` (S, default 8; B must be a multiple of S), `threshold` (tau, default
@@ -662,7 +657,7 @@ class XAttention(Attention):
 
   # Blocks are contiguous runs of stored tokens: only compiler-propagated sharding ("auto") of
   # the length axis; Attention's explicit ring / all-to-all / all-gather paths do not apply.
-  SEQUENCE_STRATEGIES = ("auto",)
+  SEQUENCE_CAPABILITIES = frozenset()  # no explicit strategy: the compiler's sharding only
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
@@ -710,4 +705,4 @@ class XAttention(Attention):
     check_storage_order(ctx, "xattention")
     blocks, valid = self.block_table(q_btnh, k_btkh, ctx.segment_ids)
     return block_sparse_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, blocks, valid, block=self.block,
-                                  causal=self.spec.causal, impl=self.impl())
+                                  causal=self.spec.causal, impl=self.spec.attention_impl)

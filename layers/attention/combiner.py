@@ -1,6 +1,6 @@
 """Combiner (Ren et al. 2021, "Combiner: Full Attention Transformer with Sparse Computation Cost").
 
-This is **Combiner-Fixed** (PAPERS.md D2; the official code's `sqrt_fixed_full`, whose
+This is **Combiner-Fixed** (docs/papers.md#combiner; the official code's `sqrt_fixed_full`, whose
 LM config uses `local_summary='identity-max'`). The row is cut into spans of s tokens.
 Query i attends
 
@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.reference import MASK_VALUE, make_mask, merge_partials
 from layers.attention.decode import PatternCacheMixin, causal_visibility, map_query_chunks, masked_attention_lse
-from layers.attention.exact import Attention, make_mask
-from layers.attention.flash import MASK_VALUE, flash_attention_lse, merge_partials
-from layers.attention.flash import pad_length
+from layers.attention.exact import Attention
+from layers.attention.flash import flash_attention_lse, pad_length
 from layers.attention.patterns import WholeSequenceMixin, auto_period, row_index
 from layers.mixer_base import MixContext, MixerSpec
 

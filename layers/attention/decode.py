@@ -5,7 +5,7 @@ query row per (batch, head) leaves a blockwise kernel with almost no parallel wo
 along the query axis, so the cache is cut into chunks of `chunk` slots instead, every
 chunk's partial result (normalised output o and log-sum-exp lse) is computed
 independently of the others, and the partials are reduced with the online-softmax
-merge (PAPERS.md A2/D15):
+merge (docs/papers.md#decode):
 
     lse = logaddexp(lse1, lse2),   o = e^(lse1 - lse) o1 + e^(lse2 - lse) o2.
 
@@ -34,11 +34,9 @@ small while T is a few tokens) and the chunks' fp32 scores, B*N*T*S in all, whic
 decoding is a small fraction of the cache (N/(K*H) of it at T = 1); a long prefill's
 queries are tiled by `block_q` inside each chunk.
 
-Measured (one H200, jax 0.11.2, bf16, B=4, N=32, K=8, H=128, one new token, full caches of
-8k-128k): 0.18-1.9 ms, 0.7-1.15 TB/s of K/V read, level with XLA's dense path and ~9.5x
-faster than one `flash_attention_lse` call streaming the same cache block by block (one
-query row leaves that loop's parallel width at B*N). What the split buys over the dense
-path is memory on long prefills through the cache ([B, N, block_q, S] scores at a time,
+On a GPU it is level with XLA's dense path and far faster than one `flash_attention_lse` call
+streaming the same cache block by block (one query row leaves that loop's parallel width at
+B*N; timings in BENCHMARKS.md). What the split buys over the dense path is memory on long prefills through the cache ([B, N, block_q, S] scores at a time,
 not [B, N, T, S]); for bandwidth-bound decoding the Pallas kernel (kernels/decode_pallas.py)
 is the fast path and this is its portable twin.
 
@@ -56,7 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layers.attention.flash import MASK_VALUE, NEG_INF, flash_attention_lse, merge_partials, pad_length
+from kernels.reference import MASK_VALUE, NEG_INF, make_mask, merge_partials, reference_attention
+from layers.attention.flash import flash_attention_lse, pad_length
 
 DEFAULT_CHUNK = 256  # cache slots per split when neither `chunk` nor `num_splits` is given
 
@@ -153,56 +152,9 @@ def split_kv_decode_attention(q_btnh, k_cache_bskh, v_cache_bskh, cache_lengths_
   return (out, lse) if return_lse else out
 
 
-def _largest_block(size: int, candidates) -> int | None:
-  return next((c for c in candidates if size % c == 0), None)
-
-
-def cached_attention(q_btnh, k_cache_bskh, v_cache_bskh, length, q_segment_ids, kv_segment_ids, *, causal: bool,
-                     impl: str, chunk: int | None = None, backend: str | None = None):
-  """T new tokens of every row over a model's KV cache of S slots, written up to `length`.
-
-  The cache layout of `Attention.attend_cached`: one write position for the whole batch, the
-  new tokens at slots [length - T, length), padding (and every slot past `length`) with
-  segment id 0. `impl="pallas"` runs the fused kernels: the split-KV decode kernel for a few
-  tokens (G*T <= 64 query rows per kv head; `kernels/decode_pallas.py`, or
-  `kernels/decode_tpu.py` on a TPU), the flash kernel with explicit positions for a long
-  prefill or a non-causal model (causal tiles past the new tokens skipped at run time). A
-  head dim or cache length the decode kernels cannot tile, and every other impl, uses the
-  pure-JAX split-KV path. `backend` defaults to JAX's default backend (off a
-  GPU/TPU the kernels run interpreted).
-  """
-  b, t, n, h = q_btnh.shape
-  s, kvh = k_cache_bskh.shape[1], k_cache_bskh.shape[2]
-  lengths = jnp.full((b,), length, jnp.int32)
-  backend = backend or jax.default_backend()
-  if impl == "pallas" and causal and n // kvh * t <= 64:
-    if backend == "tpu":
-      block = _largest_block(s, (512, 256, 128, 64, 32, 16, 8))
-      if h % 128 == 0 and block:
-        from kernels.decode_tpu import decode_attention_tpu
-        return decode_attention_tpu(q_btnh, k_cache_bskh, v_cache_bskh, lengths, q_segment_ids=q_segment_ids,
-                                    kv_segment_ids=kv_segment_ids, block_k=block)
-    else:
-      block = _largest_block(s, (64, 32, 16))
-      if h >= 16 and not h & (h - 1) and block:
-        from kernels.decode_pallas import decode_attention_pallas
-        return decode_attention_pallas(q_btnh, k_cache_bskh, v_cache_bskh, lengths, q_segment_ids=q_segment_ids,
-                                       kv_segment_ids=kv_segment_ids, block_k=block)
-  elif impl == "pallas":
-    from kernels.flash_pallas import flash_attention_pallas
-    q_index = jnp.broadcast_to(length - t + jnp.arange(t, dtype=jnp.int32), (b, t))
-    kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    return flash_attention_pallas(q_btnh, k_cache_bskh, v_cache_bskh, q_segment_ids, kv_segment_ids, causal=causal,
-                                  q_index=q_index, kv_index=kv_index)
-  return split_kv_decode_attention(q_btnh, k_cache_bskh, v_cache_bskh, lengths, q_segment_ids=q_segment_ids,
-                                   kv_segment_ids=kv_segment_ids, causal=causal, chunk=chunk)
-
-
 def reference_decode_attention(q_btnh, k_cache_bskh, v_cache_bskh, cache_lengths_b, *, q_segment_ids=None,
                                kv_segment_ids=None, causal: bool = True):
-  """Dense masked attention over the whole cache (exact.reference_attention) with the same masks."""
-  # Imported here so that exact.py can import this module at its top without a cycle.
-  from layers.attention.exact import make_mask, reference_attention
+  """Dense masked attention over the whole cache (`kernels.reference`) with the same masks."""
   b, t = q_btnh.shape[:2]
   lengths = jnp.broadcast_to(jnp.asarray(cache_lengths_b, jnp.int32), (b,))
   q_seg, kv_seg, q_index, kv_index = decode_masks(lengths, t, k_cache_bskh.shape[1], q_segment_ids, kv_segment_ids)

@@ -28,28 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -jnp.inf
-# Finite rather than -inf so rows with no visible key give zeros, not NaNs.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-def merge_partials(o1, lse1, o2, lse2):
-  """Combines normalised partial outputs over disjoint key sets.
-
-  o: arrays broadcastable with lse[..., None]; lse = -inf marks an empty partial (no
-  visible key), which contributes nothing. Written with "safe" branches throughout so
-  gradients stay finite for empty partials (where lse is -inf).
-  """
-  fin1, fin2 = jnp.isfinite(lse1), jnp.isfinite(lse2)
-  m = jnp.maximum(jnp.where(fin1, lse1, -1e30), jnp.where(fin2, lse2, -1e30))
-  e1 = jnp.where(fin1, jnp.exp(jnp.where(fin1, lse1, 0.0) - m), 0.0)
-  e2 = jnp.where(fin2, jnp.exp(jnp.where(fin2, lse2, 0.0) - m), 0.0)
-  total = e1 + e2
-  nonempty = total > 0
-  denom = jnp.where(nonempty, total, 1.0)
-  lse = jnp.where(nonempty, m + jnp.log(denom), NEG_INF)
-  return (e1 / denom)[..., None] * o1 + (e2 / denom)[..., None] * o2, lse
-
+from kernels.reference import MASK_VALUE, NEG_INF
 
 def _blocks(x, size, axis=1):
   """[B, T, ...] -> [T/size, B, size, ...] (T already a multiple of size)."""

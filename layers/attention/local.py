@@ -1,4 +1,5 @@
-"""Sliding-window (`local`) and BigBird (`bigbird`) attention on the block-sparse engine (PAPERS.md A3).
+"""Sliding-window (`local`) and BigBird (`bigbird`) attention on the block-sparse engine
+(docs/papers.md#local, #bigbird).
 
 `local`: token i sees key j iff |i - j| <= w/2 (bidirectional) or 0 <= i - j < w
 (causal), within its own segment. Queries are cut into blocks of `block` rows; each
@@ -14,7 +15,7 @@ every block (computed densely for those g * block query rows with
 blocks are then drawn among earlier blocks).
 
 Reference twins: `reference_local_attention` and `reference_bigbird_attention` build
-the explicit [T, T] masks from the rules above and call `exact.reference_attention`.
+the explicit [T, T] masks from the rules above and call `kernels.reference.reference_attention`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.reference import make_mask, reference_attention
+from layers.attention import ops
 from layers.attention.block_sparse import (band_mask, block_sparse_attention, check_storage_order, num_blocks,
                                            pack_rows, per_head_reference_attention, stack_heads)
 from layers.attention.decode import PatternCacheMixin, block_mask_rows
-from layers.attention.exact import Attention, make_mask, reference_attention
-from layers.attention.flash import flash_attention_lse
+from layers.attention.exact import Attention
 from layers.mixer_base import MixContext, MixerSpec
 
 
@@ -62,7 +64,7 @@ class LocalAttention(Attention):
 
   # Blocks are contiguous runs of stored tokens: only compiler-propagated sharding ("auto") of
   # the length axis; Attention's explicit ring / all-to-all / all-gather paths do not apply.
-  SEQUENCE_STRATEGIES = ("auto",)
+  SEQUENCE_CAPABILITIES = frozenset()  # no explicit strategy: the compiler's sharding only
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
@@ -121,7 +123,7 @@ class LocalAttention(Attention):
     band = window_band(self.window, self.spec.causal)
     blocks, valid = local_block_table(num_blocks(q_btnh.shape[1], self.block), self.block, band)
     return block_sparse_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, blocks, valid, block=self.block,
-                                  causal=self.spec.causal, band=band, impl=self.impl())
+                                  causal=self.spec.causal, band=band, impl=self.spec.attention_impl)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ class BigBirdAttention(PatternCacheMixin, Attention):
 
   # Blocks are contiguous runs of stored tokens: only compiler-propagated sharding ("auto") of
   # the length axis; Attention's explicit ring / all-to-all / all-gather paths do not apply.
-  SEQUENCE_STRATEGIES = ("auto",)
+  SEQUENCE_CAPABILITIES = frozenset()  # no explicit strategy: the compiler's sharding only
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
@@ -254,7 +256,7 @@ class BigBirdAttention(PatternCacheMixin, Attention):
                                         num_random=self.num_random, seed=self.seed,
                                         layer_index=self.spec.layer_index, causal=self.spec.causal)
     out = block_sparse_attention(q_btnh, k_btkh, v_btkh, ctx.segment_ids, blocks, valid, block=self.block,
-                                 causal=self.spec.causal, impl=self.impl())
+                                 causal=self.spec.causal, impl=self.spec.attention_impl)
     rows = np.concatenate([np.arange(j * self.block, (j + 1) * self.block) for j in global_blocks(nb, self.num_global)]
                           + [np.zeros(0, np.int64)])
     rows = rows[rows < t]
@@ -263,11 +265,7 @@ class BigBirdAttention(PatternCacheMixin, Attention):
     # Global query rows see every key: dense (blockwise) attention for just those rows.
     index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     seg = jnp.asarray(ctx.segment_ids)
-    if self.impl() == "pallas":
-      from kernels.flash_pallas import flash_attention_pallas
-      out_glob = flash_attention_pallas(q_btnh[:, rows], k_btkh, v_btkh, seg[:, rows], seg, causal=self.spec.causal,
-                                        q_index=index[:, rows], kv_index=index)
-    else:
-      out_glob, _ = flash_attention_lse(q_btnh[:, rows], k_btkh, v_btkh, seg[:, rows], seg, index[:, rows], index,
-                                        causal=self.spec.causal, block_q=self.block, block_k=self.block)
+    out_glob = ops.attention(q_btnh[:, rows], k_btkh, v_btkh, seg[:, rows], seg, index[:, rows], index,
+                             causal=self.spec.causal, impl=self.spec.attention_impl,
+                             options=ops.Options(block_q=self.block, block_k=self.block))
     return out.at[:, rows].set(out_glob.astype(out.dtype))

@@ -1,7 +1,7 @@
 """Fixed sparse attention patterns: Sparse Transformer (Child et al. 2019) and Longformer.
 
 Both are unions of simple key sets, each computed without a T x T mask and merged
-with FlashAttention's operator (`flash.merge_partials`), which combines softmax
+with FlashAttention's operator (`kernels.reference.merge_partials`), which combines softmax
 partials over *disjoint* key sets exactly:
 
 * a band (query i sees key j iff lo <= i - j <= hi): `band_attention_lse`, cut into
@@ -13,13 +13,13 @@ partials over *disjoint* key sets exactly:
   global tokens): gathered keys.
 
 Patterns are defined on row indices (storage order), like causality in
-`exact.make_mask`; segment ids (0 = padding) keep packed sequences apart on top.
+`kernels.reference.make_mask`; segment ids (0 = padding) keep packed sequences apart on top.
 Band and residue patterns depend only on i - j, so they are the same wherever a
 segment starts; the fixed pattern's blocks and Longformer's global positions are
 aligned to the row (the tasks pad, they do not pack, so row index = sequence position).
 
 Every fast path has a dense twin (`reference_*`) that builds the explicit [B, T, T]
-mask and calls `exact.reference_attention`.
+mask and calls `kernels.reference.reference_attention`.
 
 Causal models of both decode (`decode.PatternCacheMixin`): each new query attends over a
 dense cache with its row of the same rules (`sparse_transformer_rules`, `longformer_window`),
@@ -36,10 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.reference import MASK_VALUE, NEG_INF, make_mask, merge_partials, reference_attention
 from layers import axes
 from layers.attention.decode import PatternCacheMixin, causal_visibility, map_query_chunks, masked_attention_lse
-from layers.attention.exact import Attention, make_mask, reference_attention, rope
-from layers.attention.flash import MASK_VALUE, NEG_INF, flash_attention_lse, merge_partials, pad_length
+from layers.attention.exact import Attention, rope
+from layers.attention.flash import flash_attention_lse, pad_length
 from layers.core import Dense
 from layers.mixer_base import MixContext, MixerSpec
 
@@ -301,7 +302,7 @@ class WholeSequenceMixin:
   scramble the pattern), and no decode cache unless the mixer also takes
   `decode.PatternCacheMixin` (which sets SUPPORTS_DECODE)."""
 
-  SEQUENCE_STRATEGIES = ("auto",)
+  SEQUENCE_CAPABILITIES = frozenset()  # no explicit strategy: the compiler's sharding only
   SUPPORTS_DECODE = False
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.reference import MASK_VALUE, make_mask
 from layers import axes
-from layers.attention.exact import Attention, make_mask
-from layers.attention.flash import MASK_VALUE
+from layers.attention.exact import Attention
 from layers.attention.patterns import WholeSequenceMixin, row_index
 from layers.core import param
 from layers.mixer_base import MixContext, MixerSpec

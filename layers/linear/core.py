@@ -8,7 +8,7 @@ where S(i) is the tokens of i's segment (bidirectional) or those up to and inclu
 (causal). Normalised linear attention divides by the same sum with v_j = 1, so it runs
 the identical computation on values with a ones column appended: one code path.
 
-Causal uses the chunk-parallel form (Katharopoulos et al. sec. 3.2; PAPERS.md B1): the
+Causal uses the chunk-parallel form (Katharopoulos et al. sec. 3.2; docs/papers.md#linear): the
 length is cut into chunks of C tokens; within a chunk a masked C x C product, across
 chunks a carried state S = sum phi(k_j) v_j^T [B, N, F, H]. Cost O(T C F + T F H),
 memory O(T C + (T/C) F H). Bidirectional is the causal pass plus the exclusive causal

@@ -1,4 +1,4 @@
-"""EcoFormer: attention through learned binary hash codes (PAPERS.md D5).
+"""EcoFormer: attention through learned binary hash codes (docs/papers.md#ecoformer).
 
 Per head, one shared query/key projection u = normalise(x W_qk) (unit rows) and values
 v = x W_v. A token's code is

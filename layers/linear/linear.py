@@ -18,15 +18,15 @@ from flax import nnx
 from layers import axes
 from layers.core import Dense
 from layers.linear.core import LinearState, linear_attention
-from layers.mixer_base import MixContext, Mixer, MixerSpec, sequence_parallel
+from layers.mixer_base import HEADS, SUMMARY, MixContext, Mixer, MixerSpec, sequence_parallel
 
 
 class KernelAttention(Mixer):
   """out = phi(Q) (phi(K)^T V) [/ phi(Q) sum phi(K)] per head, then the output projection."""
 
-  # "scan": the length stays sharded and chunk states are combined across devices
-  # (parallel/scan.py); "all_to_all": heads-sharded full-length rows.
-  SEQUENCE_STRATEGIES = ("auto", "scan", "all_to_all")
+  # Chunk states are associative summaries (the parallel scan), and heads are independent
+  # given whole rows (all-to-all).
+  SEQUENCE_CAPABILITIES = frozenset({SUMMARY, HEADS})
   NORMALIZE = True
   ORDER_AWARE = False  # no rotary embedding: bidirectional, only learned positions give order
 
@@ -76,12 +76,12 @@ class KernelAttention(Mixer):
     if ctx.index is not None:
       raise ValueError(f"{type(self).__name__} masks causally by storage order; a permuted row layout "
                        f"(parallel.load_balance with ring attention) does not apply to it")
-    sp = sequence_parallel()
+    sp = sequence_parallel(self)
+    if sp is not None and sp.needs == SUMMARY:
+      return sp.linear_attention(phi_q, phi_k, v, ctx.segment_ids, **kw)
     if sp is not None:
-      if sp.strategy == "scan":
-        return sp.linear_attention(phi_q, phi_k, v, ctx.segment_ids, **kw)
       local = lambda q, k, v, qseg, kseg, qi, ki: linear_attention(q, k, v, qseg, **kw)[0]
-      return sp.attention(local, phi_q, phi_k, v, ctx.segment_ids, ctx.token_index(), causal=self.spec.causal)
+      return sp.heads(local, phi_q, phi_k, v, ctx.segment_ids, ctx.token_index())
     return linear_attention(phi_q, phi_k, v, ctx.segment_ids, **kw)[0]
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
@@ -107,7 +107,7 @@ def elu_plus_one(x):
 
 
 class LinearTransformer(KernelAttention):
-  """Katharopoulos et al.: phi(x) = elu(x) + 1, normalised (PAPERS.md B1)."""
+  """Katharopoulos et al.: phi(x) = elu(x) + 1, normalised (docs/papers.md#linear)."""
 
   def features(self, q_btnh, k_btnh, ctx):
     return elu_plus_one(q_btnh), elu_plus_one(k_btnh)

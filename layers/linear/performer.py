@@ -1,4 +1,4 @@
-"""Performer (FAVOR+): softmax attention through positive orthogonal random features (PAPERS.md B2).
+"""Performer (FAVOR+): softmax attention through positive orthogonal random features (docs/papers.md#performer).
 
 The softmax kernel exp(q.k / sqrt(d)) is estimated without bias by
 

@@ -1,4 +1,4 @@
-"""PRepBN: progressive re-parameterised BatchNorm (SLAB, Guo et al. 2024; PAPERS.md D4).
+"""PRepBN: progressive re-parameterised BatchNorm (SLAB, Guo et al. 2024; docs/papers.md#prepbn).
 
     RepBN(x) = BN(x) + eta x          (eta a learnable scalar, initialised to 1)
     training:  y = gamma LN(x) + (1 - gamma) RepBN(x)

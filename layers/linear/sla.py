@@ -1,4 +1,4 @@
-"""SLA: SLAB's simplified linear attention (Guo et al. 2024; PAPERS.md D4).
+"""SLA: SLAB's simplified linear attention (Guo et al. 2024; docs/papers.md#sla).
 
 Q, K, V = X W; a learnable positional embedding P (zero-initialised, one row per
 position within the segment, stored [max_len, N, H] = [max_len, D] split like K) is
@@ -38,7 +38,7 @@ from layers import axes
 from layers.core import param
 from layers.linear.linear import KernelAttention
 from layers.attention.swin import parse_grid
-from layers.mixer_base import MixContext, MixerSpec
+from layers.mixer_base import MixContext, MixerSpec, sequence_parallel
 
 
 def conv_taps(k: int, causal: bool) -> tuple[int, int]:
@@ -62,6 +62,16 @@ def depthwise_conv1d(v_btnh, segment_ids_bt, weight_kh, bias_h, *, causal: bool)
     same = (segp[:, j:j + t] == seg) & (seg != 0)
     out = out + jnp.where(same[:, :, None, None], v[:, j:j + t] * weight_kh[j], 0.0)
   return jnp.where((seg != 0)[:, :, None, None], out + bias_h, 0.0)
+
+
+def sequence_conv1d(sp, v_btnh, segment_ids_bt, weight_kh, bias_h, *, causal: bool, logical: tuple):
+  """`depthwise_conv1d` with the length sharded by the sequence-parallel strategy `sp` (a halo
+  of the kernel's reach from each neighbour), or on one device when `sp` is None."""
+  if sp is None:
+    return depthwise_conv1d(v_btnh, segment_ids_bt, weight_kh, bias_h, causal=causal)
+  left, right = conv_taps(weight_kh.shape[0], causal)
+  conv = lambda v, seg, w, b: depthwise_conv1d(v, seg, w, b, causal=causal)
+  return sp.halo(conv, v_btnh, segment_ids_bt, weight_kh, bias_h, left=left, right=right, logical=logical)
 
 
 def conv_from_history(v_bsnh, seg_bs, pos_bs, segment_ids_bt, positions_bt, weight_kh) -> jax.Array:
@@ -178,7 +188,9 @@ class SLA(KernelAttention):
     w, bias = self.conv_weight[...], self.conv_bias[...]
     if self.grid is not None:
       return depthwise_conv2d(v_btnh, ctx.segment_ids, w, bias, grid=self.grid)
-    out = depthwise_conv1d(v_btnh, ctx.segment_ids, w, bias, causal=self.spec.causal)
+    sp = None if ctx.decode else sequence_parallel(self)
+    out = sequence_conv1d(sp, v_btnh, ctx.segment_ids, w, bias, causal=self.spec.causal,
+                          logical=(axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
     if not ctx.decode or self.conv_kernel == 1:
       return out
     return conv_decode_step(out, v_btnh, ctx, w, self.cached_conv_value, self.cached_conv_segment_ids,

@@ -1,4 +1,4 @@
-"""TransNormer (Qin et al. 2022, "The Devil in Linear Transformer"; PAPERS.md D3).
+"""TransNormer (Qin et al. 2022, "The Devil in Linear Transformer"; docs/papers.md#transnormer).
 
 Layer plan (config group `model.transnormer`): layers with `spec.layer_index <
 diag_layers` (default -1 = num_layers // 2, the paper's first half) use DiagAttention,
@@ -26,7 +26,8 @@ inside a chunk). Decoding keeps one chunk of keys and values ([B, w, N, H], slot
 position % w) with their segment ids and positions: prefill + one-token steps equal the
 full forward.
 
-Sequence parallelism (one tuple for both kinds of layer): "auto", "scan", "all_to_all".
+Sequence parallelism (the same capabilities, summary and heads, for both kinds of layer):
+"auto", "scan", "all_to_all".
 NormAttention runs the shared scan / all-to-all paths of KernelAttention. DiagAttention
 carries no state along the row: under "all_to_all" it runs on full-length heads; under
 "scan" (and "auto") it is computed with compiler-propagated shardings: when every device
@@ -43,12 +44,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.reference import MASK_VALUE
 from layers import axes
 from layers.attention.exact import rope
-from layers.attention.flash import MASK_VALUE
 from layers.core import Dense
 from layers.linear.linear import KernelAttention
-from layers.mixer_base import MixContext, Mixer, MixerSpec, sequence_parallel
+from layers.mixer_base import HEADS, SUMMARY, MixContext, Mixer, MixerSpec, sequence_parallel
 
 KERNELS = {
     "1+elu": lambda x: jax.nn.elu(x) + 1.0,
@@ -189,7 +190,9 @@ def reference_diag_attention(q_btnh, k_btnh, v_btnh, segment_ids_bt, positions_b
 class DiagAttention(Mixer):
   """Chunked local attention of TransNormer's early layers (see the module docstring)."""
 
-  SEQUENCE_STRATEGIES = ("auto", "scan", "all_to_all")
+  # As the kernelised attention of its other layers: both kinds run under one strategy ("scan"
+  # leaves the diagonal blocks to the compiler, local when devices hold whole blocks).
+  SEQUENCE_CAPABILITIES = frozenset({SUMMARY, HEADS})
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     if spec.num_kv_heads != spec.num_heads:
@@ -227,12 +230,12 @@ class DiagAttention(Mixer):
                        "layout (parallel.load_balance) does not apply to it")
     fn = lambda q, k, v, seg, pos: diag_attention(q, k, v, seg, pos, block=self.block, causal=self.spec.causal,
                                                   kind=self.kind)
-    sp = sequence_parallel()
-    if sp is not None and sp.strategy == "all_to_all":
+    sp = sequence_parallel(self)
+    if sp is not None and sp.needs == HEADS:
       # The strategy gathers [b, T] ids and "index" rows for the local function: here the
       # positions ride in the index slot (rows stay in storage order, checked above).
       local = lambda q, k, v, qseg, kseg, qpos, kpos: fn(q, k, v, qseg, qpos).astype(q.dtype)
-      return sp.attention(local, q, k, v, ctx.segment_ids, ctx.positions, causal=self.spec.causal)
+      return sp.heads(local, q, k, v, ctx.segment_ids, ctx.positions)
     # "auto" / "scan": compiler-propagated shardings (a one-block halo when devices hold whole blocks).
     return fn(q, k, v, ctx.segment_ids, ctx.positions)
 
@@ -277,14 +280,16 @@ class DiagAttention(Mixer):
 
 
 class TransNormer(Mixer):
-  """`transnormer`: DiagAttention in layers < diag_layers, NormAttention after (PAPERS.md D3).
+  """`transnormer`: DiagAttention in layers < diag_layers, NormAttention after (docs/papers.md#transnormer).
 
   Options (`model.transnormer.*`): diag_layers (-1 = num_layers // 2), kernel ("1+elu" |
   "elu"), diag ("softmax" | "relu"), block (w, 64), chunk (NormAttention's causal scan
   chunk, 64). Both kinds hold the same projections (query/key/value/out) under `attention`.
   """
 
-  SEQUENCE_STRATEGIES = ("auto", "scan", "all_to_all")
+  # As the kernelised attention of its other layers: both kinds run under one strategy ("scan"
+  # leaves the diagonal blocks to the compiler, local when devices hold whole blocks).
+  SEQUENCE_CAPABILITIES = frozenset({SUMMARY, HEADS})
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     diag_layers = int(spec.option("diag_layers", -1))

@@ -1,1 +1,2 @@
-"""LRA-era efficient attention mixers (PAPERS.md B3-B6): Linformer, Reformer (LSH), Sparse Sinkhorn, Synthesizer."""
+"""LRA-era efficient attention mixers: Linformer, Reformer (LSH), Sparse Sinkhorn, Synthesizer
+(docs/papers.md: #linformer, #reformer, #sinkhorn, #synthesizer)."""

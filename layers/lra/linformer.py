@@ -1,4 +1,4 @@
-"""Linformer (PAPERS.md B3): keys and values projected along the length axis to k rows.
+"""Linformer (docs/papers.md#linformer): keys and values projected along the length axis to k rows.
 
 `K' = E K`, `V' = F V` with learned `E, F in R^{k x max_len}` (one pair per layer,
 shared by all heads; `F = E` with `share_kv`), then `O = softmax(Q K'^T / sqrt(H)) V'`
@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.attention.exact import Attention, reference_attention
+from kernels.reference import reference_attention
+from layers.attention.exact import Attention
 from layers.core import param
 from layers.mixer_base import MixContext, MixerSpec
 
@@ -51,7 +52,7 @@ class Linformer(Attention):
 
   # The projection needs every position of the row at once; only compiler-propagated
   # sharding ("auto"). (all_to_all / all_gather could carry it: E is shared by the heads.)
-  SEQUENCE_STRATEGIES = ("auto",)
+  SEQUENCE_CAPABILITIES = frozenset()  # no explicit strategy: the compiler's sharding only
   PACKING_LEAK = "its length projection mixes every position of the row into each of its k rows"
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):

@@ -1,4 +1,4 @@
-"""Reformer LSH attention (PAPERS.md B4; Kitaev et al., 2020).
+"""Reformer LSH attention (docs/papers.md#reformer; Kitaev et al., 2020).
 
 Shared query-key projection: queries are `qk`, keys are `qk / |qk|` (L2-normalised),
 logits `q . k_hat / sqrt(H)`. Each hash round r buckets every token by angular LSH,
@@ -45,9 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.reference import MASK_VALUE
 from layers import axes
 from layers.attention.exact import rope
-from layers.attention.flash import MASK_VALUE
 from layers.core import Dense
 from layers.mixer_base import MixContext, Mixer, MixerSpec
 
@@ -252,7 +252,7 @@ class Reformer(Mixer):
   """
 
   # Sorting and chunking need each head's whole row; only compiler-propagated sharding.
-  SEQUENCE_STRATEGIES = ("auto",)
+  SEQUENCE_CAPABILITIES = frozenset()  # no explicit strategy: the compiler's sharding only
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     self.spec = spec

@@ -1,4 +1,4 @@
-"""Sparse Sinkhorn attention (PAPERS.md B5; Tay et al., 2020).
+"""Sparse Sinkhorn attention (docs/papers.md#sinkhorn; Tay et al., 2020).
 
 The row is cut into blocks of b tokens (padded internally to a multiple of b; a row
 shorter than b is one block). A sorting network scores block-to-block moves from block
@@ -49,10 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.reference import MASK_VALUE
 from layers import axes
 from layers.attention.block_sparse import check_storage_order
 from layers.attention.exact import Attention, rope
-from layers.attention.flash import MASK_VALUE, pad_length
+from layers.attention.flash import pad_length
 from layers.core import Dense
 from layers.mixer_base import MixContext, MixerSpec
 
@@ -205,7 +206,7 @@ class Sinkhorn(Attention):
   """
 
   # Blocks are contiguous runs of stored tokens; only compiler-propagated sharding.
-  SEQUENCE_STRATEGIES = ("auto",)
+  SEQUENCE_CAPABILITIES = frozenset()  # no explicit strategy: the compiler's sharding only
   PACKING_LEAK = "its sorted block is a soft mixture of whole blocks, which can hold another example's keys"
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):

@@ -1,4 +1,4 @@
-"""Synthesizer (PAPERS.md B6): attention weights synthesised without query-key dot products.
+"""Synthesizer (docs/papers.md#synthesizer): attention weights synthesised without query-key dot products.
 
 Dense (`kind="dense"`): every token predicts its own row of logits over positions,
 `B_i = W2 relu(W1 x_i + b1) + b2 in R^{N x max_len}` (one row per head), and
@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.reference import MASK_VALUE, make_mask
 from layers import axes
-from layers.attention.exact import make_mask
-from layers.attention.flash import MASK_VALUE
 from layers.core import Dense, param
 from layers.mixer_base import MixContext, Mixer, MixerSpec
 
@@ -61,7 +60,7 @@ class Synthesizer(Mixer):
 
   # Logits come from the tokens' own features (or a table), not from heads that could be
   # split across devices with an all-to-all; only compiler-propagated sharding.
-  SEQUENCE_STRATEGIES = ("auto",)
+  SEQUENCE_CAPABILITIES = frozenset()  # no explicit strategy: the compiler's sharding only
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     self.spec = spec

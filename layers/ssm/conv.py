@@ -26,12 +26,16 @@ from flax import nnx
 
 from layers import axes
 from layers.core import Dense, param
-from layers.linear.sla import conv_decode_step, depthwise_conv1d
-from layers.mixer_base import MixContext, Mixer, MixerSpec
+from layers.linear.sla import conv_decode_step, sequence_conv1d
+from layers.mixer_base import HALO, MixContext, Mixer, MixerSpec, sequence_parallel
 
 
 class ShortConv(Mixer):
   """Gated short convolution (config group `model.conv`; see the module docstring)."""
+
+  # Reads only the kernel's reach: under sequence parallelism each device gets the k - 1
+  # tokens before its chunk from its neighbour (parallel/halo.py).
+  SEQUENCE_CAPABILITIES = frozenset({HALO})
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     self.spec = spec
@@ -50,7 +54,12 @@ class ShortConv(Mixer):
   def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
     x4 = x_btd[:, :, None, :]  # one "head" of D channels: the shared depth-wise conv helpers
     w, bias = self.conv_weight[...], self.conv_bias[...]
-    conv = depthwise_conv1d(x4, ctx.segment_ids, w, bias, causal=self.spec.causal)
+    if ctx.index is not None:
+      raise ValueError("conv reads neighbouring stored tokens; a permuted row layout (ctx.index, e.g. zigzag "
+                       "load balancing) does not apply to it")
+    sp = None if ctx.decode else sequence_parallel(self)
+    conv = sequence_conv1d(sp, x4, ctx.segment_ids, w, bias, causal=self.spec.causal,
+                           logical=(axes.BATCH, axes.LENGTH, None, axes.EMBED))
     if ctx.decode and self.kernel > 1:
       conv = conv_decode_step(conv, x4, ctx, w, self.cached_x, self.cached_segment_ids, self.cached_positions)
     y = conv[:, :, 0]

@@ -1,4 +1,4 @@
-"""Legendre Memory Unit as the LMUFormer token mixer (PAPERS.md D9).
+"""Legendre Memory Unit as the LMUFormer token mixer (docs/papers.md#lmu).
 
 Memory (order q, window theta; fixed, not trained):
 
@@ -276,7 +276,7 @@ class LMU(Mixer):
   direct_max_len (128), chunk (64), norm ("batchnorm" | "none").
   """
 
-  SEQUENCE_STRATEGIES = ("auto",)
+  SEQUENCE_CAPABILITIES = frozenset()  # no explicit strategy: the compiler's sharding only
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     d = spec.d_model

@@ -1,4 +1,4 @@
-"""Mamba ("Mamba-1" selective state-space model; PAPERS.md D16) as a token mixer.
+"""Mamba ("Mamba-1" selective state-space model; docs/papers.md#mamba) as a token mixer.
 
     [x_in, z]   = x W_in                                   D -> 2E
     x_c         = SiLU(causal depth-wise conv_4(x_in))      taps limited to the token's segment
@@ -45,7 +45,7 @@ from flax import nnx
 from layers import axes
 from layers.core import Dense, param
 from layers.linear.core import forward_fill
-from layers.mixer_base import MixContext, Mixer, MixerSpec, sequence_parallel
+from layers.mixer_base import SUMMARY, MixContext, Mixer, MixerSpec, sequence_parallel
 
 SCANS = ("sequential", "associative", "chunked")
 INNERS = ("auto", "associative", "sequential")  # the chunked scan's algorithm inside a chunk
@@ -238,14 +238,14 @@ class SSMBranch(nnx.Module):
     return jax.nn.softplus(dt + self.dt_bias[...])
 
   def __call__(self, x_in_bte, segment_ids_bt, reset_bt, *, impl: str, chunk: int, h0_bes=None,
-               context_bke=None, context_segment_ids_bk=None, hold_bt=None):
+               context_bke=None, context_segment_ids_bk=None, hold_bt=None, sequence=None):
     """hold_bt: True where a token must leave the state unchanged (delta = 0: exp(0 A) = 1 and
     no input), i.e. padding inside a decode call."""
     xc = jax.nn.silu(causal_conv(x_in_bte, segment_ids_bt, self.conv_weight[...], self.conv_bias[...],
                                  context_bke, context_segment_ids_bk))
     a = -jnp.exp(self.a_log[...])
-    sp = sequence_parallel()
-    if sp is not None and sp.strategy == "scan" and h0_bes is None:
+    sp = sequence  # the owning mixer's sequence-parallel strategy (None: none / the compiler's)
+    if sp is not None and sp.needs == SUMMARY and h0_bes is None:
       # The conv and projections are per token (the compiler exchanges the conv's halo);
       # only the scan needs the cross-device state (parallel/scan.py).
       y, h_last = sp.selective_scan(xc, self.delta(xc), a, self.x_b(xc), self.x_c(xc), reset_bt, impl=impl,
@@ -268,8 +268,8 @@ class Mamba(Mixer):
   dt_min (0.001), dt_max (0.1).
   """
 
-  # "scan": each device scans its chunk; chunk states are combined across devices.
-  SEQUENCE_STRATEGIES = ("auto", "scan")
+  # Each device scans its chunk; chunk states are combined across devices (parallel/scan.py).
+  SEQUENCE_CAPABILITIES = frozenset({SUMMARY})
 
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     d = spec.d_model
@@ -316,11 +316,12 @@ class Mamba(Mixer):
     if ctx.decode:
       y = self._decode(x_in, seg)
     else:
-      y, _ = self.forward_ssm(x_in, seg, segment_starts(seg), impl=self.scan, chunk=self.chunk)
+      sp = sequence_parallel(self)
+      y, _ = self.forward_ssm(x_in, seg, segment_starts(seg), impl=self.scan, chunk=self.chunk, sequence=sp)
       if self.backward_ssm is not None:
         flip = lambda v: jnp.flip(v, axis=1)
         y_back, _ = self.backward_ssm(flip(x_in), flip(seg), segment_starts(flip(seg)), impl=self.scan,
-                                      chunk=self.chunk)
+                                      chunk=self.chunk, sequence=sp)
         y = y + flip(y_back)
     out = self.out_proj(y * jax.nn.silu(z))
     return jnp.where((seg != 0)[..., None], out, 0).astype(x_btd.dtype)
