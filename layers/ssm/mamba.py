@@ -26,12 +26,11 @@ Bidirectional (spec.causal=False): the sum of a forward branch and a backward br
 the flipped row, each with its own conv and SSM parameters, sharing W_in, the gate and
 W_out (the Vision-Mamba layout). Decoding needs causal=True.
 
-Sequence parallelism (length split over devices; not wired here): a chunk's summary is
+Sequence parallelism (the `scan` strategy, parallel/scan.py): a chunk's summary is
 (`chunk_decay(delta, A, reset)`, h_last of `selective_scan(..., h0_bds=None)`), composed by
-(a1, h1) o (a2, h2) = (a1 a2, a2 h1 + h2); a chunk is corrected for the incoming state h_in
-by adding `selective_scan(zeros_like(x), delta, A, B, C, reset_bt=reset, h0_bds=h_in)[0]`
-(y is linear in h0), or by rerunning it with h0_bds=h_in. The conv needs the previous
-device's last d_conv-1 x_in tokens and segment ids (`causal_conv`'s context arguments).
+(a1, h1) o (a2, h2) = (a1 a2, a2 h1 + h2); each device reruns its chunk from its incoming
+state h_in. The conv receives the previous device's last d_conv-1 x_in tokens and segment ids
+by a halo exchange (`Strategy.halo`).
 """
 
 from __future__ import annotations
@@ -241,13 +240,19 @@ class SSMBranch(nnx.Module):
                context_bke=None, context_segment_ids_bk=None, hold_bt=None, sequence=None):
     """hold_bt: True where a token must leave the state unchanged (delta = 0: exp(0 A) = 1 and
     no input), i.e. padding inside a decode call."""
-    xc = jax.nn.silu(causal_conv(x_in_bte, segment_ids_bt, self.conv_weight[...], self.conv_bias[...],
-                                 context_bke, context_segment_ids_bk))
-    a = -jnp.exp(self.a_log[...])
     sp = sequence  # the owning mixer's sequence-parallel strategy (None: none / the compiler's)
+    w, bias = self.conv_weight[...], self.conv_bias[...]
+    if sp is not None and context_bke is None:
+      # The length is split: the conv's d_conv - 1 earlier tokens come from the left neighbour.
+      conv = lambda x, seg, w, b: causal_conv(x, seg, w, b)
+      xc = sp.halo(conv, x_in_bte, segment_ids_bt, w, bias, left=w.shape[0] - 1, right=0,
+                   logical=(axes.BATCH, axes.LENGTH, axes.MLP))
+    else:
+      xc = causal_conv(x_in_bte, segment_ids_bt, w, bias, context_bke, context_segment_ids_bk)
+    xc = jax.nn.silu(xc)
+    a = -jnp.exp(self.a_log[...])
     if sp is not None and sp.needs == SUMMARY and h0_bes is None:
-      # The conv and projections are per token (the compiler exchanges the conv's halo);
-      # only the scan needs the cross-device state (parallel/scan.py).
+      # The projections are per token; only the scan needs the cross-device state (parallel/scan.py).
       y, h_last = sp.selective_scan(xc, self.delta(xc), a, self.x_b(xc), self.x_c(xc), reset_bt, impl=impl,
                                     chunk=chunk), None
     else:
