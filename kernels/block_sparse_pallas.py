@@ -47,13 +47,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.common import (LOG2E, SQ, TILES, checked_tables, compact_table, dot, dot_t, merge_rows, online_finish,
-                            online_init, online_step, output_vjp, pad_axis, pltriton, pow2_at_least, resolve_interpret,
-                            transpose_table)
+from kernels.common import (LOG2E, SQ, TILES, checked_tables, dot, dot_t, merge_rows, online_finish, online_init,
+                            online_step, output_vjp, pad_axis, pltriton, pow2_at_least, resolve_interpret)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,12 +35,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import flash_mgpu
-from kernels.common import (LN2, LOG2E, M_INIT, SQ, atomic_add, causal_k_bounds, causal_q_bounds, check_inputs, dot,
+from kernels.common import (LOG2E, SQ, atomic_add, causal_k_bounds, causal_q_bounds, check_inputs, dot,
                             dot_t, fit, fused_attention, online_finish, online_init, online_step, pad_axis, pltriton,
                             pow2_at_least, resolve_interpret, visit_if_visible)
 from kernels.reference import make_mask, reference_attention_lse

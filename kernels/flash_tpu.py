@@ -39,8 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.common import (M_INIT, check_inputs, dot, dot_t, fused_attention, tpu_fwd_finish, tpu_fwd_init,
-                            tpu_fwd_tile, tpu_when_visible)
+from kernels.common import (check_inputs, dot, dot_t, fused_attention, tpu_fwd_finish, tpu_fwd_init, tpu_fwd_tile,
+                            tpu_when_visible)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ from parallel.all_to_all import AllToAll
 from parallel.halo import Halo
 from parallel.ring import Ring
 from parallel.scan import Scan
-from parallel.strategy import AXIS, SequenceParallelError, Strategy
+from parallel.strategy import SequenceParallelError, Strategy
 
 AUTO = "auto"
 STRATEGIES: dict[str, type[Strategy]] = {}
@@ -114,7 +114,6 @@ class SequenceParallel:
       raise SequenceParallelError(f"parallel.sequence_strategy={default!r} is not one of {', '.join(choices())}")
     self.mesh, self.rules, self.default = mesh, rules, default
     self.overrides = parse_overrides(overrides) if isinstance(overrides, str) else dict(overrides)
-    self.n = mesh.shape[AXIS]
     self._bound: dict[str, Strategy] = {}
 
   def bound(self, name: str) -> Strategy | None:

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.block_sparse_pallas import block_sparse_attention_pallas, compact_table, merge_rows, transpose_table
+from kernels.block_sparse_pallas import block_sparse_attention_pallas
+from kernels.common import compact_table, merge_rows, transpose_table
 from kernels.block_sparse_tpu import block_sparse_attention_tpu
 from layers.attention import block_sparse as bs
 from tests.helpers import values_and_grads

@@ -15,7 +15,6 @@ import pytest
 from flax import nnx
 
 from kernels.reference import merge_partials
-from layers.attention import exact
 from layers.attention import ops
 from layers.attention.decode import (decode_masks, reference_decode_attention,
                                      split_kv_decode_attention, tree_merge)
