@@ -243,6 +243,13 @@ def get_config(arg=None):
   # pallas everywhere else; NVIDIA Hopper GPU, bfloat16, head dim 64 or 128; not yet timed on a GPU)
   # or "auto" (pallas on GPU and TPU, else flash).
   c.model.attention_impl = "xla"
+  # What each block keeps for the backward pass (layers/remat.py): "none" (everything), "full" (only the
+  # block's input; the block is recomputed), "dots" (every matrix product's output), "dots_no_batch"
+  # (only the weight products' outputs) or "offload" (those, in pinned host memory). --dry_run shows the effect.
+  c.model.remat = "none"
+  # Run each stretch of consecutive identical blocks as one lax.scan over their stacked parameters, so
+  # compile time does not grow with depth (layers/models.py); parameters and checkpoints are unchanged.
+  c.model.scan_blocks = False
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-3  # peak learning rate after warmup

@@ -92,6 +92,11 @@ class Mixer(nnx.Module):
   # Non-empty for a mixer through which examples packed into one row (task.packing) can see
   # each other: the reason, which the trainer gives when it refuses such a run.
   PACKING_LEAK: str = ""
+  # True for a mixer whose computation depends on its layer (`spec.layer_index` or
+  # `spec.alternation_index`: per-layer random patterns or features, alternating shifts,
+  # a per-layer plan). `model.scan_blocks` runs consecutive layers of one mixer with the
+  # first layer's module and their stacked parameters, so it never scans such a mixer.
+  LAYER_INDEXED: bool = False
 
   def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
     raise NotImplementedError

@@ -11,7 +11,11 @@ family documented in docs/papers.md:
 * mixers with auxiliary losses call `add_aux_loss(self, value)`: the trainer adds every
   such value to the training loss;
 * mixers with running statistics (e.g. BatchNorm) keep them in `nnx.BatchStat`
-  variables, which the train state carries and checkpoints beside the params.
+  variables, which the train state carries and checkpoints beside the params;
+* a mixer whose computation depends on its layer (`spec.layer_index`,
+  `spec.alternation_index`) sets `LAYER_INDEXED = True`, so `model.scan_blocks` never runs
+  its layers through one shared module (tests/test_remat.py checks every other mixer
+  scanned against unrolled).
 
 Adding a mixer: one new module defining a class with this constructor signature, plus
 one line in `MIXERS` below.

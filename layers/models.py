@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import axes
+from layers import remat as remat_lib
 from layers.blocks import Block
 from layers.core import Dense, Embed, Norm, param
 from layers.mixers import MixContext, MixerSpec
@@ -46,6 +47,8 @@ class ModelSpec:
   mixer_options: tuple = ()
   # norm="prepbn": PRepBN's settings ((key, value), ...) (total_steps, warmup_steps, r0).
   norm_options: tuple = ()
+  remat: str = remat_lib.DEFAULT  # what each block keeps for the backward pass in training (layers/remat.py)
+  scan_blocks: bool = False  # consecutive identical blocks as one lax.scan (Encoder._scan)
 
 
 class Encoder(nnx.Module):
@@ -78,15 +81,78 @@ class Encoder(nnx.Module):
     if self.pos_embed is not None:
       x = x + jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dtype)
     x = axes.constrain(x, axes.ACT_BTD)
-    for i, block in enumerate(self.blocks):
-      rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-      x = block(x, MixContext(segment_ids=segment_ids_bt, positions=positions_bt, dropout_rng=rng, training=training,
-                              decode=decode, index=index_bt, step=step, prepare=prepare))
+    # Remat only where a gradient is taken: not in evaluation, decoding or the prepare call.
+    policy = remat_lib.policy(self.spec.remat) if training and not (decode or prepare) else None
+    rngs = [None if dropout_rng is None else jax.random.fold_in(dropout_rng, i) for i in range(len(self.blocks))]
+    for start, stop in self._runs() if not (decode or prepare) else [(i, i + 1) for i in range(len(self.blocks))]:
+      if stop - start > 1:
+        x = self._scan(start, stop, x, segment_ids_bt, positions_bt, rngs, index_bt, step, training, policy)
+        continue
+      block, rng = self.blocks[start], rngs[start]
+      if policy is None:
+        x = block(x, MixContext(segment_ids=segment_ids_bt, positions=positions_bt, dropout_rng=rng,
+                                training=training, decode=decode, index=index_bt, step=step, prepare=prepare))
+      else:
+        x = nnx.remat(_train_block, policy=policy)(block, x, segment_ids_bt, positions_bt, rng, index_bt, step)
     return self.final_norm(x)
+
+  def _runs(self) -> list[tuple[int, int]]:
+    """[start, stop) stretches of blocks run together: with `scan_blocks`, each maximal stretch
+    of consecutive layers of one mixer that does not depend on its layer (Mixer.LAYER_INDEXED);
+    otherwise, and for every other layer, one block each."""
+    runs: list[tuple[int, int, bool]] = []
+    for i, name in enumerate(self.spec.mixers):
+      scannable = self.spec.scan_blocks and not type(self.blocks[i].mixer).LAYER_INDEXED
+      if scannable and runs and runs[-1][1] == i and self.spec.mixers[runs[-1][0]] == name and runs[-1][2]:
+        runs[-1] = (runs[-1][0], i + 1, True)
+      else:
+        runs.append((i, i + 1, scannable))
+    return [(a, b) for a, b, _ in runs]
+
+  def _scan(self, start, stop, x_btd, segment_ids_bt, positions_bt, rngs, index_bt, step, training, policy):
+    """Blocks start..stop-1 as one `lax.scan`: the first block's module applied to each block's
+    parameters in turn (stacked along a new leading axis for the scan, so the program holds one
+    block, not stop - start). Parameters keep their per-block names, shardings and checkpoint
+    layout; the stacking is a copy of the stretch's parameters made inside the step. Whatever
+    the blocks update or sow (running statistics, auxiliary losses) is written back per block."""
+    blocks = [self.blocks[i] for i in range(start, stop)]
+    graphdef, first = nnx.split(blocks[0])
+    states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
+    stacked = jax.tree.map(lambda *v: jnp.stack(v), *states)
+    layer_rngs = None if rngs[start] is None else jnp.stack(rngs[start:stop])
+    # The per-call arrays go in as per-layer inputs, not as values the body closes over: JAX
+    # computes what depends only on a scan's loop-invariant values once, outside the loop, for
+    # the backward pass, and for a blockwise attention that is its mask for every pair of
+    # blocks, [T / bq, T / bk, bq, bk], i.e. the [T, T] matrix that flash attention avoids.
+    # Broadcast along the layers, they are no longer invariant (and cost L copies of [B, T]).
+    shared = jax.tree.map(lambda a: jnp.broadcast_to(a, (stop - start, *jnp.shape(a))),
+                          (segment_ids_bt, positions_bt, index_bt, step))
+
+    def body(x, xs):
+      state, rng, (seg, pos, index, at_step) = xs
+      block = nnx.merge(graphdef, state)
+      if policy is None:
+        y = block(x, MixContext(segment_ids=seg, positions=pos, dropout_rng=rng, training=training, index=index,
+                                step=at_step))
+      else:  # inside a scan the loop already keeps the recomputation apart: no CSE barrier needed
+        y = nnx.remat(_train_block, policy=policy, prevent_cse=False)(block, x, seg, pos, rng, index, at_step)
+      return y, nnx.split(block)[1]
+
+    x_btd, new_states = jax.lax.scan(body, x_btd, (stacked, layer_rngs, shared))
+    for k, block in enumerate(blocks):
+      nnx.update(block, jax.tree.map(lambda v, k=k: v[k], new_states))
+    return x_btd
 
   def init_cache(self, batch: int, max_len: int) -> None:
     for block in self.blocks:
       block.mixer.init_cache(batch, max_len, DTYPES[self.spec.dtype])
+
+
+def _train_block(block: Block, x_btd, segment_ids_bt, positions_bt, dropout_rng, index_bt, step) -> jax.Array:
+  """One block's training call with its arrays as arguments, for `nnx.remat` (arguments are
+  what the checkpoint keeps; everything the block computes from them is subject to the policy)."""
+  return block(x_btd, MixContext(segment_ids=segment_ids_bt, positions=positions_bt, dropout_rng=dropout_rng,
+                                 training=True, index=index_bt, step=step))
 
 
 class LanguageModel(nnx.Module):

@@ -107,6 +107,7 @@ def _value(override: str, key: str | None = None, value: str | None = None, *, i
 
 
 VALUE_CASES = [
+    _value("model.remat=everything"),
     _value("seed=-1"),
     _value("model.dropout=1.5"),
     _value("model.dropout=-0.1"),

@@ -223,7 +223,7 @@ def _check_rules(rules: Any) -> None:
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Checks that need no devices: names, ranges and combinations."""
   # Imported here: configs must stay loadable without building models.
-  from layers import mixers
+  from layers import mixers, remat
   from layers.attention import ops as attention_ops
   from parallel import sequence as sequence_lib
   from trainer.data import tasks
@@ -263,6 +263,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
   _choice("on_nonfinite", cfg.on_nonfinite, ("stop", "skip"))
   _choice("model.attention_impl", cfg.model.attention_impl, attention_ops.choices())
+  _choice("model.remat", cfg.model.remat, remat.CHOICES)
   if cfg.model.d_model % cfg.model.num_heads:
     raise UserError(f"model.d_model={cfg.model.d_model} is not divisible by model.num_heads={cfg.model.num_heads}")
   reason = attention_ops.refusal(cfg.model.attention_impl, dtype=cfg.model.dtype,

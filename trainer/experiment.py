@@ -42,7 +42,7 @@ log = logging.getLogger("seqmix")
 RESUMABLE_KEYS = ("total_steps", "log_every", "eval_every", "eval_examples", "eval_split", "checkpoint_every",
                   "keep_checkpoints", "keep_best", "async_checkpointing", "progress_bar", "max_skipped",
                   "allow_config_change", "profile.", "data.", "mesh.", "parallel.", "task.tfds.data_dir", "optimizer.grad_accum_steps",
-                  "task.retrieval.data_dir", "model.attention_impl", "model.dtype", "model.flash.",
+                  "task.retrieval.data_dir", "model.attention_impl", "model.remat", "model.scan_blocks", "model.dtype", "model.flash.",
                   "model.attention.decode_chunk", "model.local.block", "model.linear.chunk", "model.performer.chunk",
                   "model.ecoformer.chunk", "model.transnormer.chunk", "model.sla.chunk", "model.mamba.scan",
                   "model.mamba.chunk", "model.lmu.impl", "model.lmu.chunk", "model.lmu.direct_max_len")
@@ -76,7 +76,8 @@ def model_spec(cfg, task_spec) -> ModelSpec:
       max_len=task_spec.seq_len, mixers=tuple(config_lib.mixer_schedule(cfg)), d_model=m.d_model,
       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads, mlp_ratio=m.mlp_ratio, mlp=m.mlp,
       norm=m.norm, positions=m.positions, dropout=m.dropout, pooling=m.pooling, tie_embeddings=m.tie_embeddings,
-      dtype=m.dtype, attention_impl=m.attention_impl, mixer_options=mixer_options(cfg, task_spec.grid),
+      dtype=m.dtype, attention_impl=m.attention_impl, remat=m.remat, scan_blocks=m.scan_blocks,
+      mixer_options=mixer_options(cfg, task_spec.grid),
       norm_options=(("r0", float(m.prepbn.r0)), ("total_steps", int(m.prepbn.total_steps or cfg.total_steps)),
                     ("warmup_steps", int(m.prepbn.warmup_steps))) if m.norm == "prepbn" else ())
 

@@ -390,6 +390,8 @@ class BlockSparseAttention(PatternCacheMixin, Attention):
   `decode.PatternCacheMixin`). Cost O(max_len) per decoded token (the dense path), whatever M is.
   """
 
+  LAYER_INDEXED = True  # the random pattern is drawn per layer
+
   # Blocks are contiguous runs of stored tokens: only compiler-propagated sharding ("auto") of
   # the length axis; Attention's explicit ring / all-to-all / all-gather paths do not apply.
   SEQUENCE_CAPABILITIES = frozenset()  # no explicit strategy: the compiler's sharding only

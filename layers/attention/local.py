@@ -222,6 +222,8 @@ class BigBirdAttention(PatternCacheMixin, Attention):
   stored (see `decode.PatternCacheMixin`). Cost O(max_len) per decoded token.
   """
 
+  LAYER_INDEXED = True  # the random blocks are drawn per layer
+
   # Blocks are contiguous runs of stored tokens: only compiler-propagated sharding ("auto") of
   # the length axis; Attention's explicit ring / all-to-all / all-gather paths do not apply.
   SEQUENCE_CAPABILITIES = frozenset()  # no explicit strategy: the compiler's sharding only

@@ -336,6 +336,8 @@ class SparseTransformer(PatternCacheMixin, WholeSequenceMixin, Attention):
   Cost O(max_len) per decoded token (the dense path), whatever the pattern's sparsity.
   """
 
+  LAYER_INDEXED = True  # alternate layers use the other half of the factorised pattern
+
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
     self.pattern = spec.option("pattern", "strided")

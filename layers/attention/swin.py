@@ -187,6 +187,8 @@ class Swin(WholeSequenceMixin, Attention):
   shifted windows; a learned relative position bias per head. Rotary positions are
   applied as in every attention mixer when model.positions = "rope"."""
 
+  LAYER_INDEXED = True  # every second layer shifts its windows
+
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
     self.window = int(spec.option("window", 8))

@@ -182,6 +182,8 @@ class EcoFormer(KernelAttention):
   segments, decode (causal), sequence-parallel "scan".
   """
 
+  LAYER_INDEXED = True  # the hash functions are seeded per layer
+
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
     del self.key  # one shared query/key projection (`query`) instead

@@ -102,6 +102,8 @@ class Performer(KernelAttention):
   Causal and bidirectional, packed segments, decode (causal), sequence-parallel "scan".
   """
 
+  LAYER_INDEXED = True  # the random features are drawn per layer
+
   def __init__(self, spec: MixerSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
     self.num_features = int(spec.option("features", 256))

@@ -287,6 +287,8 @@ class TransNormer(Mixer):
   chunk, 64). Both kinds hold the same projections (query/key/value/out) under `attention`.
   """
 
+  LAYER_INDEXED = True  # early layers are DiagAttention, later ones NormAttention
+
   # As the kernelised attention of its other layers: both kinds run under one strategy ("scan"
   # leaves the diagonal blocks to the compiler, local when devices hold whole blocks).
   SEQUENCE_CAPABILITIES = frozenset({SUMMARY, HEADS})

@@ -251,6 +251,8 @@ class Reformer(Mixer):
   Rotary positions rotate the shared QK before hashing. No incremental decoding.
   """
 
+  LAYER_INDEXED = True  # the hash rotations are drawn per layer
+
   # Sorting and chunking need each head's whole row; only compiler-propagated sharding.
   SEQUENCE_CAPABILITIES = frozenset()  # no explicit strategy: the compiler's sharding only
 
