@@ -31,6 +31,16 @@ def get_config(arg=None):
   # refused; true continues anyway and records the change in metrics.jsonl.
   c.allow_config_change = False
   c.progress_bar = True  # one-line progress bar on stderr (step, loss, tokens/s, ETA)
+  # Experiment tracking besides metrics.jsonl and TensorBoard (trainer/metrics.py).
+  c.logging = ml_collections.ConfigDict()
+  c.logging.wandb = False  # also log to Weights & Biases (pip install 'seqmix[tracking]'; WANDB_MODE=offline works offline)
+  c.logging.wandb_project = "seqmix"  # the W&B project
+  c.logging.wandb_entity = ""  # the W&B entity (team or user); "" = your default
+  c.logging.wandb_name = ""  # the W&B run name; "" = the workdir's name (a resumed run keeps its W&B run)
+  # Causal LMs: at each evaluation, greedy continuations of the openings of the first N validation
+  # examples, into metrics.jsonl ("samples"), TensorBoard's text tab and W&B (one process only; 0 = off).
+  c.logging.samples = 0
+  c.logging.sample_tokens = 64  # new tokens per continuation (at most what the trained length allows)
   # jax.profiler traces of chosen train steps, into DIR/profile (TensorBoard's profile plugin, Perfetto).
   c.profile = ml_collections.ConfigDict()
   c.profile.steps = ""  # "A:B": trace train steps A+1..B (the steps after A, up to and including B); "" = off
@@ -247,8 +257,9 @@ def get_config(arg=None):
   # block's input; the block is recomputed), "dots" (every matrix product's output), "dots_no_batch"
   # (only the weight products' outputs) or "offload" (those, in pinned host memory). --dry_run shows the effect.
   c.model.remat = "none"
-  # Run each stretch of consecutive identical blocks as one lax.scan over their stacked parameters, so
-  # compile time does not grow with depth (layers/models.py); parameters and checkpoints are unchanged.
+  # Run each stretch of consecutive identical blocks as one lax.scan over their stacked parameters: the
+  # model's program holds one block whatever the depth, and on CPU remat needs it to lower memory
+  # (layers/models.py); parameters and checkpoints are unchanged.
   c.model.scan_blocks = False
 
   c.optimizer = ml_collections.ConfigDict()

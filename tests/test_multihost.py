@@ -228,6 +228,50 @@ def _kill_one(tmp_path, victim: int) -> None:
       log.close()
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+  """SIGTERM to process 1 only: JAX's preemption sync point (trainer/train.py `_Preemption`,
+  no per-step collective) tells process 0 through the coordination service; both finish the
+  same step, save it together (one complete checkpoint) and exit 0."""
+  workdir = str(tmp_path / "run")
+  os.makedirs(os.path.join(workdir, "logs"))
+  port = _free_port()
+  procs, logs = [], []
+  try:
+    for i in range(2):
+      log = open(os.path.join(workdir, "logs", f"process_{i}.log"), "w")
+      logs.append(log)
+      procs.append(subprocess.Popen(
+          [PYTHON, "-m", "trainer.train", f"--workdir={workdir}", *COMMON, *LONG_RUN,
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+           f"--heartbeat_timeout={HEARTBEAT}"],
+          cwd=ROOT, env=_env(2), stdout=log, stderr=subprocess.STDOUT))
+    _wait_for_step(workdir, 3, procs, RUN_TIMEOUT)
+    procs[1].send_signal(signal.SIGTERM)
+    t0 = time.time()
+    rcs = []
+    for i, p in enumerate(procs):
+      try:
+        rcs.append(p.wait(timeout=DEAD_PEER_BOUND))
+      except subprocess.TimeoutExpired:
+        raise AssertionError(f"process {i} still running {DEAD_PEER_BOUND} s after SIGTERM" + _logs(workdir)) from None
+    print(f"both processes exited {rcs} {time.time() - t0:.1f} s after SIGTERM to process 1")
+    assert rcs == [0, 0], _logs(workdir)
+    with open(os.path.join(workdir, "logs", "process_0.log"), errors="replace") as f:
+      m = re.search(r"stopped by SIGTERM after step (\d+); checkpoint saved", f.read())
+    assert m, _logs(workdir)
+    stopped = int(m.group(1))
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stopped)]
+    assert max(_train_losses(workdir)) == stopped
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait(timeout=30)
+    for log in logs:
+      log.close()
+
+
 def _find_process(workdir: str, process_id: int) -> int | None:
   """pid of `python -m trainer.train ... --process_id=N ... --workdir=DIR` (Linux /proc)."""
   for pid in os.listdir("/proc"):

@@ -239,14 +239,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if name not in mixers.MIXERS:
       where = "model.mixer" if not cfg.model.mixer_schedule else f"model.mixer_schedule[{i}]"
       raise UserError(f"{where}={name!r} is not a known mixer; valid mixers: {', '.join(sorted(mixers.MIXERS))}")
-  for key in ("total_steps", "batch_size", "task.seq_len", "task.packing_window", "model.num_layers", "model.d_model",
+  for key in ("total_steps", "batch_size", "logging.sample_tokens", "task.seq_len", "task.packing_window", "model.num_layers", "model.d_model",
               "model.num_heads", "model.mlp_ratio", "eval_examples", "optimizer.learning_rate", "optimizer.eps",
               "optimizer.grad_accum_steps"):
     _positive(key, _get(cfg, key))
   for key in ("seed", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "max_skipped",
               "data.threads", "data.prefetch", "data.workers", "model.num_kv_heads", "optimizer.warmup_steps",
               "optimizer.grad_clip", "optimizer.weight_decay", "optimizer.end_lr_ratio", "model.prepbn.total_steps",
-              "model.prepbn.warmup_steps"):
+              "model.prepbn.warmup_steps", "logging.samples"):
     _positive(key, _get(cfg, key), allow_zero=True)
   if cfg.batch_size % cfg.optimizer.grad_accum_steps:
     raise UserError(f"batch_size={cfg.batch_size} is not divisible by optimizer.grad_accum_steps="
@@ -288,6 +288,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise UserError("at most one of mesh.data/fsdp/tensor/sequence may be -1")
   _check_rules(cfg.mesh.rules)
   profile_steps(cfg)
+  if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+    raise UserError("logging.wandb=true needs the wandb package, which is not installed; install it with "
+                    "pip install 'seqmix[tracking]', or leave logging.wandb=false")
 
 
 def profile_steps(cfg: ml_collections.ConfigDict) -> tuple[int, int] | None:

@@ -94,37 +94,88 @@ def make_sampler(model, prompt_len: int, max_new_tokens: int, *, temperature: fl
 
   graphdef, cache, rest = nnx.split(model, nnx.Cache, ...)
 
-  def run(rest, cache, tokens_bt, positions_bt):
+  def run(rest, cache, tokens_bt, positions_bt, at_step):
     m = nnx.merge(graphdef, cache, rest)
     ones = jnp.ones(tokens_bt.shape, jnp.int32)
-    logits = m({"inputs": tokens_bt, "segment_ids": ones, "positions": positions_bt}, decode=True, step=step)
+    logits = m({"inputs": tokens_bt, "segment_ids": ones, "positions": positions_bt}, decode=True, step=at_step)
     return logits[:, -1], nnx.state(m, nnx.Cache)
 
   @jax.jit
-  def prefill(rest, cache, prompt_bp, rng):
+  def prefill(rest, cache, prompt_bp, rng, at_step):
     b = prompt_bp.shape[0]
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (b, prompt_len))
-    logits, cache = run(rest, cache, prompt_bp, positions)
+    logits, cache = run(rest, cache, prompt_bp, positions, at_step)
     return sample(logits, rng, temperature, top_k, banned), cache
 
   @jax.jit
-  def decode(rest, cache, first_b, rng):
+  def decode(rest, cache, first_b, rng, at_step):
     # Step i feeds token i (at position prompt_len + i) and samples token i + 1.
-    def step(carry, i):
+    def one(carry, i):
       cache, token_b = carry
       positions = jnp.full((token_b.shape[0], 1), prompt_len + i, jnp.int32)
-      logits, cache = run(rest, cache, token_b[:, None], positions)
+      logits, cache = run(rest, cache, token_b[:, None], positions, at_step)
       nxt = sample(logits, jax.random.fold_in(rng, i + 1), temperature, top_k, banned)
       return (cache, nxt), nxt
 
-    _, later_tb = jax.lax.scan(step, (cache, first_b), jnp.arange(max_new_tokens - 1, dtype=jnp.int32))
+    _, later_tb = jax.lax.scan(one, (cache, first_b), jnp.arange(max_new_tokens - 1, dtype=jnp.int32))
     return jnp.concatenate([first_b[:, None], later_tb.T], axis=1)
 
-  def generate(prompt_bp, rng):
-    first, filled = prefill(rest, cache, jnp.asarray(prompt_bp, jnp.int32), jax.random.fold_in(rng, 0))
-    return decode(rest, filled, first, rng)
+  def generate(prompt_bp, rng, params=None, at_step=None):
+    """`params`, `at_step`: the non-cache state (`nnx.split(model, nnx.Cache, ...)[2]`) of
+    another model of the same structure and the step to run it at, e.g. the same model later
+    in training; the compiled prefill and decode are reused."""
+    params = rest if params is None else params
+    at_step = jnp.asarray((step or 0) if at_step is None else at_step, jnp.int32)
+    first, filled = prefill(params, cache, jnp.asarray(prompt_bp, jnp.int32), jax.random.fold_in(rng, 0), at_step)
+    return decode(params, filled, first, rng, at_step)
 
   return generate
+
+
+class EvalSamples:
+  """Greedy continuations of the first `n` validation examples' openings, made at each
+  evaluation of a causal LM (`logging.samples`): what the model writes, beside its loss.
+
+  Prompts: the first P tokens of validation examples 0..n-1, P = min(32, seq_len / 2, the
+  shortest of their lengths); continuations: up to `new_tokens` tokens, within the trained
+  length. The prefill and decode programs are compiled once and reused at every evaluation.
+  One process only (the prompts are host arrays); `reason` says why samples are off.
+  """
+
+  def __init__(self, exp, n: int, new_tokens: int):
+    from flax import nnx
+
+    self.exp, self.fn, self.reason = exp, None, ""
+    spec = exp.task.spec
+    if jax.process_count() > 1:
+      self.reason = "logging.samples: not made in a multi-process run (the prompts are host arrays)"
+      return
+    examples = [exp.task.example("validation", i) for i in range(n)]
+    shortest = min(int((ex["segment_ids"] > 0).sum()) for ex in examples)
+    p = min(32, spec.seq_len // 2, shortest)
+    if p < 1:
+      self.reason = "logging.samples: a validation example is empty"
+      return
+    self.prompts = np.stack([ex["inputs"][:p] for ex in examples]).astype(np.int32)
+    self.new = min(new_tokens, spec.seq_len - p + 1)
+    model = exp.fm.module(exp.fm.init_params(), exp.fm.init_extra())
+    try:
+      model.encoder.init_cache(n, spec.seq_len)
+    except NotImplementedError as e:
+      self.reason = f"logging.samples: {e}"
+      return
+    self._split = lambda m: nnx.split(m, nnx.Cache, ...)[2]
+    self.fn = make_sampler(model, p, self.new, temperature=0.0, top_k=0, banned=banned_ids(exp.cfg.task.name))
+
+  def __call__(self, state) -> list[dict]:
+    """[{"prompt": text, "continuation": text}, ...] of the model in `state`."""
+    model = self.exp.fm.module(state["params"], state["extra"])
+    model.encoder.init_cache(len(self.prompts), self.exp.task.spec.seq_len)
+    tokens = np.asarray(jax.device_get(self.fn(self.prompts, jax.random.key(0), params=self._split(model),
+                                               at_step=state["step"])))
+    name = self.exp.cfg.task.name
+    return [{"prompt": decode_tokens(name, p), "continuation": decode_tokens(name, t)}
+            for p, t in zip(self.prompts, tokens)]
 
 
 # -- entry point -----------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """metrics.jsonl (one JSON object per event, always with `step`), TensorBoard events
-when tensorboardX is installed, and the one-line progress bar. Only process 0 writes."""
+when tensorboardX is installed, Weights & Biases when asked (`logging.wandb`), and the
+one-line progress bar. Only process 0 writes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import errno
 import json
 import math
 import os
+import secrets
 import sys
 import time
 
@@ -21,10 +23,11 @@ class MetricsWriter:
   appears once in metrics.jsonl and every line of it is valid JSON.
   """
 
-  def __init__(self, workdir: str, enabled: bool, resume_step: int | None = None):
+  def __init__(self, workdir: str, enabled: bool, resume_step: int | None = None, tracking=None):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
+    self.wandb = None
     if enabled:
       if resume_step is not None and os.path.exists(self.path):
         self._truncate_after(resume_step)
@@ -33,6 +36,8 @@ class MetricsWriter:
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except (ImportError, OSError):
         self.tb = None
+      if tracking is not None and tracking.logging.wandb:
+        self.wandb = open_wandb_run(tracking, workdir)
 
   def _truncate_after(self, step: int) -> None:
     with open(self.path, "rb") as f:
@@ -90,6 +95,41 @@ class MetricsWriter:
         self.tb.flush()
       except OSError:  # the event files are a convenience; metrics.jsonl is the record
         self._abandon_tb()
+    if self.wandb is not None:
+      numbers = {k: v for k, v in clean.items() if isinstance(v, float) and math.isfinite(v)}
+      if numbers:  # plotted against our step (see open_wandb_run), so nothing is dropped on resume
+        self.wandb.log({"step": int(step), **numbers})
+
+  def samples(self, step: int, samples: list[dict]) -> None:
+    """Sampled continuations (trainer.generate.EvalSamples): one metrics.jsonl row, TensorBoard
+    text, a W&B table."""
+    if not self.enabled:
+      return
+    self.write(step, {"samples": samples})
+    if self.tb is not None:
+      try:
+        for i, s in enumerate(samples):
+          self.tb.add_text(f"samples/{i}", f"**{s['prompt']!r}** {s['continuation']!r}", int(step))
+        self.tb.flush()
+      except OSError:
+        self._abandon_tb()
+    if self.wandb is not None:
+      import wandb  # noqa: PLC0415
+      table = wandb.Table(columns=["prompt", "continuation"], data=[[s["prompt"], s["continuation"]] for s in samples])
+      self.wandb.log({"step": int(step), "samples": table})
+
+  def hparams(self, cfg, metrics: dict, step: int) -> None:
+    """The run's settings beside its final held-out metrics, for TensorBoard's HParams tab
+    (one session per invocation, under tensorboard/hparams)."""
+    if self.tb is None:
+      return
+    values = {k: v for k, v in flat_config(cfg).items() if isinstance(v, (bool, int, float, str))}
+    scores = {f"hparams/{k}": float(v) for k, v in metrics.items()
+              if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    try:
+      self.tb.add_hparams(values, scores, name="hparams", global_step=int(step))
+    except OSError:
+      self._abandon_tb()
 
   def close(self) -> None:
     if self.tb is not None:
@@ -98,6 +138,9 @@ class MetricsWriter:
       except OSError:
         self._abandon_tb()
       self.tb = None
+    if self.wandb is not None:
+      run, self.wandb = self.wandb, None
+      run.finish()
 
   def _abandon_tb(self) -> None:
     """Gives up on the TensorBoard event files after the disk refused them: marks the writers
@@ -107,6 +150,45 @@ class MetricsWriter:
       ew = getattr(fw, "event_writer", None)
       if ew is not None:
         ew._closed = True  # noqa: SLF001 - tensorboardX offers no way to drop pending events
+
+
+WANDB_RUN_FILE = "wandb_run.json"
+
+
+def flat_config(cfg) -> dict:
+  """{"model.d_model": 128, ...}: every leaf of a (nested) config."""
+  out = {}
+  for k, v in cfg.items():
+    if hasattr(v, "items"):
+      out.update({f"{k}.{kk}": vv for kk, vv in flat_config(v).items()})
+    else:
+      out[k] = v
+  return out
+
+
+def open_wandb_run(cfg, workdir: str):
+  """A Weights & Biases run for this workdir: the id is made on the first start and kept in
+  DIR/wandb_run.json, so every resumed invocation continues the same run. Its config is the
+  flat config; its files go under DIR/wandb (`WANDB_MODE=offline` works without network,
+  `wandb sync DIR/wandb/offline-run-*` uploads later). Every row is logged with our `step` as
+  the x axis, not W&B's own counter: after a resume, the steps trained again since the last
+  checkpoint are logged again (W&B would drop rows at a step below its counter)."""
+  import wandb  # noqa: PLC0415 - optional (pip install 'seqmix[tracking]'); config.validate checks it
+
+  from trainer.workdir import write_json  # noqa: PLC0415
+  path = os.path.join(workdir, WANDB_RUN_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      run_id = json.load(f)["id"]
+  else:
+    run_id = secrets.token_hex(4)  # W&B ids: short, lowercase letters and digits
+    write_json(path, {"id": run_id})
+  run = wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity or None,
+                   name=cfg.logging.wandb_name or os.path.basename(os.path.abspath(workdir)), id=run_id,
+                   resume="allow", dir=workdir, config=flat_config(cfg))
+  run.define_metric("step")
+  run.define_metric("*", step_metric="step")
+  return run
 
 
 def format_duration(seconds: float) -> str:

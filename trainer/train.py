@@ -54,29 +54,102 @@ def parse_args(argv):
 
 
 class _Preemption:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+  """Turns SIGTERM/SIGINT into a stop after a step, at the same step on every process.
 
-  def __init__(self):
-    self.signal = None
+  One process: handlers for both signals set a flag that `requested` reads after each step.
+
+  Several processes: JAX's preemption sync point, with no per-step communication.
+  `jax.distributed.initialize()` starts a preemption sync manager whose notifier installs a
+  native SIGTERM handler (it only sets a flag, which a thread polls every second). A SIGTERM
+  on any process is published through the coordination service; every process's manager then
+  holds its lock (so its step cannot move), stores the last step given to
+  `reached_preemption_sync_point`, waits at a barrier and takes the largest step + 1, which
+  `reached_preemption_sync_point(step)` (a lock and a comparison) answers True for on every
+  process. Hence:
+  - SIGTERM is left to JAX's handler (a Python handler would replace it, and the manager would
+    never hear of the signal);
+  - SIGINT gets ours, which raises SIGTERM in this process for JAX's handler (so Ctrl-C
+    stops every process, like SIGTERM); a second SIGINT raises KeyboardInterrupt at once;
+  - the counter is the training step: Orbax's CheckpointManager passes the step too (it calls
+    `reached_preemption_sync_point` in `save` and when a save is finalized), so one counter
+    holds one kind of value;
+  - a notice before the loop (during restore or compilation) is agreed on the manager's
+    initial counter, 0, a step a resumed run never reaches; so `__enter__` registers the
+    first step, then looks the notice up once in the coordination service and all-gathers
+    the answer once: if any process saw it, every process stops after the first step.
+  Known gap: Orbax's finalize thread (process 0 only) passes the step it finalized, older than
+  the current one. A notice within the one step after that call, while the other processes
+  lag process 0 by a step, gives a sync step process 0 has already passed: the others stop
+  and process 0 trains on, and the job fails after Orbax's barrier timeout (no checkpoint at
+  the notice; the last regular one is intact).
+
+  Fallback, several processes and no usable sync manager (`jax_enable_preemption_service`
+  off, a jax without it, or a Python SIGTERM handler installed over JAX's): handlers for both
+  signals, and an all-gather of the flags every `FALLBACK_EVERY` steps (the steps divisible by
+  it, the same on every process), so a stop comes up to that many steps late.
+  """
+
+  FALLBACK_EVERY = 10
+  _NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"  # where JAX's manager publishes a notice
+
+  def __init__(self, step: int = 0):
+    self.signal = None  # the signal this process's handler saw
+    self.mode = "local"  # "local" (one process), "sync" (JAX's sync point) or "allgather"
+    self._start = step
+    self._stop_first = False
     self._old = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    if jax.process_count() > 1:
+      self.mode = "sync" if self._sync_point_usable() else "allgather"
+    for sig in (signal.SIGINT,) if self.mode == "sync" else (signal.SIGTERM, signal.SIGINT):
       self._old[sig] = signal.signal(sig, self._handle)
+    if self.mode == "sync":
+      self._stop_first = self._notice_before_start()
     return self
+
+  def _sync_point_usable(self) -> bool:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    try:
+      multihost_utils.reached_preemption_sync_point(self._start)  # registers the first step
+    except (AttributeError, RuntimeError):  # no such function, or no manager
+      return False
+    # Python never installed a SIGTERM handler, so the native one (JAX's) is in place.
+    return not callable(signal.getsignal(signal.SIGTERM))
+
+  def _notice_before_start(self) -> bool:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    state = getattr(sys.modules.get("jax._src.distributed"), "global_state", None)
+    try:
+      seen = bool(state.client.key_value_try_get(self._NOTICE_KEY))
+    except Exception:  # noqa: BLE001 -- not found (the usual case), or no such client method
+      seen = False
+    return bool(np.any(multihost_utils.process_allgather(np.array(seen))))
 
   def _handle(self, signum, frame):
     del frame
     if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
       raise KeyboardInterrupt
     self.signal = signal.Signals(signum).name
+    if self.mode == "sync":  # JAX's notifier listens for SIGTERM only
+      signal.raise_signal(signal.SIGTERM)
 
-  def requested(self) -> bool:
-    flag = self.signal is not None
-    if jax.process_count() > 1:  # every process must stop at the same step
-      from jax.experimental import multihost_utils
-      flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
-    return flag
+  def requested(self, step: int) -> bool:
+    """After train step `step`: whether to save and stop now (the same answer on every process)."""
+    if self.mode == "local":
+      return self.signal is not None
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    if self.mode == "sync":
+      return bool(multihost_utils.reached_preemption_sync_point(step)) or self._stop_first
+    if step % self.FALLBACK_EVERY:
+      return False
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.signal is not None))))
+
+  @property
+  def reason(self) -> str:
+    if self.signal is not None:
+      return self.signal
+    return "SIGTERM" if self.mode == "sync" else "a signal on another process"
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
@@ -101,7 +174,8 @@ def run(args, overrides) -> int:
     stats = exp.compile_stats()
     if jax.process_index() == 0:
       write_json(os.path.join(args.workdir, "compile.json"), stats)
-      print(f"compiled train step on {stats['num_devices']} device(s), {exp.num_params:,} params; per device: "
+      print(f"compiled train step on {stats['num_devices']} device(s), {exp.num_params:,} params, "
+            f"model.remat={cfg.model.remat}, model.scan_blocks={str(cfg.model.scan_blocks).lower()}; per device: "
             f"arguments {_mib(stats['argument_bytes'])}, outputs {_mib(stats['output_bytes'])}, "
             f"temporaries {_mib(stats['temp_bytes'])}, total {_mib(stats['total_bytes'])}; "
             f"{stats['flops_per_step']:.3e} FLOPs per step -> {os.path.join(args.workdir, 'compile.json')}")
@@ -211,7 +285,7 @@ def _train(exp, args, overrides, cfg) -> int:
   state, meta = exp.restore_or_init()
   start = int(jax.device_get(state["step"]))
   resumed = meta is not None
-  writer = MetricsWriter(args.workdir, main, resume_step=start)
+  writer = MetricsWriter(args.workdir, main, resume_step=start, tracking=cfg)
   try:
     if main:
       cfg_path = os.path.join(args.workdir, "config.json")
@@ -251,6 +325,13 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
   compile_seconds = time.time() - t_compile
   writer.write(start, {f"compile/{k}": v for k, v in stats.items()} | {"compile/seconds": compile_seconds})
   peak = _peak_flops(jax.devices()[0])
+  sampler = None
+  if cfg.logging.samples and exp.task.spec.kind == "lm":
+    from trainer.generate import EvalSamples  # noqa: PLC0415
+    sampler = EvalSamples(exp, cfg.logging.samples, cfg.logging.sample_tokens)
+    if sampler.fn is None:
+      _print(sampler.reason + "; training goes on without them")
+      sampler = None
 
   bar = ProgressBar(cfg.total_steps, start, main and cfg.progress_bar)
   last_eval: dict | None = None
@@ -327,7 +408,7 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
     window.update(t=time.time(), steps=0, tokens=0.0, other=0.0, wait=stream.wait_seconds)
 
   try:
-    with _Preemption() as preempt:
+    with _Preemption(step) as preempt:
       while step < cfg.total_steps:
         profiler.before(step)
         batch = next(stream)
@@ -349,11 +430,13 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
           result = timed("eval", exp.evaluate, state, cfg.eval_split)
           last_eval = result
           writer.write(step, {f"eval/{k.split('/', 1)[1]}": v for k, v in result.items()})
+          if sampler is not None:
+            writer.samples(step, timed("eval", sampler, state))
           save(exp.checkpointer.save_best, exp.meta(step, result), result[f"{cfg.eval_split}/accuracy"])
         if step == cfg.total_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
           save(exp.checkpointer.save, exp.meta(step, last_eval))
-        if preempt.requested():
-          stopped_by = preempt.signal or "a signal on another process"
+        if preempt.requested(step):
+          stopped_by = preempt.reason
           if not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             save(exp.checkpointer.save, exp.meta(step, last_eval))
           break
@@ -380,6 +463,8 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
     writer.close()
     return 0
   _summary(exp, args, overrides, cfg, last_eval, step, wall, timing)
+  if last_eval:
+    writer.hparams(cfg, last_eval, step)
   writer.close()
   return 0
 
