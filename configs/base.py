@@ -118,7 +118,7 @@ def get_config(arg=None):
   c.model.num_heads = 4  # query heads (N); head dim H = d_model / num_heads
   c.model.num_kv_heads = 0  # key/value heads (K) for grouped-query attention; 0 = num_heads
   c.model.mlp_ratio = 4  # MLP hidden F = mlp_ratio * d_model
-  c.model.mlp = "gelu"  # "gelu" (two matrices) or "swiglu" (three, gated)
+  c.model.mlp = "gelu"  # "gelu" (two matrices), "swiglu" (three, gated) or "none" (no MLP: the reference Mamba block)
   c.model.norm = "rmsnorm"  # pre-norm type: "rmsnorm", "layernorm" or "prepbn" (SLAB: LayerNorm -> BatchNorm)
   c.model.prepbn = ml_collections.ConfigDict()  # norm="prepbn": gamma LN(x) + (1 - gamma) RepBN(x) in training
   c.model.prepbn.total_steps = 0  # steps over which gamma falls from r0 to 0 after warm-up (0: total_steps)

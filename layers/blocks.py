@@ -1,4 +1,7 @@
-"""The MetaFormer block: pre-norm -> token mixer -> residual -> pre-norm -> MLP -> residual."""
+"""The MetaFormer block: pre-norm -> token mixer -> residual -> pre-norm -> MLP -> residual.
+
+`mlp="none"` drops the second half: pre-norm -> mixer -> residual, the block of the
+reference Mamba model (its `Block` around `Mamba`, stacked with no MLP in between)."""
 
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ class Block(nnx.Module):
                  else (lambda: Norm(d, norm, rngs=rngs)))
     self.norm_mixer = make_norm()
     self.mixer = make_mixer(mixer, spec, rngs=rngs)
-    self.norm_mlp = make_norm()
-    self.mlp = MLP(d, mlp_ratio * d, mlp, rngs=rngs, num_layers=spec.num_layers)
+    self.norm_mlp = make_norm() if mlp != "none" else None
+    self.mlp = MLP(d, mlp_ratio * d, mlp, rngs=rngs, num_layers=spec.num_layers) if mlp != "none" else None
 
   def __call__(self, x_btd: jax.Array, ctx: MixContext) -> jax.Array:
     r_mix = r_mlp = None
@@ -33,7 +36,8 @@ class Block(nnx.Module):
     if ctx.prepare:
       self.mixer.prepare(h_btd, ctx)
     x_btd = x_btd + dropout(self.mixer(h_btd, ctx), self.dropout_rate, r_mix)
-    x_btd = x_btd + dropout(self.mlp(self._norm(self.norm_mlp, x_btd, ctx)), self.dropout_rate, r_mlp)
+    if self.mlp is not None:
+      x_btd = x_btd + dropout(self.mlp(self._norm(self.norm_mlp, x_btd, ctx)), self.dropout_rate, r_mlp)
     return axes.constrain(x_btd, axes.ACT_BTD)
 
   @staticmethod

@@ -127,3 +127,26 @@ def test_scored_positions_give_the_dense_loss_and_gradients():
     np.testing.assert_allclose(float(acc), float(acc_want), err_msg=name)
     for k in g_want:
       np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_want[k]), atol=1e-6, rtol=1e-4, err_msg=f"{name} {k}")
+
+
+def test_block_without_mlp_is_the_reference_mamba_block():
+  """`mlp="none"`: each block is x + mixer(rmsnorm(x)) (the reference Mamba model's block), no
+  MLP parameters exist, and the LM's logits equal that recurrence written out by hand."""
+  from layers.mixers import MixContext
+
+  model = build_model(_spec("lm", mixers=("mamba", "mamba"), mlp="none", norm="rmsnorm"), seed=0)
+  names = sorted(FunctionalModel(model).init_params())
+  assert not [n for n in names if "mlp" in n], names
+  x_ids, seg, pos = _row([3, 7, 1, 9, 4, 2], 8)
+  got = np.asarray(model({"inputs": x_ids, "segment_ids": seg, "positions": pos}))
+
+  def rms(norm, h):
+    return h / np.sqrt(np.mean(np.square(h), axis=-1, keepdims=True) + 1e-6) * np.asarray(norm.scale[...])
+
+  h = np.asarray(model.encoder.embed(x_ids, jnp.float32))
+  for block in model.encoder.blocks:
+    h = h + np.asarray(block.mixer(jnp.asarray(rms(block.norm_mixer, h)), MixContext(segment_ids=seg, positions=pos)))
+  h = rms(model.encoder.final_norm, h)
+  table = np.asarray(model.encoder.embed.embedding[...])
+  want = h @ table.T / np.sqrt(table.shape[1])  # tied head: logits scaled by 1/sqrt(D)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)

@@ -258,7 +258,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice("optimizer.schedule", cfg.optimizer.schedule, ("cosine", "rsqrt", "constant"))
   _choice("model.positions", cfg.model.positions, ("rope", "learned", "none"))
   _choice("model.norm", cfg.model.norm, ("rmsnorm", "layernorm", "prepbn"))
-  _choice("model.mlp", cfg.model.mlp, ("gelu", "swiglu"))
+  _choice("model.mlp", cfg.model.mlp, ("gelu", "swiglu", "none"))
   _choice("model.pooling", cfg.model.pooling, ("mean", "cls"))
   _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
   _choice("on_nonfinite", cfg.on_nonfinite, ("stop", "skip"))
