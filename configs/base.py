@@ -234,6 +234,9 @@ def get_config(arg=None):
   c.model.mamba.chunk = 64  # tokens per chunk for scan="chunked" (inside a chunk: a token loop on CPU, else associative)
   c.model.mamba.dt_min = 0.001  # initial delta is log-uniform in [dt_min, dt_max]
   c.model.mamba.dt_max = 0.1  # (see dt_min)
+  # Projection init: "default" (N(0, 1/fan_in)), "reference" (the reference Mamba model's: PyTorch's
+  # uniform Linear init, W_out / sqrt(branches * layers)) or "zoology" (N(0, 0.02), zero biases).
+  c.model.mamba.init = "default"
   c.model.lmu = ml_collections.ConfigDict()
   c.model.lmu.memory_size = 0  # q: Legendre order; 0 = d_model (LMUFormer)
   c.model.lmu.theta = 128.0  # memory window in tokens (LMUFormer: 128)

@@ -34,6 +34,9 @@ class MixerSpec:
   # The mixer's registry name (config `model.mixer` / a `mixer_schedule` entry): per-mixer
   # choices such as `parallel.sequence_overrides` key on it. "" when built outside a model.
   name: str = ""
+  # Residual branches per block (2: mixer and MLP; 1: `model.mlp=none`), for initialisations
+  # that scale a branch's output projection by 1 / sqrt(branches * num_layers).
+  residual_branches: int = 2
 
   @property
   def alternation_index(self) -> int:

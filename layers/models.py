@@ -66,7 +66,8 @@ class Encoder(nnx.Module):
                               kind_index=spec.mixers[:i].count(name),
                               num_layers=len(spec.mixers), max_len=spec.max_len,
                               attention_impl=spec.attention_impl,
-                              options=dict(spec.mixer_options).get(name, ()), name=name),
+                              options=dict(spec.mixer_options).get(name, ()), name=name,
+                              residual_branches=1 if spec.mlp == "none" else 2),
               norm=spec.norm, mlp=spec.mlp, mlp_ratio=spec.mlp_ratio, dropout_rate=spec.dropout, rngs=rngs,
               norm_options=spec.norm_options)
         for i, name in enumerate(spec.mixers)

@@ -251,6 +251,69 @@ def test_initialisation_follows_the_paper():
   assert mixer.dt_rank == 1 and mixer.d_inner == 32  # ceil(16 / 16), expand 2
 
 
+def _init_spec(init, branches=1, causal=True):
+  return MixerSpec(d_model=256, num_heads=4, num_kv_heads=4, causal=causal, positions="none", layer_index=0,
+                   num_layers=4, max_len=64, options=(("init", init),), residual_branches=branches)
+
+
+@pytest.mark.parametrize("branches", [1, 2])
+def test_reference_init_is_pytorchs_uniform_with_the_residual_rescaling(branches):
+  """`model.mamba.init=reference`: W_in and W_x ~ U(+-1/sqrt(fan_in)) (std 1/sqrt(3 fan_in)),
+  W_out the same / sqrt(branches * layers); W_dt, b_dt, the conv, A and D as by default."""
+  m = Mamba(_init_spec("reference", branches, causal=False), rngs=nnx.Rngs(0))
+  default = Mamba(_init_spec("default", branches, causal=False), rngs=nnx.Rngs(0))
+  d, e = 256, m.d_inner
+  for w, fan_in, scale in [(m.in_proj.kernel, d, 1.0), (m.forward_ssm.x_dt.kernel, e, 1.0),
+                           (m.backward_ssm.x_b.kernel, e, 1.0), (m.forward_ssm.x_c.kernel, e, 1.0),
+                           (m.out_proj.kernel, e, 1.0 / math.sqrt(branches * 4))]:
+    w = np.asarray(w[...])
+    bound = scale / math.sqrt(fan_in)
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.99 * bound
+    assert np.std(w) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+  for branch, ref in ((m.forward_ssm, default.forward_ssm), (m.backward_ssm, default.backward_ssm)):
+    for name in ("dt_weight", "dt_bias", "conv_weight", "conv_bias", "a_log", "skip"):
+      np.testing.assert_array_equal(getattr(branch, name)[...], getattr(ref, name)[...], err_msg=name)
+
+
+def test_zoology_init_is_normal_002_with_zero_biases():
+  """`model.mamba.init=zoology`: every projection (W_dt included) ~ N(0, 0.02), W_out ~
+  N(0, 0.02 / sqrt(2 layers)), b_dt = 0 (delta starts at softplus(x W_dt) ~ softplus(0))."""
+  m = Mamba(_init_spec("zoology"), rngs=nnx.Rngs(0))
+  f = m.forward_ssm
+  for w in (m.in_proj.kernel, f.x_dt.kernel, f.x_b.kernel, f.x_c.kernel):
+    w = np.asarray(w[...])
+    assert abs(np.mean(w)) < 0.002 and np.std(w) == pytest.approx(0.02, rel=0.05)
+  assert np.std(np.asarray(f.dt_weight[...])) == pytest.approx(0.02, rel=0.2)  # [dt_rank 16, 512]
+  assert np.std(np.asarray(m.out_proj.kernel[...])) == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+  np.testing.assert_array_equal(f.dt_bias[...], 0.0)
+  np.testing.assert_allclose(-jnp.exp(f.a_log[...]), -np.tile(np.arange(1, 17), (m.d_inner, 1)), rtol=1e-6)
+
+
+def test_weight_decay_falls_where_the_reference_puts_it():
+  """The reference decays every parameter of two or more dimensions except A_log and D (its
+  `_no_weight_decay`), and no bias: here the projections, W_dt and the conv kernel."""
+  from layers.functional import FunctionalModel
+  from layers.models import ModelSpec, build_model
+  from trainer.optim import decay_mask
+
+  spec = ModelSpec(kind="lm", vocab_size=20, num_classes=20, max_len=16, mixers=("mamba",), d_model=16,
+                   num_heads=2, num_kv_heads=2, mlp_ratio=2, mlp="none", norm="rmsnorm", positions="none",
+                   dropout=0.0, pooling="mean", tie_embeddings=True, dtype="float32")
+  fm = FunctionalModel(build_model(spec, seed=0))
+  mask = decay_mask(fm.init_params(), fm.no_decay)
+  got = sorted(n.split("mixer/", 1)[1] for n, on in mask.items() if on and "/mixer/" in n)
+  assert got == ["forward_ssm/conv_weight", "forward_ssm/dt_weight", "forward_ssm/x_b/kernel",
+                 "forward_ssm/x_c/kernel", "forward_ssm/x_dt/kernel", "in_proj/kernel", "out_proj/kernel"]
+
+
+def test_a_bad_init_is_one_sentence(tmp_path, capsys):
+  from tests.helpers import train
+  assert train(str(tmp_path / "run"), "--config.model.mixer=mamba", "--config.model.mamba.init=pytorch") == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "model.mamba.init='pytorch'" in err[0] and "zoology" in err[0], err
+  assert not (tmp_path / "run").exists()
+
+
 def test_errors_are_plain():
   with pytest.raises(ValueError, match="scan='parallel'"):
     Mamba(_spec(True, scan="parallel"), rngs=nnx.Rngs(0))

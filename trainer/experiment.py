@@ -132,7 +132,10 @@ class Experiment:
     self.spec = model_spec(cfg, self.task.spec)
     # The abstract model gives structure, names and logical axes without allocating;
     # real parameters are created inside a jit, directly in their shardings.
-    self.fm = FunctionalModel(nnx.eval_shape(lambda: build_model(self.spec, cfg.seed)))
+    try:
+      self.fm = FunctionalModel(nnx.eval_shape(lambda: build_model(self.spec, cfg.seed)))
+    except ValueError as e:  # a mixer refusing its settings (`model.<mixer>.*`), in one sentence
+      raise UserError(str(e).split("\n")[0]) from None
     self.lr_schedule = optim.schedule(cfg.optimizer, cfg.total_steps)
     abstract_params = self.fm.init_params()
     self.tx = optim.make_optimizer(cfg.optimizer, cfg.total_steps, abstract_params, cfg.on_nonfinite == "skip",

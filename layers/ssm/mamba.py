@@ -196,6 +196,11 @@ def causal_conv(x_bte, segment_ids_bt, weight_ke, bias_e, context_bke=None, cont
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# `model.mamba.init`: "default" (every Dense N(0, 1/fan_in), W_out also / sqrt(2 * layers)),
+# "reference" (the reference Mamba model's) or "zoology" (Zoology's re-initialisation).
+INITS = ("default", "reference", "zoology")
+
+
 def _uniform(bound: float):
   return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
 
@@ -301,6 +306,34 @@ class Mamba(Mixer):
     self.backward_ssm = None if spec.causal else branch()
     self.out_proj = Dense((e,), (d,), in_axes=(axes.MLP,), out_axes=(axes.EMBED,), rngs=rngs,
                           init_scale=1.0 / math.sqrt(2 * spec.num_layers))
+    init = str(spec.option("init", "default"))
+    if init not in INITS:
+      raise ValueError(f"model.mamba.init={init!r} is not one of {', '.join(INITS)}")
+    if init != "default":
+      self._reinit(init, rngs)
+
+  def _reinit(self, init: str, rngs: nnx.Rngs) -> None:
+    """Re-draws the projections as the reference Mamba model or Zoology initialise them
+    (docs/papers.md#mamba): "reference": PyTorch's Linear default U(+-1/sqrt(fan_in)) for
+    W_in and W_x, the same divided by sqrt(residual branches per block * layers) for W_out
+    (the reference model's prenorm-residual rescaling), W_dt, b_dt and the conv as before;
+    "zoology": N(0, 0.02) for W_in, W_x and W_dt, N(0, 0.02 / sqrt(2 * layers)) for W_out,
+    b_dt = 0 (every Linear bias zeroed, so delta starts near softplus(0)), the conv as before."""
+    redraw = lambda p, fn: p.set_value(fn(rngs.params(), p.shape, p.dtype))
+    layers, branches = self.spec.num_layers, self.spec.residual_branches
+    ssm = [b for b in (self.forward_ssm, self.backward_ssm) if b is not None]
+    inner = [self.in_proj.kernel] + [dense.kernel for b in ssm for dense in (b.x_dt, b.x_b, b.x_c)]
+    if init == "reference":
+      for p in inner:  # every kernel here has one input axis first: fan_in = shape[0]
+        redraw(p, _uniform(1.0 / math.sqrt(p.shape[0])))
+      redraw(self.out_proj.kernel, _uniform(1.0 / math.sqrt(self.d_inner) / math.sqrt(branches * layers)))
+    else:  # zoology
+      normal = jax.nn.initializers.normal(0.02)
+      for p in inner + [b.dt_weight for b in ssm]:
+        redraw(p, normal)
+      for b in ssm:
+        redraw(b.dt_bias, jax.nn.initializers.zeros)
+      redraw(self.out_proj.kernel, jax.nn.initializers.normal(0.02 / math.sqrt(2 * layers)))
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
     if not self.spec.causal:
