@@ -262,7 +262,8 @@ def get_config(arg=None):
   c.model.remat = "none"
   # Run each stretch of consecutive identical blocks as one lax.scan over their stacked parameters: the
   # model's program holds one block whatever the depth, and on CPU remat needs it to lower memory
-  # (layers/models.py); parameters and checkpoints are unchanged.
+  # (layers/models.py); parameters and checkpoints are unchanged. Alone it raises temporaries: pair it
+  # with model.remat.
   c.model.scan_blocks = False
 
   c.optimizer = ml_collections.ConfigDict()

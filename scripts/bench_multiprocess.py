@@ -14,8 +14,8 @@ again) so that a change in the machine's load falls on both.
 
 times the two ways a multi-process run can decide, after a step, whether to stop for a
 signal (trainer/train.py `_Preemption`), without training: N processes with
-`jax.distributed` on CPU (gloo) each call `process_allgather` of a flag (the fallback, and
-what every step did before) and `reached_preemption_sync_point` (JAX's sync point) CHECKS
+`jax.distributed` on CPU (gloo) each call `process_allgather` of a flag (the trainer's
+fallback) and `reached_preemption_sync_point` (JAX's sync point) CHECKS
 times; process 0 prints the microseconds per call.
 """
 

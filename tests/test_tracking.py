@@ -136,3 +136,20 @@ def test_eval_samples_are_the_models_greedy_continuations(tmp_path):
       new.append(nxt)
     assert got["continuation"] == decode_tokens("text", new)
   exp.close()
+
+
+def test_a_wandb_run_that_cannot_start_is_one_sentence(monkeypatch, tmp_path, capsys):
+  """W&B refusing to start (no login, a bad entity, no network) stops the run with one error
+  line naming logging.wandb and what to do, exit code 2."""
+  from trainer import metrics as metrics_lib
+
+  def refuse(cfg, workdir):
+    raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+  monkeypatch.setattr(metrics_lib, "open_wandb_run", refuse)
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, real=importlib.util.find_spec:
+                      object() if name == "wandb" else real(name, *a))
+  assert train(str(tmp_path / "run"), "--config.logging.wandb=true") == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: logging.wandb=true") and "No API key" in err[0], err
+  assert "WANDB_MODE=offline" in err[0]

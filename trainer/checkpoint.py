@@ -61,10 +61,23 @@ def _manager(directory: str, keep: int, async_save: bool, best: bool = False, re
                   barrier_sync_key_prefix="best" if best else "latest"))
   if best:
     opts.update(best_fn=lambda m: m["score"], best_mode="max", keep_checkpoints_without_metrics=False)
-  return ocp.CheckpointManager(
+  return _Manager(
       directory,
       item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(**opts))
+
+
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, minus its own use of JAX's preemption sync point. The train loop alone
+  asks the sync point, once per step (trainer/train.py `_Preemption`), and saves at the step it
+  agrees on. Orbax would ask it too, in `save` with the step saved and from its background
+  finalize thread with the step just finalized, an older one; the sync manager keeps a single
+  "last step seen" per process, so a notice landing just after such a call could agree on a
+  step that process 0 has already passed, and the processes would stop at different steps."""
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
 
 
 class NonFiniteState(Exception):

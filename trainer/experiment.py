@@ -6,6 +6,7 @@ evaluate and generate, so all three see the same model and the same data.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -295,18 +296,23 @@ class Experiment:
     alias = int(getattr(mem, "alias_size_in_bytes", 0))
     flops = float((cost or {}).get("flops", 0.0))
     k = self.cfg.optimizer.grad_accum_steps
-    if k > 1 and flops:
+    if (k > 1 or self.spec.scan_blocks) and flops:
       # XLA's cost analysis counts a loop's body once, so the accumulated step reports ~1/k of its
-      # FLOPs. Scale by the ratio of the whole-batch step's to this step's, both estimated from
-      # their (global, unpartitioned) lowered programs, which lowering gives without compiling.
-      def lowered_flops(accum):
-        fn = steps.make_train_step(self.fm, self.tx, self.lr_schedule, accum)
+      # FLOPs and scanned blocks count one layer per stretch. Scale by the ratio of the
+      # whole-batch, unrolled step's to this step's, both estimated from their (global,
+      # unpartitioned) lowered programs, which lowering gives without compiling.
+      def lowered_flops(fm, accum):
+        fn = steps.make_train_step(fm, self.tx, self.lr_schedule, accum)
         with self.tracing():
           c = self._lower(jax.jit(fn, in_shardings=(self.state_shardings, self.batch_shardings))).cost_analysis()
         c = (c[0] if c else {}) if isinstance(c, (list, tuple)) else c
         return float((c or {}).get("flops", 0.0))
 
-      whole, looped = lowered_flops(1), lowered_flops(k)
+      unrolled = self.fm
+      if self.spec.scan_blocks:  # the same parameters, blocks unrolled
+        spec = dataclasses.replace(self.spec, scan_blocks=False)
+        unrolled = FunctionalModel(nnx.eval_shape(lambda: build_model(spec, self.cfg.seed)))
+      whole, looped = lowered_flops(unrolled, 1), lowered_flops(self.fm, k)
       if whole and looped:
         flops *= whole / looped
     return {"argument_bytes": arg, "output_bytes": out, "temp_bytes": tmp, "alias_bytes": alias,

@@ -139,7 +139,7 @@ class EvalSamples:
   Prompts: the first P tokens of validation examples 0..n-1, P = min(32, seq_len / 2, the
   shortest of their lengths); continuations: up to `new_tokens` tokens, within the trained
   length. The prefill and decode programs are compiled once and reused at every evaluation.
-  One process only (the prompts are host arrays); `reason` says why samples are off.
+  One process only (sampling across processes is not built); `reason` says why samples are off.
   """
 
   def __init__(self, exp, n: int, new_tokens: int):
@@ -148,8 +148,10 @@ class EvalSamples:
     self.exp, self.fn, self.reason = exp, None, ""
     spec = exp.task.spec
     if jax.process_count() > 1:
-      self.reason = "logging.samples: not made in a multi-process run (the prompts are host arrays)"
+      self.reason = "logging.samples: not made in a multi-process run (not built: sampling there)"
       return
+    available = exp.task.num_examples("validation")
+    n = n if available is None else min(n, available)  # a finite split: its examples, no fillers
     examples = [exp.task.example("validation", i) for i in range(n)]
     shortest = min(int((ex["segment_ids"] > 0).sum()) for ex in examples)
     p = min(32, spec.seq_len // 2, shortest)

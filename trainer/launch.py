@@ -12,8 +12,9 @@ When `jax.distributed.initialize()` runs, in this order (the first that applies 
    (JobSet / indexed Job with `TPU_WORKER_HOSTNAMES`), GCE TPU VMs (the metadata server),
    Kubernetes (an indexed Job, through the Kubernetes API). `initialize` finds the
    environment and its process count itself, then names it to JAX
-   (`cluster_detection_method`), so both use the same one; a one-process cluster (SLURM
-   with one task, a single-host TPU VM) is not initialised.
+   (`cluster_detection_method`), so both use the same one (the Kubernetes detector has no
+   name: there JAX runs its own detection again, in its own order); a one-process cluster
+   (SLURM with one task, a single-host TPU VM) is not initialised.
 3. MPI launchers JAX does not detect by itself (MPICH / Intel MPI: `PMI_SIZE`, MVAPICH:
    `MV2_COMM_WORLD_SIZE`, Open MPI 5 on jax versions without PRRTE detection:
    `OMPI_COMM_WORLD_SIZE`), when they say several processes: with `JAX_COORDINATOR_ADDRESS`

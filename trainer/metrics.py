@@ -37,7 +37,14 @@ class MetricsWriter:
       except (ImportError, OSError):
         self.tb = None
       if tracking is not None and tracking.logging.wandb:
-        self.wandb = open_wandb_run(tracking, workdir)
+        try:
+          self.wandb = open_wandb_run(tracking, workdir)
+        except Exception as e:  # noqa: BLE001 - no login, a bad entity, no network: one sentence
+          self.close()
+          from trainer.config import UserError  # noqa: PLC0415
+          reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+          raise UserError(f"logging.wandb=true: Weights & Biases could not start a run ({reason}); log in "
+                          f"(wandb login), set WANDB_MODE=offline, or set logging.wandb=false") from None
 
   def _truncate_after(self, step: int) -> None:
     with open(self.path, "rb") as f:
@@ -131,7 +138,8 @@ class MetricsWriter:
     except OSError:
       self._abandon_tb()
 
-  def close(self) -> None:
+  def close(self, failed: bool = False) -> None:
+    """`failed`: the run ended by an error (W&B marks the run failed, not finished)."""
     if self.tb is not None:
       try:
         self.tb.close()
@@ -140,7 +148,7 @@ class MetricsWriter:
       self.tb = None
     if self.wandb is not None:
       run, self.wandb = self.wandb, None
-      run.finish()
+      run.finish(exit_code=1 if failed else 0)
 
   def _abandon_tb(self) -> None:
     """Gives up on the TensorBoard event files after the disk refused them: marks the writers

@@ -70,19 +70,13 @@ class _Preemption:
     never hear of the signal);
   - SIGINT gets ours, which raises SIGTERM in this process for JAX's handler (so Ctrl-C
     stops every process, like SIGTERM); a second SIGINT raises KeyboardInterrupt at once;
-  - the counter is the training step: Orbax's CheckpointManager passes the step too (it calls
-    `reached_preemption_sync_point` in `save` and when a save is finalized), so one counter
-    holds one kind of value;
+  - the counter is the training step, and only this loop advances it: the checkpoint managers
+    do not ask the sync point themselves (trainer/checkpoint.py `_Manager`; Orbax's would, from
+    its finalize thread, with an older step);
   - a notice before the loop (during restore or compilation) is agreed on the manager's
     initial counter, 0, a step a resumed run never reaches; so `__enter__` registers the
-    first step, then looks the notice up once in the coordination service and all-gathers
+    step the run starts from, then looks the notice up once in the coordination service and all-gathers
     the answer once: if any process saw it, every process stops after the first step.
-  Known gap: Orbax's finalize thread (process 0 only) passes the step it finalized, older than
-  the current one. A notice within the one step after that call, while the other processes
-  lag process 0 by a step, gives a sync step process 0 has already passed: the others stop
-  and process 0 trains on, and the job fails after Orbax's barrier timeout (no checkpoint at
-  the notice; the last regular one is intact).
-
   Fallback, several processes and no usable sync manager (`jax_enable_preemption_service`
   off, a jax without it, or a Python SIGTERM handler installed over JAX's): handlers for both
   signals, and an all-gather of the flags every `FALLBACK_EVERY` steps (the steps divisible by
@@ -101,7 +95,10 @@ class _Preemption:
 
   def __enter__(self):
     if jax.process_count() > 1:
-      self.mode = "sync" if self._sync_point_usable() else "allgather"
+      # One collective to agree: processes in different modes would run different collectives.
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      usable = multihost_utils.process_allgather(np.array(self._sync_point_usable()))
+      self.mode = "sync" if bool(np.all(usable)) else "allgather"
     for sig in (signal.SIGINT,) if self.mode == "sync" else (signal.SIGTERM, signal.SIGINT):
       self._old[sig] = signal.signal(sig, self._handle)
     if self.mode == "sync":
@@ -111,7 +108,7 @@ class _Preemption:
   def _sync_point_usable(self) -> bool:
     from jax.experimental import multihost_utils  # noqa: PLC0415
     try:
-      multihost_utils.reached_preemption_sync_point(self._start)  # registers the first step
+      multihost_utils.reached_preemption_sync_point(self._start)  # registers the step we start from
     except (AttributeError, RuntimeError):  # no such function, or no manager
       return False
     # Python never installed a SIGTERM handler, so the native one (JAX's) is in place.
@@ -293,9 +290,12 @@ def _train(exp, args, overrides, cfg) -> int:
         write_json(cfg_path, json.loads(cfg.to_json()))
       elif resumed:
         write_json(os.path.join(args.workdir, f"config_resumed_at_{start}.json"), json.loads(cfg.to_json()))
-    return _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begin)
+    code = _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begin)
+    writer.close()
+    return code
   finally:
-    writer.close()  # also on failures: TensorBoard's exit hook must find nothing left to flush
+    writer.close(failed=True)  # on failures (a no-op after the close above): TensorBoard's exit hook
+    # must find nothing left to flush, and W&B marks the run failed
 
 
 def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begin) -> int:
@@ -326,6 +326,8 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
   writer.write(start, {f"compile/{k}": v for k, v in stats.items()} | {"compile/seconds": compile_seconds})
   peak = _peak_flops(jax.devices()[0])
   sampler = None
+  if cfg.logging.samples and exp.task.spec.kind != "lm":
+    _print(f"logging.samples={cfg.logging.samples}: task {cfg.task.name!r} is not a causal LM, so no samples")
   if cfg.logging.samples and exp.task.spec.kind == "lm":
     from trainer.generate import EvalSamples  # noqa: PLC0415
     sampler = EvalSamples(exp, cfg.logging.samples, cfg.logging.sample_tokens)
