@@ -226,9 +226,12 @@ def test_one_process_flag_and_second_ctrl_c(restore_signals):
   assert signal.getsignal(signal.SIGTERM) == before
 
 
-def _fake_processes(monkeypatch, sync_points, gathers, sync_available=True):
+def _fake_processes(monkeypatch, sync_points, gathers, sync_available=True, peer_sync_available=None):
+  """Two processes; the other one can use the sync point as this one can (or as told), and never
+  saw a signal. Each all-gather is recorded as this process's value."""
   from jax.experimental import multihost_utils
   monkeypatch.setattr(jax, "process_count", lambda: 2)
+  peer_sync = sync_available if peer_sync_available is None else peer_sync_available
 
   def reached(step):
     if not sync_available:
@@ -237,8 +240,9 @@ def _fake_processes(monkeypatch, sync_points, gathers, sync_available=True):
     return step == 7
 
   def allgather(x):
+    peer = peer_sync if not gathers else False  # the first all-gather agrees on the mode
     gathers.append(np.asarray(x).item())
-    return np.stack([np.asarray(x), np.asarray(False)])
+    return np.stack([np.asarray(x), np.asarray(peer)])
 
   monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", reached)
   monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
@@ -253,9 +257,10 @@ def test_several_processes_use_jax_sync_point_not_a_collective(monkeypatch, rest
   with train_mod._Preemption(5) as p:
     assert p.mode == "sync"
     assert signal.getsignal(signal.SIGTERM) == term_before  # left to JAX's notifier
-    assert sync_points == [5] and gathers == [False]  # first step registered; one look for an early notice
+    # The step we start from registered; one all-gather to agree on the mode, one look for an early notice.
+    assert sync_points == [5] and gathers == [True, False]
     assert [p.requested(s) for s in (6, 7)] == [False, True]
-    assert sync_points == [5, 6, 7] and gathers == [False]  # no collective per step
+    assert sync_points == [5, 6, 7] and gathers == [True, False]  # no collective per step
     assert p.reason == "SIGTERM"
     p._handle(signal.SIGINT, None)  # Ctrl-C becomes a SIGTERM for JAX's notifier
     assert raised == [signal.SIGTERM] and p.reason == "SIGINT"
@@ -270,10 +275,20 @@ def test_fallback_all_gathers_every_few_steps(monkeypatch, restore_signals):
     assert p.mode == "allgather" and signal.getsignal(signal.SIGTERM) == p._handle
     every = p.FALLBACK_EVERY
     assert not any(p.requested(s) for s in range(1, 2 * every + 1))
-    assert len(gathers) == 2
+    assert len(gathers) == 1 + 2  # the mode, then one every FALLBACK_EVERY steps
     p._handle(signal.SIGTERM, None)
     assert not p.requested(2 * every + 1)
     assert p.requested(3 * every) and gathers[-1] is True and p.reason == "SIGTERM"
+
+
+def test_processes_that_disagree_on_the_sync_point_all_fall_back(monkeypatch, restore_signals):
+  """One process could use JAX's sync point, the other not: both take the all-gather fallback
+  (in different modes they would run different collectives and hang)."""
+  sync_points, gathers = [], []
+  _fake_processes(monkeypatch, sync_points, gathers, sync_available=True, peer_sync_available=False)
+  with train_mod._Preemption(0) as p:
+    assert p.mode == "allgather" and signal.getsignal(signal.SIGTERM) == p._handle
+    assert gathers == [True]
 
 
 def test_gke_template_parses():

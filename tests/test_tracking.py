@@ -99,8 +99,9 @@ def test_tensorboard_hparams_hold_the_config_and_the_final_metrics(tmp_path):
 
 def test_eval_samples_are_the_models_greedy_continuations(tmp_path):
   """`logging.samples`: at each evaluation, the openings of the first validation examples and
-  their greedy continuations (cached decoding, compiled once); the last ones equal a plain
-  greedy loop over the whole growing sequence with the final checkpoint (no cache)."""
+  their greedy continuations (cached decoding, compiled once); the last evaluation's first
+  continuation equals a plain greedy loop over the whole growing sequence with the final
+  checkpoint (no cache)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -112,7 +113,7 @@ def test_eval_samples_are_the_models_greedy_continuations(tmp_path):
 
   wd = str(tmp_path / "run")
   flags = ["--config.total_steps=4", "--config.eval_every=2", "--config.logging.samples=2",
-           "--config.logging.sample_tokens=6", "--config.model.num_layers=2"]
+           "--config.logging.sample_tokens=4", "--config.keep_best=false"]
   assert train(wd, *flags) == 0
   rows = [r for r in metrics(wd) if "samples" in r]
   assert [r["step"] for r in rows] == [2, 4] and all(len(r["samples"]) == 2 for r in rows)
@@ -122,12 +123,12 @@ def test_eval_samples_are_the_models_greedy_continuations(tmp_path):
   exp = Experiment(cfg, wd, read_only=True)
   state, _ = exp.checkpointer.restore(exp.abstract_state, None, check_config=exp.check_config)
   model = exp.fm.module(state["params"], state["extra"])
-  for i, got in enumerate(rows[-1]["samples"]):
+  for i, got in enumerate(rows[-1]["samples"][:1]):  # the first one by the plain loop (eager: slow)
     example = exp.task.example("validation", i)
     ids = list(example["inputs"][:16])  # P = min(32, seq_len 32 / 2, lengths) = 16
     assert got["prompt"] == decode_tokens("text", ids)
     new = []
-    for _ in range(6):
+    for _ in range(4):
       t = len(ids)
       logits = model({"inputs": jnp.asarray([ids], jnp.int32), "segment_ids": jnp.ones((1, t), jnp.int32),
                       "positions": jnp.arange(t, dtype=jnp.int32)[None]}, step=state["step"])
