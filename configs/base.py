@@ -237,6 +237,19 @@ def get_config(arg=None):
   # Projection init: "default" (N(0, 1/fan_in)), "reference" (the reference Mamba model's: PyTorch's
   # uniform Linear init, W_out / sqrt(branches * layers)) or "zoology" (N(0, 0.02), zero biases).
   c.model.mamba.init = "default"
+  c.model.mamba2 = ml_collections.ConfigDict()
+  c.model.mamba2.d_state = 128  # N: state size per head and channel (the SSD paper's 128)
+  c.model.mamba2.head_dim = 64  # P: channels per head; must divide expand * d_model (heads H = E / P)
+  c.model.mamba2.expand = 2  # inner width E = expand * d_model
+  c.model.mamba2.groups = 1  # G: groups of heads sharing B and C (must divide H)
+  c.model.mamba2.d_conv = 4  # causal depth-wise conv width over [x, B, C]
+  c.model.mamba2.scan = "chunked"  # "chunked" (the SSD matmul form) | "sequential" (a token loop, the reference)
+  c.model.mamba2.chunk = 64  # tokens per chunk of the chunked form (the reference code uses 256 on GPUs)
+  c.model.mamba2.dt_min = 0.001  # initial dt is log-uniform in [dt_min, dt_max]
+  c.model.mamba2.dt_max = 0.1  # (see dt_min)
+  c.model.mamba2.a_min = 1.0  # A = -a, a drawn uniformly from [a_min, a_max] per head
+  c.model.mamba2.a_max = 16.0  # (see a_min)
+  c.model.mamba2.init = "default"  # W_in, W_out: "default" | "reference" (PyTorch's Linear init) | "zoology"
   c.model.lmu = ml_collections.ConfigDict()
   c.model.lmu.memory_size = 0  # q: Legendre order; 0 = d_model (LMUFormer)
   c.model.lmu.theta = 128.0  # memory window in tokens (LMUFormer: 128)

@@ -48,6 +48,7 @@ from layers.lra.synthesizer import Synthesizer  # noqa: E402
 from layers.ssm.conv import ShortConv  # noqa: E402
 from layers.ssm.lmu import LMU  # noqa: E402
 from layers.ssm.mamba import Mamba  # noqa: E402
+from layers.ssm.mamba2 import Mamba2  # noqa: E402
 
 MIXERS: dict[str, type[Mixer]] = {
     "attention": Attention,
@@ -70,6 +71,7 @@ MIXERS: dict[str, type[Mixer]] = {
     "sinkhorn": Sinkhorn,
     "synthesizer": Synthesizer,
     "mamba": Mamba,
+    "mamba2": Mamba2,
     "lmu": LMU,
     "conv": ShortConv,
 }

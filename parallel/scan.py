@@ -196,6 +196,25 @@ def sp_selective_scan(x_bte, delta_bte, a_es, b_bts, c_bts, reset_bt, *, mesh: M
                        out_specs=act_spec, check_vma=False)(x_bte, delta_bte, a_es, b_bts, c_bts, reset_bt)
 
 
+def sp_ssd(x_bthp, dt_bth, a_h, b_btgn, c_btgn, reset_bt, *, mesh: Mesh, x_spec, dt_spec, a_spec, bc_spec,
+           tok_spec, impl: str, chunk: int):
+  """`layers.ssm.mamba2.ssd` (zero incoming state) with the length sharded over `sequence`: the
+  same two passes as `sp_selective_scan`, with Mamba-2's per-head decay [b, H, 1, 1]."""
+  from layers.ssm.mamba import combine
+  from layers.ssm.mamba2 import ssd, ssd_chunk_decay
+
+  def body(x, dt, a, b, c, reset):
+    _, h_local = ssd(x, dt, a, b, c, reset_bt=reset, impl=impl, chunk=chunk)
+    summary = (ssd_chunk_decay(dt, a, reset), h_local)
+    gathered = jax.tree.map(lambda s: jax.lax.all_gather(s, AXIS, axis=0), summary)
+    identity = (jnp.ones_like(summary[0]), jnp.zeros_like(h_local))
+    _, h_in = jax.tree.map(lambda p: p[jax.lax.axis_index(AXIS)], exclusive_prefix(gathered, combine, identity))
+    return ssd(x, dt, a, b, c, reset_bt=reset, h0_bhpn=h_in, impl=impl, chunk=chunk)[0]
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, dt_spec, a_spec, bc_spec, bc_spec, tok_spec),
+                       out_specs=x_spec, check_vma=False)(x_bthp, dt_bth, a_h, b_btgn, c_btgn, reset_bt)
+
+
 class Scan(Strategy):
   """The length stays sharded; each device scans its chunk and the chunk summaries are combined
   across devices (nothing O(T) moves except the [b, T] segment ids)."""
@@ -219,3 +238,18 @@ class Scan(Strategy):
     return sp_selective_scan(x_bte, delta_bte, a_es, b_bts, c_bts, reset_bt, mesh=self.mesh, act_spec=act,
                              state_spec=state, tok_spec=P(act[0], act[1]),
                              a_spec=self.spec((axes.MLP, axes.STATE), a_es.shape), impl=impl, chunk=chunk)
+
+  def ssd(self, x_bthp, dt_bth, a_h, b_btgn, c_btgn, reset_bt, *, impl: str, chunk: int):
+    """Mamba-2's scan (layers/ssm/mamba2.py) with the length sharded. Where the heads are split
+    (tensor parallelism) and the groups of B, C cannot follow them, B and C are repeated to one
+    group per head first, so that each device's heads find their group locally."""
+    x_spec = self.spec((axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM), x_bthp.shape)
+    self.length_sharded(x_spec, x_bthp.shape)
+    h, g = x_bthp.shape[2], b_btgn.shape[2]
+    if x_spec[2] is not None and g > 1:
+      b_btgn, c_btgn = (jnp.repeat(v, h // g, axis=2) for v in (b_btgn, c_btgn))
+      g = h
+    bc_spec = self.spec((axes.BATCH, axes.LENGTH, axes.HEADS if g == h else None, axes.STATE), b_btgn.shape)
+    return sp_ssd(x_bthp, dt_bth, a_h, b_btgn, c_btgn, reset_bt, mesh=self.mesh, x_spec=x_spec,
+                  dt_spec=P(*x_spec[:3]), a_spec=P(x_spec[2]), bc_spec=bc_spec, tok_spec=P(x_spec[0], x_spec[1]),
+                  impl=impl, chunk=chunk)

@@ -85,6 +85,9 @@ class Strategy:
   def selective_scan(self, x_bte, delta_bte, a_es, b_bts, c_bts, reset_bt, *, impl: str, chunk: int):
     self._unsupported("the selective scan")
 
+  def ssd(self, x_bthp, dt_bth, a_h, b_btgn, c_btgn, reset_bt, *, impl: str, chunk: int):
+    self._unsupported("the SSD scan")
+
   def halo(self, fn: Callable, x, segment_ids, *params, left: int, right: int, logical: tuple):
     """Runs `fn(x, segment_ids, *params) -> y` (y shaped like x: [B, T, ...], with [B, T] ids) on
     each device's chunk extended by the `left` tokens before it and the `right` tokens after it,

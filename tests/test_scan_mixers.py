@@ -18,14 +18,20 @@ RULES = (("batch", ("data", "fsdp")), ("length", "sequence"), ("heads", "tensor"
 
 
 # (linear attention's own scan is covered in test_linear.py.)
-@pytest.mark.parametrize("mixer,shape,causal", [("mamba", (1, 1, 1, 8), True), ("mamba", (1, 1, 1, 8), False),
-                                                ("mamba", (2, 1, 2, 2), True), ("transnormer", (2, 1, 1, 4), True)],
-                         ids=["mamba-seq8-causal", "mamba-seq8-bidirectional", "mamba-2x1x2x2-causal",
-                              "transnormer-2x1x1x4-causal"])
-def test_scan_strategy_equals_one_device(mixer, shape, causal):
+# mamba2: 4 heads of 8; with 2 groups under tensor parallelism B and C are repeated per head.
+MAMBA2 = (("d_state", 4), ("head_dim", 8))
+
+
+@pytest.mark.parametrize("mixer,shape,causal,options", [
+    ("mamba", (1, 1, 1, 8), True, ()), ("mamba", (1, 1, 1, 8), False, ()), ("mamba", (2, 1, 2, 2), True, ()),
+    ("transnormer", (2, 1, 1, 4), True, ()), ("mamba2", (2, 1, 1, 4), False, MAMBA2),
+    ("mamba2", (2, 1, 2, 2), True, MAMBA2 + (("groups", 2),))],
+    ids=["mamba-seq8-causal", "mamba-seq8-bidirectional", "mamba-2x1x2x2-causal", "transnormer-2x1x1x4-causal",
+         "mamba2-2x1x1x4-bidirectional", "mamba2-2x1x2x2-causal-groups"])
+def test_scan_strategy_equals_one_device(mixer, shape, causal, options):
   mesh = mesh_lib.make_mesh(ConfigDict(dict(zip(("data", "fsdp", "tensor", "sequence"), shape))))
   spec = MixerSpec(d_model=16, num_heads=2, num_kv_heads=2, causal=causal, positions="none", layer_index=1,
-                   num_layers=2, max_len=64, options=(("block", 8), ("chunk", 4)))
+                   num_layers=2, max_len=64, options=tuple(sorted({"block": 8, "chunk": 4, **dict(options)}.items())))
   module = MIXERS[mixer](spec, rngs=nnx.Rngs(0))
   graph, params, rest = nnx.split(module, nnx.Param, ...)
   t = 32

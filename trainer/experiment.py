@@ -46,7 +46,7 @@ RESUMABLE_KEYS = ("total_steps", "log_every", "eval_every", "eval_examples", "ev
                   "task.retrieval.data_dir", "model.attention_impl", "model.remat", "model.scan_blocks", "model.dtype", "model.flash.",
                   "model.attention.decode_chunk", "model.local.block", "model.linear.chunk", "model.performer.chunk",
                   "model.ecoformer.chunk", "model.transnormer.chunk", "model.sla.chunk", "model.mamba.scan",
-                  "model.mamba.chunk", "model.lmu.impl", "model.lmu.chunk", "model.lmu.direct_max_len")
+                  "model.mamba.chunk", "model.mamba2.scan", "model.mamba2.chunk", "model.lmu.impl", "model.lmu.chunk", "model.lmu.direct_max_len")
 
 
 def _flat_config(tree, prefix="") -> dict:

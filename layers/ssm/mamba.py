@@ -170,6 +170,23 @@ def segment_starts(segment_ids_bt, previous_bt1=None):
   return jnp.concatenate([first, segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
 
 
+def decode_resets(segment_ids_bt, last_segment_id_b):
+  """In a decode call: (ids with padding forward-filled from the previous call's last id, True
+  where a real token starts a segment). Padding continues the run around it."""
+  filled = forward_fill(segment_ids_bt, last_segment_id_b)
+  return filled, segment_starts(filled, last_segment_id_b[:, None]) & (segment_ids_bt != 0)
+
+
+def roll_conv_state(state_bke, state_segment_ids_bk, x_bte, segment_ids_bt):
+  """The decode conv state after a call: the last K-1 real tokens of (state, x) and their ids
+  (a stable sort puts padding first and keeps real tokens in order)."""
+  keep = state_bke.shape[1]
+  xs = jnp.concatenate([state_bke, x_bte.astype(state_bke.dtype)], axis=1)
+  segs = jnp.concatenate([state_segment_ids_bk, segment_ids_bt], axis=1)
+  order = jnp.argsort(segs != 0, axis=1, stable=True)[:, -keep:]
+  return jnp.take_along_axis(xs, order[..., None], axis=1), jnp.take_along_axis(segs, order, axis=1)
+
+
 def causal_conv(x_bte, segment_ids_bt, weight_ke, bias_e, context_bke=None, context_segment_ids_bk=None):
   """out_t = bias + sum_k w_k x_{t-K+1+k}, reading only taps of token t's segment.
 
@@ -373,21 +390,14 @@ class Mamba(Mixer):
     # neither updates the SSM state nor enters the conv state nor starts a segment, so a row's
     # next real token continues its own sequence as if the padding were not there (the cache
     # attention mixers mask padding slots to the same effect).
-    real = seg_bt != 0
-    last = self.last_segment_id[...]
-    seg_filled = forward_fill(seg_bt, last)
-    reset = segment_starts(seg_filled, last[:, None]) & real
+    seg_filled, reset = decode_resets(seg_bt, self.last_segment_id[...])
     impl = self.scan if seg_bt.shape[1] > 1 else "sequential"
     y, h_last = self.forward_ssm(x_in_bte, seg_bt, reset, impl=impl, chunk=self.chunk, h0_bes=self.ssm_state[...],
                                  context_bke=self.conv_state[...], context_segment_ids_bk=self.conv_segment_ids[...],
-                                 hold_bt=~real)
-    if self.d_conv > 1:  # the last K-1 real tokens (stable sort: padding first, real tokens in order)
-      keep = self.d_conv - 1
-      xs = jnp.concatenate([self.conv_state[...], x_in_bte.astype(self.conv_state.dtype)], axis=1)
-      segs = jnp.concatenate([self.conv_segment_ids[...], seg_bt], axis=1)
-      order = jnp.argsort(segs != 0, axis=1, stable=True)[:, -keep:]
-      self.conv_state[...] = jnp.take_along_axis(xs, order[..., None], axis=1)
-      self.conv_segment_ids[...] = jnp.take_along_axis(segs, order, axis=1)
+                                 hold_bt=seg_bt == 0)
+    if self.d_conv > 1:
+      self.conv_state[...], self.conv_segment_ids[...] = roll_conv_state(
+          self.conv_state[...], self.conv_segment_ids[...], x_in_bte, seg_bt)
     self.ssm_state[...] = h_last
     self.last_segment_id[...] = seg_filled[:, -1]
     return y
