@@ -113,6 +113,10 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict()
   c.model.mixer = "attention"  # token mixer of every layer; see layers/mixers.py
   c.model.mixer_schedule = ""  # comma-separated per-layer mixers, cycled (overrides mixer); "mixer" = model.mixer
+  # Layouts per mixer: while model.mixer is NAME, `model.schedule_for.NAME` (a schedule as above; ""
+  # = NAME in every layer) replaces mixer_schedule, so one config gives each mixer family its
+  # paper's layout (configs/mqar.py: a conv layer in front of attention-like mixers, none for Mamba).
+  c.model.schedule_for = ml_collections.ConfigDict()
   c.model.num_layers = 4  # MetaFormer blocks
   c.model.d_model = 128  # residual width (D)
   c.model.num_heads = 4  # query heads (N); head dim H = d_model / num_heads

@@ -11,7 +11,9 @@ it must learn a separate output row for each of the 4096 values; with both, exac
 went from chance at step 250 to 0.97 at step 750. Loss and accuracy are on query positions
 only, and the LM head computes logits there only (the examples carry `score_positions`):
 [64, 16, 8192] instead of [64, 256, 8192]. Chance is 1/4096. `--config.model.mixer_schedule=`
-(empty) trains `model.mixer` in both layers. `:smoke` (one layer, no conv) runs in seconds.
+(empty) trains `model.mixer` in both layers. `mamba` and `mamba2` get Zoology's layout for them,
+both layers the mixer with no conv layer in front (`model.schedule_for.<mixer>`; their blocks
+have their own short convolution). `:smoke` (one layer, no conv) runs in seconds.
 """
 
 from configs import base
@@ -25,6 +27,9 @@ def get_config(arg=None):
   c.task.mqar.num_pairs = 16
   c.model.num_layers = 2
   c.model.mixer_schedule = "conv,mixer"
+  # Zoology's layout for Mamba: its blocks carry their own short conv, so every layer is the mixer.
+  c.model.schedule_for.mamba = ""
+  c.model.schedule_for.mamba2 = ""
   c.model.conv.gate = False
   c.model.conv.kernel = 5
   c.model.d_model = 128

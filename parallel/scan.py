@@ -234,10 +234,11 @@ class Scan(Strategy):
     """Mamba's scan (layers/ssm/mamba.py) with the length sharded."""
     act = self.spec((axes.BATCH, axes.LENGTH, axes.MLP), x_bte.shape)
     self.length_sharded(act, x_bte.shape)
-    state = self.spec((axes.BATCH, axes.LENGTH, axes.STATE), b_bts.shape)
+    # B and C keep the state axis whole: the scan contracts it locally (C_t . h_t), with no psum.
+    state = self.spec((axes.BATCH, axes.LENGTH, None), b_bts.shape)
     return sp_selective_scan(x_bte, delta_bte, a_es, b_bts, c_bts, reset_bt, mesh=self.mesh, act_spec=act,
                              state_spec=state, tok_spec=P(act[0], act[1]),
-                             a_spec=self.spec((axes.MLP, axes.STATE), a_es.shape), impl=impl, chunk=chunk)
+                             a_spec=self.spec((axes.MLP, None), a_es.shape), impl=impl, chunk=chunk)
 
   def ssd(self, x_bthp, dt_bth, a_h, b_btgn, c_btgn, reset_bt, *, impl: str, chunk: int):
     """Mamba-2's scan (layers/ssm/mamba2.py) with the length sharded. Where the heads are split
@@ -249,7 +250,8 @@ class Scan(Strategy):
     if x_spec[2] is not None and g > 1:
       b_btgn, c_btgn = (jnp.repeat(v, h // g, axis=2) for v in (b_btgn, c_btgn))
       g = h
-    bc_spec = self.spec((axes.BATCH, axes.LENGTH, axes.HEADS if g == h else None, axes.STATE), b_btgn.shape)
+    # The state axis stays whole (contracted locally, as in `selective_scan` above).
+    bc_spec = self.spec((axes.BATCH, axes.LENGTH, axes.HEADS if g == h else None, None), b_btgn.shape)
     return sp_ssd(x_bthp, dt_bth, a_h, b_btgn, c_btgn, reset_bt, mesh=self.mesh, x_spec=x_spec,
                   dt_spec=P(*x_spec[:3]), a_spec=P(x_spec[2]), bc_spec=bc_spec, tok_spec=P(x_spec[0], x_spec[1]),
                   impl=impl, chunk=chunk)

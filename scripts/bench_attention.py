@@ -31,7 +31,7 @@ from trainer.experiment import mixer_options  # noqa: E402
 
 SOFTMAX_FAMILY = ("attention", "flash", "local", "bigbird", "block_sparse", "xattention", "sparse_transformer",
                   "longformer", "combiner", "swin")
-LINEAR_FAMILY = ("linear", "performer", "transnormer", "sla", "ecoformer", "mamba", "lmu", "linformer", "reformer",
+LINEAR_FAMILY = ("linear", "performer", "transnormer", "sla", "ecoformer", "mamba", "mamba2", "lmu", "linformer", "reformer",
                  "sinkhorn", "synthesizer")
 
 

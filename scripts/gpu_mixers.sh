@@ -43,7 +43,7 @@ case "${FRONT:-conv}" in
   none) FRONT_SET=(--set model.mixer_schedule=) ;;
   *) echo "FRONT=${FRONT} is not conv or none" >&2; exit 2 ;;
 esac
-SET1=attention,mamba,linear,sla,performer,transnormer,lmu,local,sparse_transformer,longformer
+SET1=attention,mamba,mamba2,linear,sla,performer,transnormer,lmu,local,sparse_transformer,longformer
 SET2=flash,bigbird,block_sparse,xattention,combiner,swin,ecoformer,reformer,sinkhorn,synthesizer
 case "${SET:-all}" in
   all) MIXERS=${MIXERS:-$SET1,$SET2} ;;
@@ -62,8 +62,8 @@ fi
 
 if part selective_copy; then
 echo "== selective copying, $SC_STEPS steps"
-timeout "$(budget 100)" "$PY" scripts/sweep.py --config=configs/selective_copy.py$SUFFIX --mixers=attention,linear,mamba \
-  --parallel=3 --deadline_s=$(( $(budget 100) - 30 )) --workdir_root=/tmp/sweep_sc --set total_steps=$SC_STEPS \
+timeout "$(budget 100)" "$PY" scripts/sweep.py --config=configs/selective_copy.py$SUFFIX --mixers=attention,linear,mamba,mamba2 \
+  --parallel=4 --deadline_s=$(( $(budget 100) - 30 )) --workdir_root=/tmp/sweep_sc --set total_steps=$SC_STEPS \
   --set eval_every=$SC_STEPS --set checkpoint_every=100000 2>&1 | tail -6 | tee "$OUT/selective_copy.txt"
 fi
 
@@ -71,7 +71,7 @@ if part tests; then
 echo "== mixer tests on this machine's jax (CPU platform)"
 JAX_PLATFORMS=cpu timeout "$(budget 90)" "$PY" -m pytest -q -p no:cacheprovider -n 12 \
   tests/test_linear.py tests/test_performer.py tests/test_ecoformer.py tests/test_transnormer.py tests/test_sla.py \
-  tests/test_mamba.py tests/test_lmu.py tests/test_lra_mixers.py tests/test_packing.py tests/test_scan_mixers.py \
+  tests/test_mamba.py tests/test_mamba2.py tests/test_lmu.py tests/test_lra_mixers.py tests/test_packing.py tests/test_scan_mixers.py \
   2>&1 | tail -8 | tee "$OUT/tests.txt"
 fi
 echo "== done in $SECONDS s"

@@ -9,7 +9,9 @@ GPU each process gets an equal share of its memory; an existing workdir resumes,
 trainer.train does). Runs still going at the deadline are stopped and reported as such. The
 table gives each run's last held-out accuracy and loss, its steps, training steps/s, wall
 time and accuracy at every evaluation, read from its metrics.jsonl; with `--grid`, also each
-mixer's best run (Zoology reports the best learning rate per mixer).
+mixer's best run (Zoology reports the best learning rate per mixer). `steps to X` is the step
+of the first evaluation at or above `--threshold` held-out accuracy (default 0.9): a slow
+learner shows a late step there, a non-learner "not reached".
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ def last_metrics(workdir: str) -> dict:
   return out
 
 
+def steps_to(curve, threshold: float):
+  """The step of the first evaluation with held-out accuracy >= threshold, or None."""
+  return next((step for step, acc in curve if acc >= threshold), None)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", required=True)
@@ -48,6 +55,8 @@ def main(argv=None):
   p.add_argument("--grid", default=None,
                  help="key=v1,v2,...: one run per mixer and value (e.g. optimizer.learning_rate=1e-3,3e-3, "
                       "Zoology's protocol); the table then also gives each mixer's best run")
+  p.add_argument("--threshold", type=float, default=0.9,
+                 help="held-out accuracy whose first evaluation step the table reports (steps-to-threshold)")
   p.add_argument("--parallel", type=int, default=1)
   p.add_argument("--deadline_s", type=float, default=3600.0)
   p.add_argument("--workdir_root", default="runs/sweep")
@@ -105,25 +114,28 @@ def main(argv=None):
                         last_metrics(os.path.join(ROOT, wd)))
       del running[label]
   print(f"\n{args.config} {' '.join(args.set)}")
-  print("| run | held-out accuracy | held-out loss | steps | steps/s | wall s | status | accuracy by step |")
-  print("|---|---|---|---|---|---|---|---|")
+  thr = f"steps to {args.threshold:g}"
+  print(f"| run | held-out accuracy | held-out loss | steps | steps/s | wall s | status | accuracy by step | {thr} |")
+  print("|---|---|---|---|---|---|---|---|---|")
   fmt = lambda v, f: "-" if v is None else format(v, f)
+  reached = lambda met: ("not reached" if met["curve"] else "-") if steps_to(met["curve"], args.threshold) is None \
+      else str(steps_to(met["curve"], args.threshold))
   for label, _, _ in runs:
     status, wall, met = results[label]
     acc, loss = met.get("eval/accuracy"), met.get("eval/loss")
     print(f"| {label} | {fmt(acc, '.4f')} | {fmt(loss, '.3f')} | {met.get('step', '-')} | "
           f"{fmt(met.get('train/steps_per_sec'), '.1f')} | {wall:.0f} | {status} | "
-          f"{' '.join(f'{s}:{a:.3f}' for s, a in met['curve'])} |", flush=True)
+          f"{' '.join(f'{s}:{a:.3f}' for s, a in met['curve'])} | {reached(met)} |", flush=True)
   if len(grid) > 1:
     print(f"\nbest run per mixer over {args.grid}:")
-    print("| mixer | best run | held-out accuracy |")
-    print("|---|---|---|")
+    print(f"| mixer | best run | held-out accuracy | {thr} |")
+    print("|---|---|---|---|")
     for m in mixers:
       # Highest held-out accuracy, ties to the lower held-out loss.
       scored = [(met["eval/accuracy"], -met.get("eval/loss", 0.0), label)
                 for label, mm, _ in runs if mm == m for met in [results[label][2]] if "eval/accuracy" in met]
       acc, _, label = max(scored) if scored else (None, None, "-")
-      print(f"| {m} | {label} | {fmt(acc, '.4f')} |")
+      print(f"| {m} | {label} | {fmt(acc, '.4f')} | {reached(results[label][2]) if scored else '-'} |")
   for label, _, _ in runs:
     if results[label][0].startswith("exit"):
       with open(os.path.join(args.workdir_root, name_of(label) + ".log")) as f:

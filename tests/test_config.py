@@ -47,6 +47,24 @@ def test_bad_values_are_named(override, needle):
   assert needle in str(e.value)
 
 
+def test_a_config_gives_each_mixer_family_its_layout():
+  """configs/mqar.py: a conv layer in front of attention-like mixers, Mamba in every layer
+  (model.schedule_for); an explicit schedule_for entry wins, and a bad one is named."""
+  from trainer.config import mixer_schedule
+  schedule = lambda *o: mixer_schedule(load_config("configs/mqar.py", list(o)))
+  assert schedule("model.mixer=attention") == ["conv", "attention"]
+  assert schedule("model.mixer=mamba") == ["mamba", "mamba"] and schedule("model.mixer=mamba2") == ["mamba2"] * 2
+  assert schedule("model.mixer=mamba", "model.schedule_for.mamba=conv,mixer") == ["conv", "mamba"]
+  with pytest.raises(UserError, match=r"model.schedule_for.mamba\[1\]='nope' is not a known mixer"):
+    load_config("configs/mqar.py", ["model.mixer=mamba", "model.schedule_for.mamba=conv,nope"])
+  cfg = load_config("configs/mqar.py")
+  with cfg.unlocked():
+    cfg.model.schedule_for.mambo = ""
+  from trainer.config import validate
+  with pytest.raises(UserError, match="model.schedule_for.mambo names no known mixer"):
+    validate(cfg)
+
+
 def test_missing_config_file_and_bad_arg():
   with pytest.raises(UserError, match="does not exist"):
     load_config("configs/nope.py")

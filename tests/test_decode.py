@@ -273,7 +273,7 @@ def test_prefill_then_decode_equals_full_forward(mixer, impl):
 
 
 @pytest.mark.parametrize("mixer, impl", [("attention", "xla"), ("flash", "flash"), ("attention", "pallas"),
-                                         ("local", "xla"), ("mamba", "xla")])
+                                         ("local", "xla"), ("mamba", "xla"), ("mamba2", "xla")])
 def test_ragged_batch_decode_equals_each_rows_full_forward(mixer, impl):
   """Prompts of lengths 3 and 6 right-padded into one prefill, then 5 shared decode steps.
 

@@ -250,7 +250,10 @@ def test_initialisations():
   k = np.asarray(ref.in_zx.kernel[...])
   assert np.abs(k).max() <= 1 / 16 and np.std(k) == pytest.approx(1 / 16 / math.sqrt(3), rel=0.05)
   bound = 1 / math.sqrt(512) / math.sqrt(1 * 4)  # 1 residual branch (no MLP) x 4 layers
-  assert np.abs(np.asarray(ref.out_proj.kernel[...])).max() <= bound
+  w_out = np.asarray(ref.out_proj.kernel[...])
+  assert np.abs(w_out).max() <= bound and np.std(w_out) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+  conv = np.asarray(f.conv_x_weight[...])  # PyTorch's depth-wise Conv1d: U(+-1/sqrt(d_conv)), d_conv 4
+  assert np.abs(conv).max() <= 0.5 and np.std(conv) == pytest.approx(0.5 / math.sqrt(3), rel=0.05)
   zoo = Mamba2(spec("zoology"), rngs=nnx.Rngs(0))
   assert np.std(np.asarray(zoo.in_zx.kernel[...])) == pytest.approx(0.02, rel=0.05)
   assert np.std(np.asarray(zoo.out_proj.kernel[...])) == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
@@ -296,3 +299,23 @@ def test_a_bad_head_dim_is_one_sentence(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "model.mamba2.head_dim=48" in err[0] and "= 64" in err[0], err
   assert not (tmp_path / "run").exists()
+
+
+def test_bfloat16_tracks_float32():
+  """Same parameters, bf16 activations: output and input gradient within bf16 tolerances (the
+  scan computes in fp32 after the casts; the chunked form stands for both)."""
+  mixer = Mamba2(_spec(True), rngs=nnx.Rngs(6))
+  graph, params = nnx.split(mixer, nnx.Param)
+  seg = jnp.asarray(SEG)
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 11, 16)), jnp.float32)
+
+  @jax.jit
+  def run(p, x):
+    f = lambda x: nnx.merge(graph, p)(x, MixContext(segment_ids=seg, positions=seg))
+    out, vjp = jax.vjp(f, x)
+    return out.astype(jnp.float32), vjp(jnp.ones_like(out))[0].astype(jnp.float32)
+
+  want, got = run(params, x), run(params, x.astype(jnp.bfloat16))
+  for a, b in zip(got, want):
+    rel = np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max()
+    assert rel < 3e-2, rel

@@ -231,13 +231,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _finite_numbers(cfg)
   _choice("task.name", cfg.task.name, sorted(tasks.TASKS))
   _choice("eval_split", cfg.eval_split, ("validation", "test"))  # held out: never "train"
-  entries = [n for n in cfg.model.mixer_schedule.split(",") if n.strip()]
+  for name in (cfg.model.get("schedule_for", None) or {}):
+    if name not in mixers.MIXERS:
+      raise UserError(f"model.schedule_for.{name} names no known mixer; valid mixers: "
+                      f"{', '.join(sorted(mixers.MIXERS))}")
+  schedule, schedule_key = schedule_in_force(cfg)
+  entries = [n for n in schedule.split(",") if n.strip()]
   if len(entries) > cfg.model.num_layers:
-    raise UserError(f"model.mixer_schedule={cfg.model.mixer_schedule!r} has {len(entries)} entries but "
+    raise UserError(f"{schedule_key}={schedule!r} has {len(entries)} entries but "
                     f"model.num_layers={cfg.model.num_layers}, so its last entries would never be used")
   for i, name in enumerate(mixer_schedule(cfg)):
     if name not in mixers.MIXERS:
-      where = "model.mixer" if not cfg.model.mixer_schedule else f"model.mixer_schedule[{i}]"
+      where = "model.mixer" if not schedule else f"{schedule_key}[{i % len(entries)}]"
       raise UserError(f"{where}={name!r} is not a known mixer; valid mixers: {', '.join(sorted(mixers.MIXERS))}")
   for key in ("total_steps", "batch_size", "logging.sample_tokens", "task.seq_len", "task.packing_window", "model.num_layers", "model.d_model",
               "model.num_heads", "model.mlp_ratio", "eval_examples", "optimizer.learning_rate", "optimizer.eps",
@@ -323,11 +328,21 @@ def sequence_strategies(cfg: ml_collections.ConfigDict) -> dict[str, str]:
     raise UserError(str(e)) from None
 
 
+def schedule_in_force(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(the schedule string that applies, the key it comes from): `model.schedule_for.<mixer>`
+  where the config has one for `model.mixer`, else `model.mixer_schedule`."""
+  per_mixer = cfg.model.get("schedule_for", None) or {}
+  if cfg.model.mixer in per_mixer:
+    return str(per_mixer[cfg.model.mixer]), f"model.schedule_for.{cfg.model.mixer}"
+  return cfg.model.mixer_schedule, "model.mixer_schedule"
+
+
 def mixer_schedule(cfg: ml_collections.ConfigDict) -> list[str]:
-  """Per-layer mixer names: `model.mixer_schedule` (comma separated, cycled; the entry `mixer`
+  """Per-layer mixer names: the schedule in force (comma separated, cycled; the entry `mixer`
   stands for `model.mixer`, e.g. "conv,mixer") or `model.mixer` in every layer."""
-  if cfg.model.mixer_schedule:
-    names = [n.strip() for n in cfg.model.mixer_schedule.split(",") if n.strip()]
+  schedule, _ = schedule_in_force(cfg)
+  if schedule:
+    names = [n.strip() for n in schedule.split(",") if n.strip()]
     names = [cfg.model.mixer if n == "mixer" else n for n in names]
     return [names[i % len(names)] for i in range(cfg.model.num_layers)]
   return [cfg.model.mixer] * cfg.model.num_layers

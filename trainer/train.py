@@ -22,7 +22,7 @@ import numpy as np
 
 from trainer import launch
 from trainer import workdir as workdir_lib
-from trainer.config import UserError, load_config, split_override_args
+from trainer.config import UserError, load_config, schedule_in_force, split_override_args
 from trainer.workdir import check_workdir, write_json
 
 log = logging.getLogger("seqmix")
@@ -306,7 +306,9 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
   if exp.config_changes:
     writer.write(start, {"config_change": exp.config_changes})
   chance = exp.task.spec
-  _print(f"seqmix: task {cfg.task.name} ({chance.kind}), mixers {','.join(exp.spec.mixers)}, "
+  _, schedule_key = schedule_in_force(cfg)
+  layout = f" (layout from {schedule_key})" if schedule_key != "model.mixer_schedule" else ""
+  _print(f"seqmix: task {cfg.task.name} ({chance.kind}), mixers {','.join(exp.spec.mixers)}{layout}, "
          f"{exp.num_params:,} params, mesh {dict(exp.mesh.shape)}, {jax.process_count()} process(es)")
 
   if start >= cfg.total_steps:
