@@ -67,6 +67,8 @@ def get_config(arg=None):
   c.task.selective_copy = ml_collections.ConfigDict()
   c.task.selective_copy.num_tokens = 16  # data tokens scattered in noise, copied in order at the end
   c.task.selective_copy.vocab = 16  # distinct data tokens
+  c.task.induction = ml_collections.ConfigDict()
+  c.task.induction.vocab = 16  # data ids; the trigger appears twice, the answer follows its first time
   # LRA Pathfinder / Path-X, generated (trainer/data/pathfinder.py); -1 = the resolution's default.
   c.task.pathfinder = ml_collections.ConfigDict()
   c.task.pathfinder.resolution = 32  # image side: 32 (Pathfinder), 64, 128 (Path-X); task.seq_len = resolution**2

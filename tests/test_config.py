@@ -32,7 +32,7 @@ def test_unknown_key_names_it_and_suggests(override, needle):
 
 @pytest.mark.parametrize("override,needle", [
     ("model.mixer=attenton", "'attenton' is not a known mixer; valid mixers: attention"),
-    ("task.name=lisops", "task.name='lisops' is not valid; choose one of: listops, mqar, pathfinder, retrieval, selective_copy, text, textdir, tfds"),
+    ("task.name=lisops", "task.name='lisops' is not valid; choose one of: induction, listops, mqar, pathfinder, retrieval, selective_copy, text, textdir, tfds"),
     ("model.num_heads=3", "model.d_model=128 is not divisible by model.num_heads=3"),
     ("total_steps=abc", "takes an integer, not 'abc'"),
     ("model.positions=alibi", "model.positions='alibi' is not valid"),

@@ -1,8 +1,10 @@
 """Evaluate a saved checkpoint on the held-out splits:
 `python -m trainer.evaluate --config=configs/NAME.py[:ARG] --workdir=DIR [--step=N]`.
 
-Writes DIR/eval_results.json with validation and test loss/accuracy, the step, and the
-task's chance level. Never writes checkpoints.
+Writes DIR/eval_results.json (or `--output`) with validation and test loss/accuracy, the step,
+the evaluated length and the task's chance level. Never writes checkpoints. Evaluating at
+another length than trained (`--config.task.seq_len=N`) tests length extrapolation
+(`scripts/eval_lengths.py` makes the table); the checkpoint's other settings must match.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ def run(argv) -> int:
   parser.add_argument("--workdir", default="runs/default", help="the training run's directory")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest readable)")
   parser.add_argument("--splits", default="validation,test", help="comma-separated held-out splits")
+  parser.add_argument("--output", default=None,
+                      help="where to write the results (default: WORKDIR/eval_results.json), e.g. one file per "
+                           "evaluated length with --config.task.seq_len")
   launch.add_flags(parser)
   rest, overrides = split_override_args(list(argv))
   args = parser.parse_args(rest)
@@ -41,14 +46,14 @@ def run(argv) -> int:
     raise UserError(f"no readable checkpoint in {exp.checkpointer.root}")
   state, meta = restored
   step = int(jax.device_get(state["step"]))
-  results = {"step": step, "task": cfg.task.name, "chance_accuracy": exp.task.spec.chance,
+  results = {"step": step, "task": cfg.task.name, "seq_len": exp.task.spec.seq_len, "chance_accuracy": exp.task.spec.chance,
              "chance_note": exp.task.spec.chance_note}
   for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
     if split not in ("validation", "test"):
       raise UserError(f"--splits entry {split!r} is not a held-out split; use validation and/or test")
     results.update(exp.evaluate(state, split))
   if jax.process_index() == 0:
-    path = os.path.join(args.workdir, "eval_results.json")
+    path = args.output or os.path.join(args.workdir, "eval_results.json")
     write_json(path, results)
     for k, v in results.items():
       print(f"{k}: {v}")

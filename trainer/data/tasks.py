@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from trainer.data.base import DataError, Task
+from trainer.data.induction import Induction
 from trainer.data.listops import ListOps
 from trainer.data.mqar import MQAR
 from trainer.data.packing import PackedTask
@@ -18,6 +19,7 @@ TASKS: dict[str, type[Task]] = {
     "listops": ListOps,
     "mqar": MQAR,
     "selective_copy": SelectiveCopy,
+    "induction": Induction,
     "tfds": TfdsTask,
     "textdir": TextDir,
     "retrieval": AANRetrieval,
