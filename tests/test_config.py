@@ -65,6 +65,18 @@ def test_a_config_gives_each_mixer_family_its_layout():
     validate(cfg)
 
 
+def test_resuming_compares_the_layers_built_not_the_keys_that_chose_them():
+  """A checkpoint of mamba behind the conv layer (a config from before schedule_for) is refused
+  by the new layout; an entry for another mixer changes nothing that is trained."""
+  import json
+  from trainer.experiment import config_changes
+  as_saved = lambda *o: json.loads(load_config("configs/mqar.py", list(o)).to_json())
+  old = as_saved("model.mixer=mamba")
+  del old["model"]["schedule_for"]
+  assert config_changes(old, as_saved("model.mixer=mamba")) == {"model.layers": ("conv,mamba", "mamba,mamba")}
+  assert config_changes(as_saved(), as_saved("model.schedule_for.mamba=conv,mixer")) == {}
+
+
 def test_missing_config_file_and_bad_arg():
   with pytest.raises(UserError, match="does not exist"):
     load_config("configs/nope.py")

@@ -21,6 +21,18 @@ class UserError(Exception):
   """A mistake a person can make (config, data, checkpoint, mesh): reported in one sentence."""
 
 
+def flatten(tree) -> dict:
+  """{"model.d_model": 128, ...}: every leaf of a nested config (a ConfigDict or the dict of a
+  saved config.json); an empty group has no leaves."""
+  out = {}
+  for k, v in tree.items():
+    if hasattr(v, "items"):
+      out.update({f"{k}.{kk}": vv for kk, vv in flatten(v).items()})
+    else:
+      out[k] = v
+  return out
+
+
 def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   keys = []
   for k, v in cfg.items():

@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -43,26 +44,24 @@ log = logging.getLogger("seqmix")
 RESUMABLE_KEYS = ("total_steps", "log_every", "eval_every", "eval_examples", "eval_split", "checkpoint_every",
                   "keep_checkpoints", "keep_best", "async_checkpointing", "progress_bar", "max_skipped",
                   "allow_config_change", "profile.", "logging.", "data.", "mesh.", "parallel.", "task.tfds.data_dir", "optimizer.grad_accum_steps",
-                  "task.retrieval.data_dir", "model.attention_impl", "model.remat", "model.scan_blocks", "model.dtype", "model.flash.",
+                  "task.retrieval.data_dir", "model.attention_impl", "model.schedule_for.", "model.remat", "model.scan_blocks", "model.dtype", "model.flash.",
                   "model.attention.decode_chunk", "model.local.block", "model.linear.chunk", "model.performer.chunk",
                   "model.ecoformer.chunk", "model.transnormer.chunk", "model.sla.chunk", "model.mamba.scan",
                   "model.mamba.chunk", "model.mamba2.scan", "model.mamba2.chunk", "model.lmu.impl", "model.lmu.chunk", "model.lmu.direct_max_len")
 
 
-def _flat_config(tree, prefix="") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat_config(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
   """{key: (saved value, current value)} for keys that change what is trained. Keys absent
   from either side (added or removed between versions of seqmix) are not compared."""
-  a, b = _flat_config(saved), _flat_config(current)
+  a, b = config_lib.flatten(saved), config_lib.flatten(current)
+  # The layers the model is built from, whatever key set them (mixer, mixer_schedule or a
+  # schedule_for entry): compared as one synthetic key, so schedule_for entries of other
+  # mixers may change freely (RESUMABLE_KEYS) and a layout change is never missed.
+  for flat, tree in ((a, saved), (b, current)):
+    try:
+      flat["model.layers"] = ",".join(config_lib.mixer_schedule(ml_collections.ConfigDict(tree)))
+    except (AttributeError, KeyError, TypeError):  # a config of another seqmix version: not compared
+      pass
   out = {}
   for k in sorted(set(a) & set(b)):
     if a[k] != b[k] and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS):

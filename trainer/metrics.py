@@ -12,6 +12,8 @@ import secrets
 import sys
 import time
 
+from trainer.config import flatten as _flatten
+
 
 class MetricsWriter:
   """Appends whole lines to DIR/metrics.jsonl: a write the disk refuses half way is cut back
@@ -130,7 +132,7 @@ class MetricsWriter:
     (one session per invocation, under tensorboard/hparams)."""
     if self.tb is None:
       return
-    values = {k: v for k, v in flat_config(cfg).items() if isinstance(v, (bool, int, float, str))}
+    values = {k: v for k, v in _flatten(cfg).items() if isinstance(v, (bool, int, float, str))}
     scores = {f"hparams/{k}": float(v) for k, v in metrics.items()
               if isinstance(v, (int, float)) and math.isfinite(float(v))}
     try:
@@ -163,17 +165,6 @@ class MetricsWriter:
 WANDB_RUN_FILE = "wandb_run.json"
 
 
-def flat_config(cfg) -> dict:
-  """{"model.d_model": 128, ...}: every leaf of a (nested) config."""
-  out = {}
-  for k, v in cfg.items():
-    if hasattr(v, "items"):
-      out.update({f"{k}.{kk}": vv for kk, vv in flat_config(v).items()})
-    else:
-      out[k] = v
-  return out
-
-
 def open_wandb_run(cfg, workdir: str):
   """A Weights & Biases run for this workdir: the id is made on the first start and kept in
   DIR/wandb_run.json, so every resumed invocation continues the same run. Its config is the
@@ -193,7 +184,7 @@ def open_wandb_run(cfg, workdir: str):
     write_json(path, {"id": run_id})
   run = wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity or None,
                    name=cfg.logging.wandb_name or os.path.basename(os.path.abspath(workdir)), id=run_id,
-                   resume="allow", dir=workdir, config=flat_config(cfg))
+                   resume="allow", dir=workdir, config=_flatten(cfg))
   run.define_metric("step")
   run.define_metric("*", step_metric="step")
   return run
