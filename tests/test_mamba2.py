@@ -150,14 +150,11 @@ def _branch_loop(br, xbc, dt_raw, seg, m):
     dt = jax.nn.softplus(dt_raw[:, i] + br.dt_bias[...])  # [B, H]
     fresh = np.array([i == 0 or seg[bi, i] != seg[bi, i - 1] for bi in range(bsz)])
     state = jnp.where(fresh[:, None, None, None], 0.0, state)
-    out = []
-    for hi in range(h):
-      gi = hi // (h // g)
-      bg, cg = bt[:, gi * n:(gi + 1) * n], ct[:, gi * n:(gi + 1) * n]
-      s = jnp.exp(dt[:, hi] * a[hi])[:, None, None] * state[:, hi] + (dt[:, hi, None] * x[:, hi])[..., None] * bg[:, None]
-      state = state.at[:, hi].set(s)
-      out.append(jnp.einsum("bpn,bn->bp", s, cg) + br.skip[...][hi] * x[:, hi])
-    ys.append(jnp.stack(out, axis=1))
+    group_of_head = np.arange(h) // (h // g)  # heads 2g and 2g+1 read group g
+    bh, ch = bt.reshape(bsz, g, n)[:, group_of_head], ct.reshape(bsz, g, n)[:, group_of_head]  # [B, H, N]
+    state = (jnp.exp(dt * a)[:, :, None, None] * state
+             + (dt[:, :, None] * x)[..., None] * bh[:, :, None, :])  # [B, H, P, N]
+    ys.append(jnp.einsum("bhpn,bhn->bhp", state, ch) + br.skip[...][None, :, None] * x)
   return jnp.stack(ys, axis=1)  # [B, T, H, P]
 
 
