@@ -118,6 +118,7 @@ def get_config(arg=None):
   # Layouts per mixer: while model.mixer is NAME, `model.schedule_for.NAME` (a schedule as above; ""
   # = NAME in every layer) replaces mixer_schedule, so one config gives each mixer family its
   # paper's layout (configs/mqar.py: a conv layer in front of attention-like mixers, none for Mamba).
+  # A model.mixer_schedule given on the command line wins over the entry.
   c.model.schedule_for = ml_collections.ConfigDict()
   c.model.num_layers = 4  # MetaFormer blocks
   c.model.d_model = 128  # residual width (D)

@@ -2,8 +2,8 @@
 
     python -m trainer.train --config=configs/induction.py --workdir=runs/induction-mamba2 \
         --config.model.mixer=mamba2
-    python scripts/eval_lengths.py --config=configs/induction.py --lengths=256,1024,4096,16384 \
-        runs/induction-mamba2
+    python scripts/eval_lengths.py --config=configs/induction.py --set model.mixer=mamba2 \
+        --lengths=256,1024,4096,16384 runs/induction-mamba2
 
 Trained at seq_len 256 (the Mamba paper trains at 256 and tests from 64 to 2^20 tokens),
 vocab 16, two layers of d=64 with 2 heads in the default pre-norm block, rotary positions for

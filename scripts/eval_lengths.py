@@ -1,11 +1,12 @@
 """Length extrapolation: evaluate trained runs at several lengths and print one table.
 
-    python scripts/eval_lengths.py --config=configs/induction.py --lengths=256,1024,4096,16384 \
-        runs/induction-mamba2 runs/induction-attention [--split=test] [--set eval_examples=256]
+    python scripts/eval_lengths.py --config=configs/induction.py --set model.mixer=mamba2 \
+        --lengths=256,1024,4096,16384 runs/induction-mamba2 [--split=test] [--set eval_examples=256]
 
 Each (run, length) is one `python -m trainer.evaluate` of the run's newest checkpoint with
-`--config.task.seq_len=LENGTH` (nothing else changes; the run's other settings must be the
-config's, plus any `--set`), written to RUN/eval_len_LENGTH.json, so the run's own
+`--config.task.seq_len=LENGTH`: the config plus `--set` must give the model the runs were
+trained with (the settings given at training time: a model that differs is refused, named
+below the table), written to RUN/eval_len_LENGTH.json, so the run's own
 eval_results.json is left alone. Rows: runs; columns: lengths; cells: held-out accuracy
 (`-` where the evaluation failed: its last error line is printed below the table).
 """
@@ -48,6 +49,7 @@ def main(argv=None):
   print("|---|" + "---|" * len(lengths))
   errors = []
   for wd in args.workdirs:
+    wd = os.path.abspath(wd)  # the evaluations run from the repository root
     cells = []
     for t in lengths:
       acc, err = evaluate_at(args.config, wd, t, args.split, args.set)

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (about 9 minutes): every causal mixer trained on MQAR (Zoology's
-# L=256, 16 pairs, vocab 8192; configs/mqar.py: an ungated conv layer, then the mixer; tied
-# embeddings) for the config's fixed budget of 1500 steps, twenty runs at once; then the mixer
+# L=256, 16 pairs, vocab 8192; configs/mqar.py: an ungated conv layer, then the mixer, or the
+# mixer in both layers for mamba and mamba2; tied embeddings) for the config's fixed budget of
+# 1500 steps, all runs at once; then the mixer
 # test files on that machine's jax (CPU platform, API compatibility); selective copying on request.
 # Each step gets what is left of a $DEADLINE-second budget; tables go to $OUT.
-#   SET=all|1|2       all twenty causal mixers (default), or one half of them
+#   SET=all|1|2       every causal mixer (default), or one half of them
 #   MIXERS=a,b,c      these mixers on MQAR instead
-#   STEPS=N PAR=K     MQAR steps per mixer (default 1500, the config's) and runs at a time (default 20)
+#   STEPS=N PAR=K     MQAR steps per mixer (default 1500, the config's) and runs at a time (default 21)
 #   EVAL_EVERY=N      MQAR held-out evaluation every N steps (default 250); a run cut by the
 #                     deadline still reports its last evaluation
 #   PARTS=a,b         a subset of mqar,selective_copy,tests (default: mqar,tests)
 #   GRID=key=v1,v2    MQAR runs per mixer and value, e.g. GRID=optimizer.learning_rate=1e-3,3e-3
 #                     (Zoology reports each mixer's best learning rate; sweep.py prints it)
-#   FRONT=conv|none   MQAR models: the config's conv layer, then the mixer (default), or the
-#                     mixer in both layers (`model.mixer_schedule=` empty)
+#   FRONT=conv|none   MQAR models: the config's layouts (default), or the mixer in both layers
+#                     (`model.mixer_schedule=` empty, which wins over the config's per-mixer layouts)
 #   SMOKE=1           the same steps with :smoke configs (a check of the script itself, any machine)
 # Measured on an H200 (2026-11-27): 1500 selective-copy steps take ~45-55 s per run with three
 # runs sharing the GPU. MQAR (2026-11-28): twenty runs at once made 30-66 steps/s each for the
@@ -32,7 +33,7 @@ if ! "$PY" -c "import ml_collections" 2>/dev/null; then
 fi
 "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee "$OUT/versions.txt"
 
-SUFFIX=""; STEPS="${STEPS:-1500}"; SC_STEPS=3000; PAR="${PAR:-20}"; PARTS=",${PARTS:-mqar,tests},"
+SUFFIX=""; STEPS="${STEPS:-1500}"; SC_STEPS=3000; PAR="${PAR:-21}"; PARTS=",${PARTS:-mqar,tests},"
 if [[ "${SMOKE:-0}" == 1 ]]; then SUFFIX=":smoke"; STEPS=4; SC_STEPS=4; PAR=2; fi
 EVAL_EVERY="${EVAL_EVERY:-$(( STEPS < 250 ? STEPS : 250 ))}"
 part() { [[ "$PARTS" == *",$1,"* ]]; }

@@ -55,7 +55,13 @@ def test_a_config_gives_each_mixer_family_its_layout():
   assert schedule("model.mixer=attention") == ["conv", "attention"]
   assert schedule("model.mixer=mamba") == ["mamba", "mamba"] and schedule("model.mixer=mamba2") == ["mamba2"] * 2
   assert schedule("model.mixer=mamba", "model.schedule_for.mamba=conv,mixer") == ["conv", "mamba"]
-  with pytest.raises(UserError, match=r"model.schedule_for.mamba\[1\]='nope' is not a known mixer"):
+  # A schedule typed on the command line wins over the config file's entry.
+  assert schedule("model.mixer=mamba", "model.mixer_schedule=conv,mixer") == ["conv", "mamba"]
+  with pytest.raises(UserError, match=r"model.schedule_for.mamba2='conv,nope' holds no known mixer \('nope'\)"):
+    load_config("configs/mqar.py", ["model.schedule_for.mamba2=conv,nope"])  # checked even when not in force
+  with pytest.raises(UserError, match="is a group; set one of its fields"):
+    load_config("configs/default.py", ["model.schedule_for=x"])
+  with pytest.raises(UserError, match=r"model.schedule_for.mamba='conv,nope' holds no known mixer \('nope'\)"):
     load_config("configs/mqar.py", ["model.mixer=mamba", "model.schedule_for.mamba=conv,nope"])
   cfg = load_config("configs/mqar.py")
   with cfg.unlocked():
@@ -75,6 +81,10 @@ def test_resuming_compares_the_layers_built_not_the_keys_that_chose_them():
   del old["model"]["schedule_for"]
   assert config_changes(old, as_saved("model.mixer=mamba")) == {"model.layers": ("conv,mamba", "mamba,mamba")}
   assert config_changes(as_saved(), as_saved("model.schedule_for.mamba=conv,mixer")) == {}
+  # The same layers named another way are no change; other layers are, with the keys that made them.
+  assert config_changes(as_saved("model.mixer=mamba"), as_saved("model.mixer=mamba", "model.mixer_schedule=")) == {}
+  assert config_changes(as_saved(), as_saved("model.mixer=linear")) == {
+      "model.layers": ("conv,attention", "conv,linear"), "model.mixer": ("attention", "linear")}
 
 
 def test_missing_config_file_and_bad_arg():

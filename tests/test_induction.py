@@ -56,3 +56,9 @@ def test_a_run_is_evaluated_at_other_lengths_without_touching_its_results(tmp_pa
       res = json.load(f)
     assert res["seq_len"] == t and res["step"] == 2 and f"{res['test/accuracy']:.3f}" == cells[(32, 96).index(t)]
   assert (open(own).read() if os.path.exists(own) else None) == before
+  # Another model with the same parameter shapes (linear attention) would load: it is refused, named.
+  code = eval_lengths.main(["--config=configs/induction.py:smoke", "--lengths=32", "--set", "model.mixer=linear", wd])
+  out = capsys.readouterr().out
+  row = next(line for line in out.splitlines() if line.startswith("| induct |"))
+  assert code == 1 and row.split("|")[2].strip() == "-", out
+  assert 'trained with a different model: model.layers ("attention" -> "linear"), model.mixer ("attention" -> "linear")' in out

@@ -97,7 +97,9 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
   if not isinstance(node, ml_collections.ConfigDict) or last not in node:
     raise _unknown_key(key, cfg)
   if isinstance(node[last], ml_collections.ConfigDict):
-    raise UserError(f"config key {key!r} is a group; set one of its fields, e.g. {key}.{next(iter(node[last].keys()))}")
+    fields = list(node[last].keys())
+    raise UserError(f"config key {key!r} is a group; set one of its fields" +
+                    (f", e.g. {key}.{fields[0]}" if fields else " (it has none: entries are added in config files)"))
   with node.unlocked():
     node[last] = _parse_value(raw, node[last], key)
 
@@ -137,6 +139,12 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
       raise UserError(f"override {item!r} must look like KEY=VALUE")
     key, raw = item.split("=", 1)
     apply_override(cfg, key, raw)
+  keys = {item.split("=", 1)[0] for item in overrides}
+  per_mixer = cfg.model.get("schedule_for", None)
+  if ("model.mixer_schedule" in keys and per_mixer is not None and cfg.model.mixer in per_mixer
+      and f"model.schedule_for.{cfg.model.mixer}" not in keys):
+    with per_mixer.unlocked():  # a schedule given on the command line wins over the config file's layout
+      del per_mixer[cfg.model.mixer]
   validate(cfg)
   cfg.lock()
   return cfg
@@ -243,10 +251,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _finite_numbers(cfg)
   _choice("task.name", cfg.task.name, sorted(tasks.TASKS))
   _choice("eval_split", cfg.eval_split, ("validation", "test"))  # held out: never "train"
-  for name in (cfg.model.get("schedule_for", None) or {}):
-    if name not in mixers.MIXERS:
-      raise UserError(f"model.schedule_for.{name} names no known mixer; valid mixers: "
-                      f"{', '.join(sorted(mixers.MIXERS))}")
+  for name, schedule in (cfg.model.get("schedule_for", None) or {}).items():
+    for entry in [name] + [e.strip() for e in str(schedule).split(",") if e.strip() and e.strip() != "mixer"]:
+      if entry not in mixers.MIXERS:
+        what = f"model.schedule_for.{name} names" if entry == name else f"model.schedule_for.{name}={schedule!r} holds"
+        raise UserError(f"{what} no known mixer ({entry!r}); valid mixers: {', '.join(sorted(mixers.MIXERS))}")
   schedule, schedule_key = schedule_in_force(cfg)
   entries = [n for n in schedule.split(",") if n.strip()]
   if len(entries) > cfg.model.num_layers:

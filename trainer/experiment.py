@@ -62,6 +62,10 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
       flat["model.layers"] = ",".join(config_lib.mixer_schedule(ml_collections.ConfigDict(tree)))
     except (AttributeError, KeyError, TypeError):  # a config of another seqmix version: not compared
       pass
+  if "model.layers" in a and "model.layers" in b and a["model.layers"] == b["model.layers"]:
+    for flat in (a, b):  # the same layers, however they were named: not a change
+      for k in [k for k in flat if k in ("model.mixer", "model.mixer_schedule")]:
+        del flat[k]
   out = {}
   for k in sorted(set(a) & set(b)):
     if a[k] != b[k] and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS):
@@ -224,7 +228,16 @@ class Experiment:
     if not changes:
       return
     listed = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in changes.items())
-    if self.read_only:  # evaluate / generate: the shape check guards what can be loaded; say what differs
+    if self.read_only:
+      # evaluate / generate: the data, its length and the batch may differ (a warning), the model
+      # may not: a changed mixer, layout or setting with the same parameter shapes would load and
+      # silently compute another function.
+      model = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in changes.items()
+                        if k.startswith("model."))
+      if model:
+        raise UserError(f"the checkpoint at step {step} in {self.checkpointer.root} was trained with a different "
+                        f"model: {model}; evaluate it with the model settings it was trained with (only the data, "
+                        f"its length and how the same model is computed may differ)")
       log.warning("the checkpoint at step %d was trained with a different config: %s", step, listed)
       return
     if not self.cfg.allow_config_change:
