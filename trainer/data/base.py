@@ -64,6 +64,17 @@ def hash_bucket(tokens: np.ndarray | bytes | str, buckets: int = 10) -> int:
 SPLIT_BUCKETS = {"train": tuple(range(2, 10)), "validation": (1,), "test": (0,)}
 
 
+def draw_in_split(draw, name: str, seed: int, split: str, index: int, attempts: int = 1000) -> dict:
+  """Example `index` of `split` for a generated task: `draw(rng)` with the generators of
+  `split_rng(seed, split, index, salt=0, 1, ...)` until the example's tokens hash into the
+  split's buckets (so the splits are disjoint by construction)."""
+  for attempt in range(attempts):
+    ex = draw(split_rng(seed, split, index, salt=attempt))
+    if hash_bucket(ex["inputs"]) in SPLIT_BUCKETS[split]:
+      return ex
+  raise DataError(f"{name} could not draw example {index} of split {split!r} in {attempts} attempts")
+
+
 class Task:
   """Base class. Subclasses set `self.spec` and implement `example`."""
 

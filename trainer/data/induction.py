@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.data.base import SPLIT_BUCKETS, DataError, Task, TaskSpec, hash_bucket, split_rng
+from trainer.data.base import DataError, Task, TaskSpec, draw_in_split
 
 TRIGGER, FIRST_DATA = 1, 2
 MAX_ATTEMPTS = 1000
@@ -50,11 +50,7 @@ class Induction(Task):
             "segment_ids": np.ones(t, np.int32), "positions": np.arange(t, dtype=np.int32)}
 
   def example(self, split: str, index: int) -> dict[str, np.ndarray]:
-    for attempt in range(MAX_ATTEMPTS):
-      ex = self._draw(split_rng(self.seed, split, index, salt=attempt))
-      if hash_bucket(ex["inputs"]) in SPLIT_BUCKETS[split]:
-        return ex
-    raise DataError(f"induction could not draw example {index} of split {split!r}")
+    return draw_in_split(self._draw, "induction", self.seed, split, index, MAX_ATTEMPTS)
 
   def decode(self, example: dict[str, np.ndarray]) -> dict[str, Any]:
     inputs = np.asarray(example["inputs"])

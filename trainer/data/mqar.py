@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.data.base import SPLIT_BUCKETS, DataError, Task, TaskSpec, hash_bucket, split_rng
+from trainer.data.base import DataError, Task, TaskSpec, draw_in_split
 
 # Test and validation own one bucket in ten, so the expected number of attempts is 10;
 # reaching this bound means something is broken, not unlucky.
@@ -100,11 +100,7 @@ class MQAR(Task):
             "score_positions": np.sort(query_pos).astype(np.int32)}
 
   def example(self, split: str, index: int) -> dict[str, np.ndarray]:
-    for attempt in range(MAX_ATTEMPTS):
-      ex = self._draw(split_rng(self.seed, split, index, salt=attempt))
-      if hash_bucket(ex["inputs"]) in SPLIT_BUCKETS[split]:
-        return ex
-    raise DataError(f"mqar could not draw example {index} of split {split!r} in {MAX_ATTEMPTS} attempts")
+    return draw_in_split(self._draw, "mqar", self.seed, split, index, MAX_ATTEMPTS)
 
   def decode(self, example: dict[str, np.ndarray]) -> dict[str, Any]:
     inputs = np.asarray(example["inputs"])
