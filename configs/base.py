@@ -24,6 +24,9 @@ def get_config(arg=None):
   c.checkpoint_every = 200  # steps between checkpoints (0: only at the end / on preemption)
   c.keep_checkpoints = 2  # most recent checkpoints kept in DIR/checkpoints
   c.keep_best = True  # also keep the best checkpoint by held-out metric in DIR/best_checkpoint
+  # After the last step, evaluate the best checkpoint on validation and test: DIR/eval_results.json and
+  # `best/*` in metrics.jsonl (the arena reads them; model selection by validation, never by test).
+  c.eval_best_at_end = False
   c.async_checkpointing = True  # write checkpoints in the background while training goes on
   c.on_nonfinite = "stop"  # non-finite loss: "stop" with the step number, or "skip" the update
   c.max_skipped = 20  # on_nonfinite=skip: stop after this many consecutive skipped steps (0: never stop)

@@ -285,6 +285,20 @@ class Checkpointer:
       log.warning("no readable checkpoint in %s; starting from scratch", self.root)
     return result
 
+  def restore_best(self, abstract_state: dict, check_config: Callable[[int, dict], None] | None = None
+                   ) -> tuple[dict, dict] | None:
+    """The best checkpoint (highest held-out score among the evaluations saved), or None if none is readable."""
+    if self.best is None:
+      return None
+    _drop_closed_loop_noise()
+    self.best.reload()
+    for s in reversed(sorted(self.best.all_steps())):
+      try:
+        return self._restore_one(self.best, s, abstract_state, check_config)
+      except Unreadable as e:
+        log.warning("best checkpoint %d in %s is unreadable (%s)", s, os.path.dirname(self.root), e)
+    return None
+
   def _restore_one(self, manager, s: int, abstract_state: dict, check_config) -> tuple[dict, dict]:
     with _reading():
       meta = dict(manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])

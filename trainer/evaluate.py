@@ -1,5 +1,5 @@
 """Evaluate a saved checkpoint on the held-out splits:
-`python -m trainer.evaluate --config=configs/NAME.py[:ARG] --workdir=DIR [--step=N]`.
+`python -m trainer.evaluate --config=configs/NAME.py[:ARG] --workdir=DIR [--step=N | --best]`.
 
 Writes DIR/eval_results.json (or `--output`) with validation and test loss/accuracy, the step,
 the evaluated length and the task's chance level. Never writes checkpoints. Evaluating at
@@ -27,6 +27,8 @@ def run(argv) -> int:
   parser.add_argument("--config", default="configs/default.py", help="configs/NAME.py[:ARG]")
   parser.add_argument("--workdir", default="runs/default", help="the training run's directory")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest readable)")
+  parser.add_argument("--best", action="store_true",
+                      help="evaluate the best checkpoint (DIR/best_checkpoint, chosen by held-out accuracy during training)")
   parser.add_argument("--splits", default="validation,test", help="comma-separated held-out splits")
   parser.add_argument("--output", default=None,
                       help="where to write the results (default: WORKDIR/eval_results.json), e.g. one file per "
@@ -41,7 +43,15 @@ def run(argv) -> int:
                     f"--config={args.config} --workdir={args.workdir}")
   exp = Experiment(cfg, args.workdir, read_only=True)
   check_workdir(args.workdir)  # eval_results.json goes there
-  restored = exp.checkpointer.restore(exp.abstract_state, args.step, check_config=exp.check_config)
+  if args.best and args.step is not None:
+    raise UserError(f"--best and --step={args.step} name two checkpoints; pass one of them")
+  if args.best:
+    restored = exp.checkpointer.restore_best(exp.abstract_state, check_config=exp.check_config)
+    if restored is None:
+      raise UserError(f"--workdir={args.workdir!r} holds no readable best checkpoint (best_checkpoint/ is written "
+                      f"at each evaluation when keep_best=true)")
+  else:
+    restored = exp.checkpointer.restore(exp.abstract_state, args.step, check_config=exp.check_config)
   if restored is None:
     raise UserError(f"no readable checkpoint in {exp.checkpointer.root}")
   state, meta = restored

@@ -42,7 +42,7 @@ log = logging.getLogger("seqmix")
 # computed (kernels, activation dtype, chunk and block sizes of blockwise/scan computations,
 # decode splits), where the data lives.
 RESUMABLE_KEYS = ("total_steps", "log_every", "eval_every", "eval_examples", "eval_split", "checkpoint_every",
-                  "keep_checkpoints", "keep_best", "async_checkpointing", "progress_bar", "max_skipped",
+                  "keep_checkpoints", "keep_best", "eval_best_at_end", "async_checkpointing", "progress_bar", "max_skipped",
                   "allow_config_change", "profile.", "logging.", "data.", "mesh.", "parallel.", "task.tfds.data_dir", "optimizer.grad_accum_steps",
                   "task.retrieval.data_dir", "model.attention_impl", "model.schedule_for.", "model.remat", "model.scan_blocks", "model.dtype", "model.flash.",
                   "model.attention.decode_chunk", "model.local.block", "model.linear.chunk", "model.performer.chunk",

@@ -316,6 +316,8 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
     result = exp.evaluate(state, cfg.eval_split)
     writer.write(start, {f"eval/{k.split('/', 1)[1]}": v for k, v in result.items()})
     _summary(exp, args, overrides, cfg, result, start, None)
+    if cfg.eval_best_at_end:
+      _eval_best(exp, args, cfg, writer, start)
     writer.close()
     return 0
   if resumed:
@@ -469,8 +471,35 @@ def _train_loop(exp, args, overrides, cfg, state, start, resumed, writer, t_begi
   _summary(exp, args, overrides, cfg, last_eval, step, wall, timing)
   if last_eval:
     writer.hparams(cfg, last_eval, step)
+  if cfg.eval_best_at_end:
+    _eval_best(exp, args, cfg, writer, step)
   writer.close()
   return 0
+
+
+def _eval_best(exp, args, cfg, writer, step: int) -> None:
+  """`eval_best_at_end`: the best checkpoint (by `eval_split`) on validation and test, after training.
+
+  Written as `best/*` in metrics.jsonl at the final step and to DIR/eval_results.json (what
+  `trainer.evaluate --best` writes). Not part of the run's train or goodput time."""
+  restored = exp.checkpointer.restore_best(exp.abstract_state, check_config=exp.check_config)
+  if restored is None:
+    _print(f"eval_best_at_end: no readable best checkpoint in {args.workdir} (keep_best={cfg.keep_best}); skipped")
+    return
+  state, _ = restored
+  best = int(jax.device_get(state["step"]))
+  t = time.time()
+  result = {"step": best, "task": cfg.task.name, "seq_len": exp.task.spec.seq_len,
+            "chance_accuracy": exp.task.spec.chance, "chance_note": exp.task.spec.chance_note}
+  for split in ("validation", "test"):
+    result.update(exp.evaluate(state, split))
+  writer.write(step, {"best/step": best, "best/seconds": time.time() - t}
+               | {f"best/{k}": v for k, v in result.items() if "/" in k})
+  if jax.process_index() == 0:
+    write_json(os.path.join(args.workdir, "eval_results.json"), result)
+  _print(f"best checkpoint (step {best}, by {cfg.eval_split} accuracy): validation accuracy "
+         f"{result['validation/accuracy']:.4f}, test accuracy {result['test/accuracy']:.4f} "
+         f"-> {os.path.join(args.workdir, 'eval_results.json')}")
 
 
 def _check_finite(pending, cfg) -> None:
