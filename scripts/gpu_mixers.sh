@@ -4,7 +4,7 @@
 # mixer in both layers for mamba and mamba2; tied embeddings) for the config's fixed budget of
 # 1500 steps, all runs at once; then the mixer
 # test files on that machine's jax (CPU platform, API compatibility); selective copying on request.
-# Each step gets what is left of a $DEADLINE-second budget; tables go to $OUT.
+# Each step gets what is left of a $DEADLINE-second budget; the arena's tables (*.md), plots and logs go to $OUT.
 #   SET=all|1|2       every causal mixer (default), or one half of them
 #   MIXERS=a,b,c      these mixers on MQAR instead
 #   STEPS=N PAR=K     MQAR steps per mixer (default 1500, the config's) and runs at a time (default 21)
@@ -12,7 +12,7 @@
 #                     deadline still reports its last evaluation
 #   PARTS=a,b         a subset of mqar,selective_copy,tests (default: mqar,tests)
 #   GRID=key=v1,v2    MQAR runs per mixer and value, e.g. GRID=optimizer.learning_rate=1e-3,3e-3
-#                     (Zoology reports each mixer's best learning rate; sweep.py prints it)
+#                     (Zoology reports each mixer's best learning rate; the arena's table picks it by validation)
 #   FRONT=conv|none   MQAR models: the config's layouts (default), or the mixer in both layers
 #                     (`model.mixer_schedule=` empty, which wins over the config's per-mixer layouts)
 #   SMOKE=1           the same steps with :smoke configs (a check of the script itself, any machine)
@@ -55,17 +55,21 @@ esac
 
 if part mqar; then
 echo "== MQAR, $STEPS steps per mixer, $PAR runs at a time, front layer: ${FRONT:-conv}"
-timeout "$(budget 400)" "$PY" scripts/sweep.py --config=configs/mqar.py$SUFFIX --mixers=$MIXERS --parallel=$PAR \
-  --deadline_s=$(( $(budget 400) - 40 )) --workdir_root=/tmp/sweep_mqar --set total_steps=$STEPS \
-  --set eval_every=$EVAL_EVERY --set checkpoint_every=100000 "${FRONT_SET[@]}" ${GRID:+--grid "$GRID"} 2>&1 | tail -70 \
-  | tee "$OUT/mqar.txt"
+timeout "$(budget 400)" "$PY" -m trainer.arena --task=configs/mqar.py$SUFFIX --mixers=$MIXERS --parallel=$PAR --quiet \
+  --deadline_s=$(( $(budget 400) - 60 )) --root=/tmp/arena_mqar --set total_steps=$STEPS \
+  --set eval_every=$EVAL_EVERY --set checkpoint_every=100000 "${FRONT_SET[@]}" ${GRID:+--grid "$GRID"} \
+  > "$OUT/mqar.log" 2>&1
+cp /tmp/arena_mqar/results.md "$OUT/mqar.md" 2>/dev/null; cp /tmp/arena_mqar/*.png "$OUT/" 2>/dev/null
+cat "$OUT/mqar.md" 2>/dev/null || tail -20 "$OUT/mqar.log"
 fi
 
 if part selective_copy; then
 echo "== selective copying, $SC_STEPS steps"
-timeout "$(budget 100)" "$PY" scripts/sweep.py --config=configs/selective_copy.py$SUFFIX --mixers=attention,linear,mamba,mamba2 \
-  --parallel=4 --deadline_s=$(( $(budget 100) - 30 )) --workdir_root=/tmp/sweep_sc --set total_steps=$SC_STEPS \
-  --set eval_every=$SC_STEPS --set checkpoint_every=100000 2>&1 | tail -6 | tee "$OUT/selective_copy.txt"
+timeout "$(budget 100)" "$PY" -m trainer.arena --task=configs/selective_copy.py$SUFFIX --mixers=attention,linear,mamba,mamba2 \
+  --parallel=4 --quiet --deadline_s=$(( $(budget 100) - 50 )) --root=/tmp/arena_sc --set total_steps=$SC_STEPS \
+  --set eval_every=$SC_STEPS --set checkpoint_every=100000 > "$OUT/selective_copy.log" 2>&1
+cp /tmp/arena_sc/results.md "$OUT/selective_copy.md" 2>/dev/null
+cat "$OUT/selective_copy.md" 2>/dev/null || tail -20 "$OUT/selective_copy.log"
 fi
 
 if part tests; then

@@ -4,6 +4,7 @@
     seqmix eval  --config=configs/default.py --workdir=runs/default
     seqmix inspect --config=configs/listops.py --split=test --num=3
     seqmix generate --config=configs/default.py --workdir=runs/default --prompt="def "
+    seqmix arena --config=configs/arena/cpu.py
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {"train": "trainer.train", "eval": "trainer.evaluate", "evaluate": "trainer.evaluate",
-            "inspect": "trainer.data.inspect", "generate": "trainer.generate"}
+            "inspect": "trainer.data.inspect", "generate": "trainer.generate",
+            "arena": "trainer.arena"}
 
 
 def main(argv=None) -> int:

@@ -104,32 +104,40 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
     node[last] = _parse_value(raw, node[last], key)
 
 
-def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-  """Loads `path.py[:arg]`, applies `KEY=VALUE` overrides, and validates the result.
+def run_get_config(spec: str, what: str = "config file", where: str = "configs live in configs/*.py"):
+  """Runs `get_config(arg)` of the Python file `path.py[:arg]`; any failure is one sentence (UserError).
 
-  Config files are Python code and run as such: load only files you trust.
-  """
+  Config files are Python code and run as such: load only files you trust."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise UserError(f"config file {path!r} does not exist; configs live in configs/*.py")
+    raise UserError(f"{what} {path!r} does not exist; {where}")
   mod_spec = importlib.util.spec_from_file_location(f"seqmix_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(mod_spec)
   try:
     mod_spec.loader.exec_module(module)
   except SyntaxError as e:
-    raise UserError(f"config file {path!r} line {e.lineno} has a syntax error: {e.msg}") from None
+    raise UserError(f"{what} {path!r} line {e.lineno} has a syntax error: {e.msg}") from None
   except Exception as e:  # noqa: BLE001 - a config file is user code: any failure is theirs
-    raise UserError(f"config file {path!r} failed to load at line {_line_in(e, path)} "
+    raise UserError(f"{what} {path!r} failed to load at line {_line_in(e, path)} "
                     f"({type(e).__name__}: {_first_line(e)})") from None
   if not callable(getattr(module, "get_config", None)):
-    raise UserError(f"config file {path!r} has no get_config(arg=None) function")
+    raise UserError(f"{what} {path!r} has no get_config(arg=None) function")
   try:
-    cfg = module.get_config(arg or None)
+    return module.get_config(arg or None)
   except ValueError as e:  # configs reject a bad `:ARG` with a ValueError naming it
     raise UserError(f"{path}: {e}") from None
   except Exception as e:  # noqa: BLE001
-    raise UserError(f"config file {path!r}: get_config({arg or 'None'!s}) raised {type(e).__name__} at line "
+    raise UserError(f"{what} {path!r}: get_config({arg or 'None'!s}) raised {type(e).__name__} at line "
                     f"{_line_in(e, path)} ({_first_line(e)})") from None
+
+
+def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]`, applies `KEY=VALUE` overrides, and validates the result.
+
+  Config files are Python code and run as such: load only files you trust.
+  """
+  path = spec.partition(":")[0]
+  cfg = run_get_config(spec)
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise UserError(f"config file {path!r}: get_config returned {type(cfg).__name__}, not an "
                     f"ml_collections.ConfigDict; start from configs/base.py's get_config()")
